@@ -1,0 +1,154 @@
+"""Segment: stream the tile plan through the network, keep each tile's write region.
+
+Splitter/merger split as in MONAI: :class:`TileDataset` yields (window, tile
+index); a merger has ``aggregate(tile, output)`` and ``finalize()``.
+:class:`StoreMerger` writes argmax labels into a :class:`TileStore` (the
+workflow's intermediate); :class:`ArrayMerger` keeps logits in memory (tests
+and small images only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from .slide import open_slide
+from .store import TileStore
+from .tiling import Geometry, TileSpec, read_window
+
+log = logging.getLogger("wsiseg.segment")
+
+
+class TileDataset(Dataset):
+    """Read windows of the plan. Each DataLoader worker opens its own slide handle once."""
+
+    def __init__(self, slide_path: str, slide_name: str, mpp: float | None, geom: Geometry, plan: pd.DataFrame):
+        self.slide_path, self.slide_name, self.mpp = slide_path, slide_name, mpp
+        self.geom = geom
+        self.windows = plan[["wx", "wy", "n"]].to_numpy(np.int64)
+        self._slide = None
+        self._owner = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _handle(self):
+        info = get_worker_info()
+        owner = info.id if info is not None else -1
+        if self._slide is None or self._owner != owner:
+            self._slide = open_slide(self.slide_path, self.slide_name, self.mpp)
+            self._owner = owner
+        return self._slide
+
+    def __getitem__(self, i: int):
+        wx, wy, n = self.windows[i]
+        img = read_window(self._handle(), self.geom, int(wx), int(wy), int(n))
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) / 255.0
+        return x, i
+
+
+class StoreMerger:
+    """argmax labels of each write region into a chunked store (chunk = tile)."""
+
+    def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_ds0: float = 1.0):
+        self.store = TileStore.create(path, geom.height, geom.width, spec.tile_size)
+        self.geom, self.spec = geom, spec
+        self.tissue, self.tissue_ds0 = tissue, tissue_ds0
+
+    def aggregate(self, tile, logits: torch.Tensor) -> None:
+        labels = logits.argmax(0).to(torch.uint8).cpu().numpy()[: tile.th, : tile.tw]
+        if self.tissue is not None:
+            labels = labels * self._tissue_in(tile)
+        self.store.write_chunk(int(tile.row), int(tile.col), labels)
+
+    def _tissue_in(self, tile) -> np.ndarray:
+        """Tissue mask (nearest) over the write region, in target px."""
+        s = self.geom.scale0 / self.tissue_ds0  # tissue px per target px
+        ys = np.minimum(((np.arange(tile.ty, tile.ty + tile.th) + 0.5) * s).astype(np.int64), self.tissue.shape[0] - 1)
+        xs = np.minimum(((np.arange(tile.tx, tile.tx + tile.tw) + 0.5) * s).astype(np.int64), self.tissue.shape[1] - 1)
+        return self.tissue[np.ix_(ys, xs)].astype(np.uint8)
+
+    def finalize(self) -> TileStore:
+        return self.store
+
+
+class ArrayMerger:
+    """Full logits array in memory (K, H, W): for tests on small images only."""
+
+    def __init__(self, geom: Geometry, n_classes: int):
+        self.logits = np.full((n_classes, geom.height, geom.width), np.nan, np.float32)
+
+    def aggregate(self, tile, logits: torch.Tensor) -> None:
+        self.logits[:, tile.ty : tile.ty + tile.th, tile.tx : tile.tx + tile.tw] = (
+            logits[:, : tile.th, : tile.tw].float().cpu().numpy()
+        )
+
+    def finalize(self) -> np.ndarray:
+        return self.logits
+
+
+def pick_device(requested: str, log_fn=log.info) -> torch.device:
+    """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning."""
+    if requested in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested in ("cuda", "gpu"):
+        log_fn("WARNING: a GPU was requested but CUDA is not available here; running the model on the CPU")
+    return torch.device("cpu")
+
+
+def run_segmentation(
+    slide_path: str,
+    slide_name: str,
+    mpp: float | None,
+    geom: Geometry,
+    spec: TileSpec,
+    plan: pd.DataFrame,
+    model: torch.nn.Module,
+    merger,
+    device: torch.device,
+    batch_size: int = 8,
+    workers: int = 0,
+    amp: bool = True,
+    log_fn=log.info,
+    log_every_s: float = 10.0,
+):
+    """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``."""
+    model = model.to(device).eval()
+    ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
+    loader = DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, shuffle=False,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+    )
+    keep = spec.keep
+    use_amp = amp and device.type == "cuda"
+    t0 = last = time.monotonic()
+    done = 0
+    rows = list(plan.itertuples(index=False))  # keeps each column's dtype
+    with torch.inference_mode():
+        for x, idx in loader:
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                out = model(x)
+            out = out.float()
+            assert out.shape[-1] >= keep.stop and out.shape[-2] >= keep.stop, (
+                f"model output {tuple(out.shape[-2:])} does not cover the write region {keep}"
+            )
+            core = out[:, :, keep, keep]
+            for j, i in enumerate(idx.tolist()):
+                merger.aggregate(rows[i], core[j])
+            done += len(idx)
+            now = time.monotonic()
+            if now - last >= log_every_s or done == len(ds):
+                rate = done / max(now - t0, 1e-9)
+                eta = (len(ds) - done) / max(rate, 1e-9)
+                log_fn(f"{slide_name}: {done}/{len(ds)} tiles ({100 * done / max(len(ds), 1):.0f}%), "
+                       f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s")
+                last = now
+    return merger.finalize()

@@ -1,0 +1,335 @@
+"""Open a slide, know its resolution, and read RGB regions from any pyramid level.
+
+Coordinate systems (named everywhere in this package):
+    level-0 px  -- pixels of the slide's full-resolution level
+    level px    -- pixels of one pyramid level (level-0 px / level downsample)
+    target px   -- pixels at the model's mpp (see ``tiling.Geometry``)
+
+Backends: OpenSlide for every format it reads (SVS, NDPI, MRXS, DICOM, SCN,
+generic tiled TIFF, ...). For TIFFs OpenSlide refuses (plain strip TIFF,
+OME-TIFF) we fall back to tifffile, decoding only the strips/tiles a region
+touches, so memory stays bounded by the region (and one strip) size.
+
+Every failure is raised as :class:`SlideError`, naming the slide and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SlideError
+
+#: plausible brightfield/fluorescence scanner resolutions, µm per pixel
+MPP_RANGE = (0.05, 20.0)
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (straight alpha, uint8) -> RGB composited on a white background."""
+    if rgba.shape[-1] == 3:
+        return rgba
+    rgb = rgba[..., :3].astype(np.uint16)
+    a = rgba[..., 3:4].astype(np.uint16)
+    out = (rgb * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+@dataclass
+class Slide:
+    """An open slide. Use :func:`open_slide`; close with :meth:`close` or ``with``."""
+
+    name: str
+    path: str
+    backend: str
+    vendor: str
+    level_dimensions: list  # [(width, height)] in level px
+    level_downsamples: list  # level-0 px per level px
+    mpp: float | None  # µm per level-0 px
+    mpp_source: str  # 'metadata', 'sheet' or 'missing'
+    _handle: object = field(default=None, repr=False)
+    _pages: list = field(default_factory=list, repr=False)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return tuple(self.level_dimensions[0])
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def require_mpp(self) -> float:
+        if self.mpp is None:
+            raise SlideError(
+                self.name,
+                "the file has no resolution (mpp) in its metadata",
+                "add the µm per pixel of level 0 in the 'mpp' column of the sample sheet "
+                "(typically 0.25 for a 40x scan, 0.5 for 20x)",
+            )
+        return self.mpp
+
+    def best_level_for(self, downsample: float) -> int:
+        """Largest level whose downsample is <= ``downsample`` (at or above that resolution)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-6):
+                best = i if ds >= self.level_downsamples[best] else best
+        return best
+
+    # ------------------------------------------------------------------- reads
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of a region in level px, inside the level's bounds."""
+        lw, lh = self.level_dimensions[level]
+        assert 0 <= x and 0 <= y and x + w <= lw and y + h <= lh and w > 0 and h > 0, (
+            f"region {(x, y, w, h)} outside level {level} of size {(lw, lh)}"
+        )
+        try:
+            if self.backend == "openslide":
+                ds = self.level_downsamples[level]
+                loc = (int(round(x * ds)), int(round(y * ds)))
+                img = self._handle.read_region(loc, level, (w, h))
+                return composite_on_white(np.asarray(img))
+            return self._tiff_read(level, x, y, w, h)
+        except SlideError:
+            raise
+        except Exception as exc:  # decoder errors from OpenSlide, tifffile, imagecodecs
+            raise SlideError(
+                self.name,
+                f"pixel data could not be decoded at level {level}, region x={x} y={y} "
+                f"w={w} h={h} ({type(exc).__name__}: {exc})",
+                "the file is damaged or truncated: re-export or re-scan it, or remove it from the sheet",
+            ) from exc
+
+    def _tiff_read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        page = self._pages[level]
+        tiff = self._handle
+        if page.is_tiled:
+            seg_h, seg_w = page.tilelength, page.tilewidth
+        else:
+            seg_h, seg_w = page.rowsperstrip or page.imagelength, page.imagewidth
+        n_x = math.ceil(page.imagewidth / seg_w)
+        out = np.empty((h, w, 3), np.uint8)
+        fh = tiff.filehandle
+        for sy in range(y // seg_h, (y + h - 1) // seg_h + 1):
+            for sx in range(x // seg_w, (x + w - 1) // seg_w + 1):
+                index = sy * n_x + sx
+                fh.seek(page.dataoffsets[index])
+                data = fh.read(page.databytecounts[index])
+                seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                seg = seg[0]  # (length, width, samples)
+                if seg.ndim == 2:
+                    seg = seg[..., None]
+                seg = composite_on_white(seg[..., :4] if seg.shape[-1] >= 4 else seg[..., :3])
+                y0, x0 = sy * seg_h, sx * seg_w
+                # intersection of the segment with the requested region, in level px
+                iy0, iy1 = max(y, y0), min(y + h, y0 + seg.shape[0])
+                ix0, ix1 = max(x, x0), min(x + w, x0 + seg.shape[1])
+                out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = seg[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+        return out
+
+    def thumbnail(self, downsample: float, chunk: int = 2048) -> tuple[np.ndarray, float]:
+        """RGB image at about ``downsample`` level-0 px per pixel, built chunk by chunk.
+
+        Reads the level nearest at or above that resolution and block-averages by an
+        integer factor, so memory is bounded by ``chunk`` and the thumbnail size.
+        Returns (image, exact level-0 px per thumbnail px).
+        """
+        level = self.best_level_for(downsample)
+        ds = self.level_downsamples[level]
+        f = max(1, int(math.floor(downsample / ds + 1e-6)))
+        lw, lh = self.level_dimensions[level]
+        tw, th = math.ceil(lw / f), math.ceil(lh / f)
+        out = np.empty((th, tw, 3), np.uint8)
+        step = max(f, (chunk // f) * f)
+        for y in range(0, lh, step):
+            for x in range(0, lw, step):
+                w, h = min(step, lw - x), min(step, lh - y)
+                region = self.read_level(level, x, y, w, h).astype(np.float32)
+                pw, ph = math.ceil(w / f) * f, math.ceil(h / f) * f
+                if (pw, ph) != (w, h):  # replicate the last row/column to a full block
+                    region = np.pad(region, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+                block = region.reshape(ph // f, f, pw // f, f, 3).mean(axis=(1, 3))
+                out[y // f : y // f + ph // f, x // f : x // f + pw // f] = np.round(block).astype(np.uint8)
+        return out, ds * f
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------- opening
+def _check_mpp(name: str, mpp: float | None, source: str) -> float | None:
+    if mpp is None:
+        return None
+    if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+        where = "the sample sheet" if source == "sheet" else "the file's metadata"
+        raise SlideError(
+            name,
+            f"the resolution in {where} is {mpp:g} µm/px, outside the plausible range "
+            f"{MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px",
+            "put the correct µm per pixel of level 0 in the 'mpp' column of the sample sheet",
+        )
+    return float(mpp)
+
+
+def _open_openslide(name: str, path: str):
+    import openslide
+
+    handle = openslide.OpenSlide(path)
+    props = handle.properties
+    mpp = None
+    try:
+        mx, my = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+        mpp = (mx + my) / 2
+    except (KeyError, ValueError):
+        pass
+    return dict(
+        backend="openslide",
+        vendor=props.get("openslide.vendor", "unknown"),
+        level_dimensions=[tuple(d) for d in handle.level_dimensions],
+        level_downsamples=[float(d) for d in handle.level_downsamples],
+        mpp=mpp,
+        _handle=handle,
+    )
+
+
+def _tiff_mpp(tiff, page) -> float | None:
+    if tiff.is_ome:
+        import re
+
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tiff.ome_metadata or "")
+        u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tiff.ome_metadata or "")
+        if m:
+            scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(u.group(1) if u else "µm")
+            if scale is not None:
+                return float(m.group(1)) * scale
+    unit = page.tags.get("ResolutionUnit")
+    xres = page.tags.get("XResolution")
+    if unit is None or xres is None or int(unit.value) not in (2, 3):
+        return None
+    num, den = xres.value
+    if not num:
+        return None
+    per_unit = num / den  # pixels per inch (2) or per centimetre (3)
+    return (25400.0 if int(unit.value) == 2 else 10000.0) / per_unit
+
+
+def _open_tifffile(name: str, path: str):
+    import tifffile
+
+    try:
+        tiff = tifffile.TiffFile(path)
+    except Exception as exc:
+        raise SlideError(
+            name,
+            f"not a slide OpenSlide or tifffile can read ({type(exc).__name__}: {exc})",
+            "check that the file is a whole-slide image (SVS, NDPI, MRXS, DICOM, TIFF) and "
+            "not truncated; convert other formats to pyramidal OME-TIFF",
+        ) from None
+    series = tiff.series[0]
+    page0 = series.levels[0].keyframe
+    rgb = (
+        series.dtype == np.uint8
+        and page0.photometric == tifffile.PHOTOMETRIC.RGB
+        and page0.samplesperpixel in (3, 4)
+        and page0.planarconfig == tifffile.PLANARCONFIG.CONTIG
+    )
+    if not rgb:
+        tiff.close()
+        kind = (
+            f"a {series.shape[0]}-channel image (axes {series.axes}, {series.dtype})"
+            if "C" in series.axes or "S" in series.axes
+            else f"a single-channel image (axes {series.axes}, {series.dtype})"
+        )
+        raise SlideError(
+            name,
+            f"{kind}, not an 8-bit RGB brightfield slide (multiplex fluorescence is not supported)",
+            "export an 8-bit RGB rendering of the slide (e.g. from QuPath), or remove it from the sheet",
+        )
+    pages = [lvl.keyframe for lvl in series.levels]
+    dims = [(p.imagewidth, p.imagelength) for p in pages]
+    return dict(
+        backend="tifffile",
+        vendor="ome-tiff" if tiff.is_ome else "tiff",
+        level_dimensions=dims,
+        level_downsamples=[dims[0][0] / d[0] for d in dims],
+        mpp=_tiff_mpp(tiff, pages[0]),
+        _handle=tiff,
+        _pages=pages,
+    )
+
+
+def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> Slide:
+    """Open ``path`` as a slide. ``mpp`` (from the sample sheet) overrides the metadata."""
+    name = name or os.path.basename(path)
+    if not os.path.exists(path):
+        raise SlideError(name, f"file not found: {path}", "correct the 'path' column of the sample sheet")
+    if os.path.isdir(path):
+        raise SlideError(
+            name,
+            f"{path} is a folder",
+            "point 'path' at the slide file itself (for a DICOM series, any one .dcm file of it; "
+            "for MRXS, the .mrxs file next to its data folder)",
+        )
+    import openslide
+
+    fmt = None
+    try:
+        fmt = openslide.OpenSlide.detect_format(path)
+    except Exception:
+        pass
+    info = None
+    os_error = None
+    if fmt is not None:
+        try:
+            info = _open_openslide(name, path)
+        except Exception as exc:
+            os_error = f"{type(exc).__name__}: {exc}"
+    if info is None:
+        if _looks_like_tiff(path):
+            try:
+                info = _open_tifffile(name, path)
+            except SlideError as exc:
+                if os_error:  # OpenSlide's reason is the more useful one
+                    exc.problem = f"OpenSlide cannot read it ({os_error}); tifffile: {exc.problem}"
+                    exc.args = (f"slide '{name}': {exc.problem}. Fix: {exc.fix}",)
+                raise
+        else:
+            raise SlideError(
+                name,
+                "not a slide format OpenSlide or tifffile can read"
+                + (f" ({os_error})" if os_error else ""),
+                "check the file is a complete whole-slide image (SVS, NDPI, MRXS, DICOM, SCN, TIFF) "
+                "and not a placeholder or a channel-set file such as .ndpis; re-export it otherwise",
+            )
+    source = "metadata" if info["mpp"] is not None else "missing"
+    meta_mpp = info["mpp"]
+    if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
+        info["mpp"], source = float(mpp), "sheet"
+    slide = Slide(name=name, path=path, mpp_source=source, **info)
+    try:
+        slide.mpp = _check_mpp(name, slide.mpp, source)
+    except SlideError:
+        slide.close()
+        raise
+    slide.metadata_mpp = meta_mpp
+    return slide
+
+
+def _looks_like_tiff(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
