@@ -152,3 +152,34 @@ def run_segmentation(
                        f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s")
                 last = now
     return merger.finalize()
+
+
+def run(slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tissue_png: str, model_cfg: dict,
+        tiling_cfg: dict, device: str, clip_to_tissue: bool, out_store: str, out_json: str, threads: int = 1,
+        log=log.info) -> dict:
+    """Segment stage: labels of every planned tile into a chunked store."""
+    from .runner import write_json
+    from .tiling import read_plan
+    from .tissue import load_mask
+    from .unet import load_model
+
+    t0 = time.monotonic()
+    torch.set_num_threads(max(1, int(threads)))
+    dev = pick_device(device, log)
+    model = load_model(model_cfg, device="cpu")
+    plan, geom, spec, meta = read_plan(plan_tsv, plan_json)
+    if meta.get("model_checksum") != model.checksum:
+        raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
+    tissue = load_mask(tissue_png) if clip_to_tissue else None
+    merger = StoreMerger(out_store, geom, spec, tissue, meta["tissue_downsample"])
+    log(f"{slide_id}: {len(plan)} tiles of {spec.window} px on {dev} "
+        f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} workers, amp={dev.type == 'cuda'})")
+    run_segmentation(slide_path, slide_id, mpp, geom, spec, plan, model.module, merger, dev,
+                     batch_size=int(tiling_cfg["batch_size"]), workers=int(tiling_cfg["workers"]),
+                     amp=bool(tiling_cfg.get("amp", True)), log_fn=log)
+    merger.store.close()
+    elapsed = time.monotonic() - t0
+    info = dict(slide_id=slide_id, device=str(dev), n_tiles=len(plan), elapsed_s=elapsed,
+                tiles_per_s=len(plan) / max(elapsed, 1e-9))
+    write_json(out_json, info)
+    return info

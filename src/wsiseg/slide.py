@@ -333,3 +333,24 @@ def _looks_like_tiff(path: str) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(4)
     return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def inspect_slide(path: str, name: str, mpp: float | None = None) -> dict:
+    """Open the slide, check it has an mpp and that its pixels decode.
+
+    Returns the slide's description. Raises :class:`SlideError` for bad input.
+    """
+    with open_slide(path, name, mpp) as slide:
+        slide.require_mpp()
+        # decode a small region of the lowest-resolution level (cheap, catches corrupt files)
+        lvl = slide.level_count - 1
+        lw, lh = slide.level_dimensions[lvl]
+        w, h = min(lw, 512), min(lh, 512)
+        slide.read_level(lvl, (lw - w) // 2, (lh - h) // 2, w, h)
+        return dict(
+            slide_id=name, path=path, backend=slide.backend, vendor=slide.vendor,
+            width=slide.dimensions[0], height=slide.dimensions[1],
+            level_count=slide.level_count, level_dimensions=slide.level_dimensions,
+            level_downsamples=slide.level_downsamples, mpp=slide.mpp, mpp_source=slide.mpp_source,
+            metadata_mpp=slide.metadata_mpp,
+        )

@@ -230,3 +230,37 @@ def tile_spec_for(model, tile_size: int, margin: int) -> TileSpec:
         )
     n = model.legal_input(tile_size + 2 * margin)
     return TileSpec(tile_size=tile_size, margin=margin, window=n, out_offset=model.border, align=model.align)
+
+
+def run(slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, model_cfg: dict,
+        tiling_cfg: dict, out_tsv: str, out_json: str, log=print) -> dict:
+    """Tile-plan stage: plan.tsv + plan.json for one slide and one model."""
+    import time
+
+    from .runner import read_json
+    from .slide import open_slide
+    from .tissue import load_mask
+    from .unet import load_model, plan_margin
+
+    t0 = time.monotonic()
+    model = load_model(model_cfg)
+    margin = plan_margin(model, tiling_cfg.get("margin", "auto"), bool(tiling_cfg.get("allow_small_margin", False)), log)
+    spec = tile_spec_for(model, int(tiling_cfg["tile_size"]), margin)
+    with open_slide(slide_path, slide_id, mpp) as slide:
+        geom = Geometry.for_slide(slide, model.mpp)
+    tinfo = read_json(tissue_json)
+    plan = plan_tiles(geom, spec, load_mask(tissue_png), tinfo["thumbnail_downsample"])
+    rows, cols = math.ceil(geom.height / spec.tile_size), math.ceil(geom.width / spec.tile_size)
+    log(
+        f"slide {geom.width0}x{geom.height0} level-0 px at {geom.mpp0:.4f} µm/px -> {geom.width}x{geom.height} "
+        f"target px at {geom.target_mpp} µm/px, read from level {geom.level} (downsample {geom.level_downsample:g}, "
+        f"resample x{1 / geom.scale:.4f})"
+    )
+    log(f"model halo {model.halo} px, border {model.border} px; tile {spec.tile_size} + margin {spec.margin} "
+        f"-> window {spec.window} px; {len(plan)} of {rows * cols} tiles touch tissue")
+    write_plan(out_tsv, out_json, plan, geom, spec, dict(
+        slide_id=slide_id, model=model.name, model_checksum=model.checksum, halo=model.halo,
+        grid_rows=rows, grid_cols=cols, elapsed_s=time.monotonic() - t0,
+        tissue_downsample=tinfo["thumbnail_downsample"],
+    ))
+    return dict(n_tiles=len(plan))

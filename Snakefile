@@ -1,0 +1,29 @@
+# wsiseg: U-Net segmentation of whole-slide images, slide archive in, masks and statistics out.
+# Run:  snakemake --cores 16 --use-conda         (see README.md)
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/example.smk"
+include: "workflow/rules/tissue.smk"
+include: "workflow/rules/tiling.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/stitch.smk"
+include: "workflow/rules/stats.smk"
+
+
+localrules:
+    all,
+    example_slide,
+    inspect,
+    aggregate,
+
+
+rule all:
+    input:
+        get_final_outputs,

@@ -1,0 +1,13 @@
+"""Rule 'stats': thin entry point; logic in wsiseg.stats."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wsiseg import stats  # noqa: E402
+from wsiseg.runner import stage  # noqa: E402
+
+sm = snakemake  # noqa: F821
+with stage("stats", sm.wildcards.slide, sm.log[0]) as log:
+    stats.run(sm.input.mask, sm.input.slide_json, sm.input.tissue_json, sm.input.plan_json, list(sm.input.timings),
+              list(sm.params.classes), dict(sm.params.model), sm.output[0], log=log.info)

@@ -1,0 +1,14 @@
+"""Rule 'tissue': thin entry point; logic in wsiseg.tissue."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wsiseg import tissue  # noqa: E402
+from wsiseg.runner import stage  # noqa: E402
+
+sm = snakemake  # noqa: F821
+with stage("tissue", sm.wildcards.slide, sm.log[0]) as log:
+    c = sm.params.cfg
+    tissue.run(sm.input.slide, sm.wildcards.slide, sm.params.mpp, sm.output.png, sm.output.thumb, sm.output.json,
+               method=c["method"], tissue_mpp=c["mpp"], min_area_um2=c["min_area_um2"], log=log.info)

@@ -1,0 +1,10 @@
+rule example_slide:
+    """The bundled example: a synthetic H&E-like pyramidal slide made by the project."""
+    output:
+        "resources/example/synthetic_he.tif",
+    log:
+        "logs/example_slide.log",
+    conda:
+        "../../envs/wsi.yaml"
+    script:
+        "../../scripts/make_example_slide.py"

@@ -1,0 +1,29 @@
+rule segment:
+    """GPU rule: stream the tile plan through the U-Net into a chunked label store."""
+    input:
+        slide=get_slide_path,
+        plan=f"{RESULTS}/{{slide}}/plan.tsv",
+        plan_json=f"{RESULTS}/{{slide}}/plan.json",
+        tissue=f"{RESULTS}/{{slide}}/tissue.png",
+        weights=get_model_weights,
+    output:
+        store=temp(directory(f"{RESULTS}/{{slide}}/work/labels.store")),
+        json=f"{RESULTS}/{{slide}}/work/segment.json",
+    params:
+        mpp=get_slide_mpp,
+        model=model_cfg(),
+        tiling=config["tiling"],
+        device=config["device"],
+        clip=config["tissue"]["clip_mask"],
+    threads: max(1, int(config["tiling"]["workers"]) + 1)
+    resources:
+        gpu=segment_resources_gpu(),
+        mem_mb=8000,
+    log:
+        f"{LOGS}/{{slide}}/segment.log",
+    benchmark:
+        f"{BENCH}/{{slide}}/segment.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../../scripts/segment.py"

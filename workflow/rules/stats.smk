@@ -1,0 +1,36 @@
+rule stats:
+    input:
+        mask=f"{RESULTS}/{{slide}}/mask.ome.tif",
+        slide_json=f"{RESULTS}/{{slide}}/slide.json",
+        tissue_json=f"{RESULTS}/{{slide}}/work/tissue.json",
+        plan_json=f"{RESULTS}/{{slide}}/plan.json",
+        timings=[f"{RESULTS}/{{slide}}/work/segment.json", f"{RESULTS}/{{slide}}/work/stitch.json"],
+    output:
+        f"{RESULTS}/{{slide}}/stats.csv",
+    params:
+        classes=config["model"]["classes"],
+        model=model_cfg(),
+    log:
+        f"{LOGS}/{{slide}}/stats.log",
+    benchmark:
+        f"{BENCH}/{{slide}}/stats.tsv"
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/wsi.yaml"
+    script:
+        "../../scripts/stats.py"
+
+
+rule aggregate:
+    input:
+        stats=get_stats,
+        failed=get_failed,
+    output:
+        f"{RESULTS}/summary.csv",
+    log:
+        f"{LOGS}/aggregate.log",
+    conda:
+        "../../envs/wsi.yaml"
+    script:
+        "../../scripts/aggregate.py"

@@ -1,0 +1,23 @@
+rule stitch:
+    """Pyramidal tiled OME-TIFF mask (streamed) and an overlay thumbnail."""
+    input:
+        store=f"{RESULTS}/{{slide}}/work/labels.store",
+        plan_json=f"{RESULTS}/{{slide}}/plan.json",
+        thumb=f"{RESULTS}/{{slide}}/work/thumbnail.png",
+        tissue=f"{RESULTS}/{{slide}}/tissue.png",
+    output:
+        mask=f"{RESULTS}/{{slide}}/mask.ome.tif",
+        overlay=f"{RESULTS}/{{slide}}/overlay.png",
+        json=f"{RESULTS}/{{slide}}/work/stitch.json",
+    params:
+        cfg=config["stitch"],
+    log:
+        f"{LOGS}/{{slide}}/stitch.log",
+    benchmark:
+        f"{BENCH}/{{slide}}/stitch.tsv"
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/wsi.yaml"
+    script:
+        "../../scripts/stitch.py"

@@ -1,0 +1,22 @@
+rule plan:
+    """Tile plan at the model's mpp: a small table, no patch images."""
+    input:
+        slide=get_slide_path,
+        tissue=f"{RESULTS}/{{slide}}/tissue.png",
+        tissue_json=f"{RESULTS}/{{slide}}/work/tissue.json",
+        weights=get_model_weights,
+    output:
+        tsv=f"{RESULTS}/{{slide}}/plan.tsv",
+        json=f"{RESULTS}/{{slide}}/plan.json",
+    params:
+        mpp=get_slide_mpp,
+        model=model_cfg(),
+        tiling=config["tiling"],
+    log:
+        f"{LOGS}/{{slide}}/plan.log",
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../../scripts/plan.py"

@@ -1,0 +1,38 @@
+checkpoint inspect:
+    """Open the slide, check its mpp and pixels. Bad slides are recorded, not fatal:
+    they appear in summary.csv with their error and the rest of the batch goes on."""
+    input:
+        get_slide_path,
+    output:
+        f"{RESULTS}/{{slide}}/slide.json",
+    params:
+        mpp=get_slide_mpp,
+    log:
+        f"{LOGS}/{{slide}}/inspect.log",
+    conda:
+        "../../envs/wsi.yaml"
+    script:
+        "../../scripts/inspect_slide.py"
+
+
+rule tissue:
+    input:
+        slide=get_slide_path,
+        info=f"{RESULTS}/{{slide}}/slide.json",
+    output:
+        png=f"{RESULTS}/{{slide}}/tissue.png",
+        thumb=f"{RESULTS}/{{slide}}/work/thumbnail.png",
+        json=f"{RESULTS}/{{slide}}/work/tissue.json",
+    params:
+        mpp=get_slide_mpp,
+        cfg=config["tissue"],
+    log:
+        f"{LOGS}/{{slide}}/tissue.log",
+    benchmark:
+        f"{BENCH}/{{slide}}/tissue.tsv"
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/wsi.yaml"
+    script:
+        "../../scripts/tissue.py"
