@@ -21,6 +21,7 @@ localrules:
     all,
     example_slide,
     inspect,
+    triage,
     aggregate,
 
 

@@ -25,3 +25,19 @@ def run(stats_csvs: list, failed_jsons: list, out_csv: str, log=print) -> pd.Dat
     for f in failed:
         log(f"FAILED {f['slide_id']}: {f['error']}")
     return summary
+
+
+def triage(slide_jsons: list, out_tsv: str, log=print) -> pd.DataFrame:
+    """slides.tsv: slide_id, status ('ok' or 'failed'), error, path."""
+    rows = []
+    for p in slide_jsons:
+        with open(p) as fh:
+            info = json.load(fh)
+        rows.append(dict(slide_id=info["slide_id"], status=info["status"], error=info.get("error", ""), path=info["path"]))
+    table = pd.DataFrame(rows, columns=["slide_id", "status", "error", "path"])
+    table.to_csv(out_tsv, sep="\t", index=False)
+    n_bad = int((table["status"] != "ok").sum())
+    log(f"{len(table)} slides inspected, {len(table) - n_bad} ok, {n_bad} failed")
+    for r in table[table["status"] != "ok"].itertuples():
+        log(f"FAILED {r.slide_id}: {r.error}")
+    return table

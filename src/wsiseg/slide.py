@@ -51,6 +51,8 @@ class Slide:
     mpp_source: str  # 'metadata', 'sheet' or 'missing'
     _handle: object = field(default=None, repr=False)
     _pages: list = field(default_factory=list, repr=False)
+    metadata_mpp: float | None = None  # what the file says, whatever the sheet says
+    openslide_error: str | None = None  # why OpenSlide refused it (tifffile backend)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -65,6 +67,9 @@ class Slide:
         return self.mpp * self.level_downsamples[level]
 
     def require_mpp(self) -> float:
+        """The level-0 mpp, or a SlideError saying how to provide it."""
+        if self.mpp is not None:
+            return _check_mpp(self.name, self.mpp, self.mpp_source)
         if self.mpp is None:
             raise SlideError(
                 self.name,
@@ -99,10 +104,13 @@ class Slide:
         except SlideError:
             raise
         except Exception as exc:  # decoder errors from OpenSlide, tifffile, imagecodecs
+            why = f"{type(exc).__name__}: {exc}"
+            if getattr(self, "openslide_error", None):
+                why = f"OpenSlide: {self.openslide_error}; tifffile: {why}"
             raise SlideError(
                 self.name,
                 f"pixel data could not be decoded at level {level}, region x={x} y={y} "
-                f"w={w} h={h} ({type(exc).__name__}: {exc})",
+                f"w={w} h={h} ({why})",
                 "the file is damaged or truncated: re-export or re-scan it, or remove it from the sheet",
             ) from exc
 
@@ -298,6 +306,17 @@ def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> 
             info = _open_openslide(name, path)
         except Exception as exc:
             os_error = f"{type(exc).__name__}: {exc}"
+    if info is not None and info["vendor"] == "generic-tiff":
+        # OpenSlide ignores SubIFD pyramids (OME-TIFF): prefer tifffile when it sees more levels
+        try:
+            alt = _open_tifffile(name, path)
+            if len(alt["level_dimensions"]) > len(info["level_dimensions"]):
+                info["_handle"].close()
+                info = alt
+            else:
+                alt["_handle"].close()
+        except SlideError:
+            pass
     if info is None:
         if _looks_like_tiff(path):
             try:
@@ -320,12 +339,8 @@ def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> 
     if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
         info["mpp"], source = float(mpp), "sheet"
     slide = Slide(name=name, path=path, mpp_source=source, **info)
-    try:
-        slide.mpp = _check_mpp(name, slide.mpp, source)
-    except SlideError:
-        slide.close()
-        raise
     slide.metadata_mpp = meta_mpp
+    slide.openslide_error = os_error
     return slide
 
 
@@ -341,12 +356,12 @@ def inspect_slide(path: str, name: str, mpp: float | None = None) -> dict:
     Returns the slide's description. Raises :class:`SlideError` for bad input.
     """
     with open_slide(path, name, mpp) as slide:
-        slide.require_mpp()
         # decode a small region of the lowest-resolution level (cheap, catches corrupt files)
         lvl = slide.level_count - 1
         lw, lh = slide.level_dimensions[lvl]
         w, h = min(lw, 512), min(lh, 512)
         slide.read_level(lvl, (lw - w) // 2, (lh - h) // 2, w, h)
+        slide.require_mpp()
         return dict(
             slide_id=name, path=path, backend=slide.backend, vendor=slide.vendor,
             width=slide.dimensions[0], height=slide.dimensions[1],

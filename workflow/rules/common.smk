@@ -1,64 +1,32 @@
 import json
 import os
-import re
-from pathlib import Path
+import sys
 
 import pandas as pd
 from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from wsiseg.sheet import SheetError, check_sheet, read_sheet, slides_from_dir  # noqa: E402
+
 MODEL = config["model"]["name"]
 RESULTS = f"{config['results']}/{MODEL}"
 LOGS = f"logs/{MODEL}"
 BENCH = f"benchmarks/{MODEL}"
-SLIDE_ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def sanitise_slide_id(name):
-    """File name -> slide_id: letters, digits, '.', '_', '-' only."""
-    stem = re.sub(r"\.(svs|ndpi|mrxs|tiff?|dcm|scn|bif|vms|vmu|svslide|qptiff|ome\.tiff?)$", "", name, flags=re.I)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
-    return stem or "slide"
-
-
-def slides_from_dir(folder, pattern):
-    rows = []
-    dicom_dirs = set()
-    for p in sorted(Path(folder).glob(pattern)):
-        if not p.is_file():
-            continue
-        if p.suffix.lower() == ".dcm":  # a DICOM series is one slide: its folder
-            if p.parent in dicom_dirs:
-                continue
-            dicom_dirs.add(p.parent)
-            rows.append(dict(slide_id=sanitise_slide_id(p.parent.name), path=str(p)))
-        else:
-            rows.append(dict(slide_id=sanitise_slide_id(p.name), path=str(p)))
-    if not rows:
-        raise WorkflowError(f"slides_dir: no file under {folder!r} matches slides_glob {pattern!r}")
-    return pd.DataFrame(rows)
 
 
 def load_slides():
-    if config.get("slides_dir"):
-        sheet = slides_from_dir(config["slides_dir"], config.get("slides_glob", "*"))
-    else:
-        sheet = pd.read_csv(config["slides"], sep="\t", dtype={"slide_id": str, "path": str}, comment="#")
-    if "mpp" not in sheet.columns:
-        sheet["mpp"] = float("nan")
-    sheet["mpp"] = pd.to_numeric(sheet["mpp"], errors="coerce")
+    try:
+        if config.get("slides_dir"):
+            sheet = slides_from_dir(config["slides_dir"], config.get("slides_glob", "*"))
+        else:
+            sheet = read_sheet(config["slides"])
+        sheet = check_sheet(sheet)
+    except SheetError as exc:
+        raise WorkflowError(str(exc))
     validate(sheet, schema="../schemas/slides.schema.yaml")
-    bad = [s for s in sheet["slide_id"] if not SLIDE_ID_OK.match(s)]
-    if bad:
-        raise WorkflowError(f"slide_id {bad} in the sample sheet: use only letters, digits, '.', '_' and '-'")
-    dup = sheet["slide_id"][sheet["slide_id"].duplicated()].tolist()
-    if dup:
-        raise WorkflowError(
-            f"slide_id {sorted(set(dup))} appears more than once; "
-            "give each slide a unique slide_id (with slides_dir: rename one of the files)"
-        )
-    return sheet.set_index("slide_id", drop=False)
+    return sheet
 
 
 SLIDES = load_slides()
@@ -90,14 +58,16 @@ def segment_resources_gpu():
     return 1 if config.get("device", "auto") in ("cuda", "gpu") else 0
 
 
-def slide_status(slide):
-    """Read the inspect checkpoint's verdict for one slide."""
-    with open(checkpoints.inspect.get(slide=slide).output[0]) as fh:
-        return json.load(fh)
+def triaged():
+    """Slide status table from the 'triage' checkpoint (one checkpoint for the whole
+    archive, so all slides are inspected in parallel)."""
+    path = checkpoints.triage.get().output[0]
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).set_index("slide_id")
 
 
 def ok_slides():
-    return [s for s in SLIDES.index if slide_status(s)["status"] == "ok"]
+    t = triaged()
+    return [s for s in SLIDES.index if t.loc[s, "status"] == "ok"]
 
 
 def get_stats(wildcards):
@@ -105,7 +75,8 @@ def get_stats(wildcards):
 
 
 def get_failed(wildcards):
-    return [checkpoints.inspect.get(slide=s).output[0] for s in SLIDES.index if slide_status(s)["status"] != "ok"]
+    t = triaged()
+    return [f"{RESULTS}/{s}/slide.json" for s in SLIDES.index if t.loc[s, "status"] != "ok"]
 
 
 def get_final_outputs(wildcards):

