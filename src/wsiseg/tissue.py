@@ -25,7 +25,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mu0 = m0 / np.maximum(w0, 1e-12)
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
     between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between))])
+    # empty bins between the modes make a plateau of equal variance: take its middle
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float((centres[best[0]] + centres[best[-1]]) / 2)
 
 
 def is_dark_background(rgb: np.ndarray) -> bool:

@@ -42,6 +42,20 @@ def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[..., dy : dy + h, dx : dx + w]
 
 
+class UpBlock(nn.Module):
+    """2x2 up-convolution halving the channels, concatenation with the cropped skip, double conv."""
+
+    def __init__(self, width: int, pad: int, batch_norm: bool):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(width * 2, width, 2, stride=2)
+        self.conv = DoubleConv(width * 2, width, pad, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        x = torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1)
+        return self.conv(x)
+
+
 class UNet(nn.Module):
     """Contracting path of ``depth`` blocks (2 x conv3x3 + ReLU [+BN], 2x2 max-pool,
     channels doubling), bottleneck, expansive path of 2x2 up-convolutions halving the
@@ -81,11 +95,7 @@ class UNet(nn.Module):
             self.down.append(DoubleConv(cin, w, pad, batch_norm))
             cin = w
         self.bottleneck = DoubleConv(widths[-2], widths[-1], pad, batch_norm, dropout)
-        self.up = nn.ModuleList()
-        self.up_conv = nn.ModuleList()
-        for w in reversed(widths[:-1]):
-            self.up.append(nn.ConvTranspose2d(w * 2, w, 2, stride=2))
-            self.up_conv.append(DoubleConv(w * 2, w, pad, batch_norm))
+        self.up = nn.ModuleList([UpBlock(w, pad, batch_norm) for w in reversed(widths[:-1])])
         self.head = nn.Conv2d(widths[0], n_classes, 1)
         for m in self.modules():  # He initialisation, as in the paper
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -95,16 +105,14 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
-        skips = []
+        skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
         x = self.bottleneck(x)
-        for up, conv, skip in zip(self.up, self.up_conv, reversed(skips)):
-            x = up(x)
-            x = torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1)
-            x = conv(x)
+        for i, up in enumerate(self.up):
+            x = up(x, skips[len(skips) - 1 - i])
         return self.head(x)
 
     # ---- geometry of the valid network, computed analytically

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from wsiseg.errors import ConfigError
+from wsiseg.unet import UNet, load_model, measure_halo, plan_margin, save_checkpoint, unet_same_halo
+
+
+def test_valid_unet_matches_paper_geometry():
+    m = UNet(n_classes=2, depth=4, base_width=2, padding="valid", batch_norm=False).eval()
+    assert m.output_size(572) == 388  # Ronneberger et al., Fig. 1
+    with torch.no_grad():
+        assert m(torch.rand(1, 3, 572, 572)).shape == (1, 2, 388, 388)
+    assert m.output_size(573) is None
+
+
+def test_same_unet_keeps_size_and_channels_double():
+    m = UNet(n_classes=3, depth=3, base_width=4, padding="same").eval()
+    with torch.no_grad():
+        assert m(torch.rand(2, 3, 64, 64)).shape == (2, 3, 64, 64)
+    widths = [blk[0].out_channels for blk in m.down]
+    assert widths == [4, 8, 16] and m.bottleneck[0].out_channels == 32
+
+
+def test_halo_measured_matches_structure():
+    # 2 convs (radius 1 each) per level and pooling: 5*(2**d - 1) + 2**(d+1) for d levels
+    for d in (2, 3):
+        assert unet_same_halo(d) == 5 * (2**d - 1) + 2 ** (d + 1)
+
+
+def _ckpt(tmp_path, **arch):
+    torch.manual_seed(0)
+    m = UNet(n_classes=2, **arch).eval()
+    p = tmp_path / "m.pt"
+    save_checkpoint(str(p), m, ["background", "nucleus"], mpp=0.5, name="t")
+    return p, m
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path):
+    p, m = _ckpt(tmp_path, depth=2, base_width=4, padding="valid", batch_norm=False)
+    spec = load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5))
+    assert spec.kind == "unet" and spec.border == (m.output_size(60) and (60 - m.output_size(60)) // 2)
+    assert spec.halo == spec.border and len(spec.checksum) == 64
+    x = torch.rand(1, 3, 60, 60)
+    with torch.no_grad():
+        assert torch.equal(spec.module(x), m(x))
+
+
+def test_config_conflicting_with_checkpoint_is_refused(tmp_path):
+    p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="same")
+    with pytest.raises(ConfigError, match="depth"):
+        load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5, depth=3))
+    with pytest.raises(ConfigError, match="classes"):
+        load_model(dict(name="t", weights=str(p), classes=["a", "b", "c"], mpp=0.5))
+
+
+def test_torchscript_accepted_and_halo_measured(tmp_path):
+    torch.manual_seed(0)
+    m = UNet(n_classes=2, depth=2, base_width=4, padding="same", batch_norm=False).eval()
+    p = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(m), str(p))
+    spec = load_model(dict(name="ts", weights=str(p), classes=["bg", "fg"], mpp=0.5, depth=2))
+    assert spec.kind == "torchscript" and spec.border == 0
+    assert spec.halo == unet_same_halo(2)
+    assert spec.legal_input(61) == 64
+
+
+def test_margin_below_halo_refused_unless_opted_in(tmp_path):
+    p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="same")
+    spec = load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5))
+    assert plan_margin(spec, "auto", False) >= spec.halo
+    with pytest.raises(ConfigError, match="halo"):
+        plan_margin(spec, 8, False)
+    said = []
+    assert plan_margin(spec, 8, True, log=said.append) == 8
+    assert "WARNING" in said[0] and "halo" in said[0]
+
+
+def test_valid_margin_below_border_is_impossible(tmp_path):
+    p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="valid", batch_norm=False)
+    spec = load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5))
+    with pytest.raises(ConfigError, match="at least"):
+        plan_margin(spec, spec.border - 1, True)
+
+
+def test_measure_halo_on_plain_conv_stack():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1))
+    assert measure_halo(net, 1, 0) == 3
