@@ -79,11 +79,16 @@ class Slide:
             )
         return self.mpp
 
-    def best_level_for(self, downsample: float) -> int:
-        """Largest level whose downsample is <= ``downsample`` (at or above that resolution)."""
+    def best_level_for(self, downsample: float, tolerance: float = 0.01) -> int:
+        """Largest level whose downsample is <= ``downsample`` (at or above that resolution).
+
+        Level downsamples are nominal factors with rounding noise (2.001 for a level of
+        half the size of an odd-sized level 0): within ``tolerance`` a level counts as
+        matching, and the tiny difference is resampled.
+        """
         best = 0
         for i, ds in enumerate(self.level_downsamples):
-            if ds <= downsample * (1 + 1e-6):
+            if ds <= downsample * (1 + tolerance):
                 best = i if ds >= self.level_downsamples[best] else best
         return best
 

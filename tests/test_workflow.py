@@ -1,0 +1,186 @@
+"""End to end through Snakemake: the README's example, and real slides of every
+format (plus bad ones) in one archive run. Outputs are checked, not just present."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import yaml
+from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA
+from PIL import Image
+from scipy import ndimage as ndi
+
+from wsiseg.unet import UNet, save_checkpoint
+
+MODEL = "tiny-unet"
+CLASSES = ["background", "nucleus"]
+
+
+def snakemake(workdir, configfile, *args, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def job_counts(dry_run_output: str) -> dict:
+    """{rule: count} from a dry run's 'Job stats' table."""
+    m = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal", dry_run_output, re.S)
+    if not m:
+        return {}
+    return {line.split()[0]: int(line.split()[1]) for line in m.group(1).splitlines() if line.strip()}
+
+
+# ------------------------------------------------------------- README example
+def test_readme_example_with_shipped_config(tmp_path):
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg["model"]["weights"] = str(REPO / cfg["model"]["weights"])
+    cfg["slides"] = str(REPO / cfg["slides"])
+    cfgfile = tmp_path / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, cfgfile)
+    res = tmp_path / "results" / cfg["model"]["name"]
+    summary = pd.read_csv(res / "summary.csv")
+    assert summary["slide_id"].tolist() == ["example"] and summary["status"].tolist() == ["ok"]
+    with openslide.OpenSlide(str(tmp_path / "resources/example/synthetic_he.tif")) as s:
+        w0, h0 = s.dimensions
+        assert s.level_count >= 3
+    with tifffile.TiffFile(res / "example" / "mask.ome.tif") as tif:
+        assert tif.series[0].levels[0].shape == (round(h0 * 0.25 / 0.5), round(w0 * 0.25 / 0.5))
+    plan = json.load(open(res / "example" / "plan.json"))
+    assert plan["geometry"]["level"] == 1  # 0.25 µm/px slide, 0.5 µm/px model: level 1, not level 0
+
+
+# ------------------------------------------------------------ real slides run
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("archive run")  # a space in the working directory too
+    torch.manual_seed(0)
+    m = UNet(n_classes=2, depth=3, base_width=4, padding="same", batch_norm=True).eval()
+    save_checkpoint(str(wd / "tiny.pt"), m, CLASSES, mpp=0.5, name=MODEL)
+    rows = [
+        ("cmu", CMU, ""), ("tcga", TCGA, "0.25"), ("ndpi_dapi", NDPI, ""), ("dicom", DICOM, ""),
+        ("tcga_no_mpp", TCGA, ""), ("broken", BAD["broken"], ""), ("unreadable", BAD["unreadable"], ""),
+        ("vectra", BAD["qptiff"], ""),
+    ]
+    sheet = wd / "slides.tsv"
+    sheet.write_text("slide_id\tpath\tmpp\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg.update(slides=str(sheet), device="cuda")  # asks for a GPU: must fall back to CPU here
+    cfg["model"] = dict(name=MODEL, weights=str(wd / "tiny.pt"), classes=CLASSES, mpp=0.5)
+    cfg["tiling"].update(tile_size=256, batch_size=4, workers=1)
+    cfgfile = wd / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    snakemake(wd, cfgfile, "--keep-going")
+    return wd, cfgfile, rows
+
+
+OK = ["cmu", "tcga", "ndpi_dapi", "dicom"]
+
+
+def test_summary_has_every_slide_and_bad_ones_explained(archive):
+    wd, _, rows = archive
+    summary = pd.read_csv(wd / "results" / MODEL / "summary.csv").set_index("slide_id")
+    assert sorted(summary.index) == sorted(r[0] for r in rows)
+    assert sorted(summary.index[summary.status == "ok"]) == sorted(OK)
+    for sid, words in [("tcga_no_mpp", "mpp"), ("broken", "not a slide"), ("unreadable", "decoded"),
+                       ("vectra", "RGB")]:
+        err = summary.loc[sid, "error"]
+        assert summary.loc[sid, "status"] == "failed" and f"slide '{sid}'" in err and words in err and "Fix:" in err
+
+
+@pytest.mark.parametrize("sid,path,mpp0", [("cmu", CMU, None), ("tcga", TCGA, 0.25), ("ndpi_dapi", NDPI, None),
+                                           ("dicom", DICOM, None)])
+def test_slide_outputs(archive, sid, path, mpp0):
+    wd = archive[0]
+    out = wd / "results" / MODEL / sid
+    with openslide.OpenSlide(str(path)) as s:
+        w0, h0 = s.dimensions
+        mpp0 = mpp0 or float(s.properties["openslide.mpp-x"])
+    want = (round(h0 * mpp0 / 0.5), round(w0 * mpp0 / 0.5))
+    # the mask: dimensions at the target mpp, valid in tifffile and OpenSlide
+    with tifffile.TiffFile(out / "mask.ome.tif") as tif:
+        assert tif.is_ome and tif.is_bigtiff
+        lv = tif.series[0].levels
+        assert lv[0].shape == want and len(lv) >= 2 and lv[0].keyframe.is_tiled
+        mask = lv[0].asarray()
+    assert set(np.unique(mask)) <= {0, 1}
+    with openslide.OpenSlide(str(out / "mask.ome.tif")) as s:
+        assert s.dimensions == want[::-1] and float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    # stats agree with the mask
+    st = pd.read_csv(out / "stats.csv").iloc[0]
+    n_px = int((mask == 1).sum())
+    assert st.nucleus_pixels == n_px
+    assert st.nucleus_area_mm2 == pytest.approx(n_px * 0.25 / 1e6)
+    lab, n = ndi.label(mask == 1, structure=np.ones((3, 3)))
+    assert st.nucleus_count == n
+    if n:
+        areas = np.bincount(lab.ravel())[1:] * 0.25
+        assert st.nucleus_mean_area_um2 == pytest.approx(areas.mean())
+        assert st.nucleus_median_area_um2 == pytest.approx(np.median(areas))
+    assert st.mpp_used == 0.5 and st.slide_mpp == pytest.approx(mpp0) and st.model == MODEL
+    assert len(st.model_sha256) == 64 and st.wall_time_s > 0
+    # tissue and overlay: images of the thumbnail's size; nothing labelled off tissue
+    tissue = np.asarray(Image.open(out / "tissue.png"))
+    overlay = Image.open(out / "overlay.png")
+    assert overlay.size == (tissue.shape[1], tissue.shape[0]) and overlay.mode == "RGB"
+    assert set(np.unique(tissue)) <= {0, 255}
+    tinfo = json.load(open(out / "work" / "tissue.json"))
+    assert st.tissue_area_mm2 == pytest.approx((tissue > 0).sum() * tinfo["thumbnail_mpp"] ** 2 / 1e6)
+    ys, xs = np.nonzero(mask)
+    if len(ys):
+        s_t = 0.5 / tinfo["thumbnail_mpp"]
+        ty = np.minimum(((ys + 0.5) * s_t).astype(int), tissue.shape[0] - 1)
+        tx = np.minimum(((xs + 0.5) * s_t).astype(int), tissue.shape[1] - 1)
+        assert (tissue[ty, tx] > 0).all()
+    # logs and benchmarks
+    seg_log = (wd / "logs" / MODEL / sid / "segment.log").read_text()
+    assert "tiles (100%)" in seg_log and "CUDA is not available" in seg_log
+    assert (wd / "benchmarks" / MODEL / sid / "segment.tsv").exists()
+    assert not (out / "work" / "labels.store").exists()  # temporary intermediate removed
+
+
+def test_pyramid_level_read_for_tcga(archive):
+    plan = json.load(open(archive[0] / "results" / MODEL / "tcga" / "plan.json"))
+    assert plan["geometry"]["level"] == 1  # sheet mpp 0.25 -> 0.5 wanted: level 1 (2.001x), not level 0
+
+
+def test_rerun_only_what_must_change(archive, tmp_path):
+    wd, cfgfile, rows = archive
+    res = snakemake(wd, cfgfile, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr
+    # a new slide: only its jobs (and the archive-level ones) run
+    sheet = wd / "slides.tsv"
+    more = tmp_path / "more.tsv"
+    more.write_text(sheet.read_text() + f"kidney\t{BAD['broken'].parent / 'kidney-48-5.tif'}\t0.5\n")
+    cfg = yaml.safe_load(open(cfgfile))
+    cfg["slides"] = str(more)
+    cfg2 = tmp_path / "c2.yaml"
+    cfg2.write_text(yaml.safe_dump(cfg))
+    res = snakemake(wd, cfg2, "-n")
+    jobs = job_counts(res.stdout)
+    print("new slide:", jobs)
+    # the dry run stops at the triage checkpoint; no existing slide is re-planned or re-segmented
+    assert jobs.get("inspect") == 1 and jobs.get("triage") == 1
+    assert jobs.get("plan", 0) <= 1 and jobs.get("segment", 0) <= 1 and jobs.get("tissue", 0) <= 1
+    # new weights: every good slide is re-planned and re-segmented, nothing is re-inspected
+    torch.manual_seed(1)
+    m = UNet(n_classes=2, depth=3, base_width=4, padding="same", batch_norm=True).eval()
+    save_checkpoint(cfg["model"]["weights"] + ".new", m, CLASSES, mpp=0.5, name=MODEL)
+    cfg["slides"] = str(sheet)
+    cfg["model"]["weights"] = cfg["model"]["weights"] + ".new"
+    cfg3 = tmp_path / "c3.yaml"
+    cfg3.write_text(yaml.safe_dump(cfg))
+    jobs = job_counts(snakemake(wd, cfg3, "-n").stdout)
+    print("new weights:", jobs)
+    assert jobs.get("plan") == len(OK) and "inspect" not in jobs and "tissue" not in jobs
