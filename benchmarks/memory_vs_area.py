@@ -1,0 +1,81 @@
+"""Peak memory of the stitch and stats stages against mask area.
+
+Builds label stores of growing size (random blobs), then in a fresh process
+for each size: writes the pyramidal OME-TIFF (stitch) and counts objects over
+it (stats). Prints peak RSS per stage. The promise: flat in slide area.
+
+    python benchmarks/memory_vs_area.py [side_px ...]      (default 4096 8192 16384 32768)
+"""
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {src!r})
+from wsiseg.store import TileStore
+from wsiseg.stitch import write_ome_tiff
+from wsiseg.stats import slide_stats
+stage, store, mask = sys.argv[1:4]
+t0 = time.monotonic()
+if stage == "stitch":
+    with TileStore(store) as st:
+        write_ome_tiff(st, mask, 0.5, tile=512)
+    out = {{}}
+else:
+    out = slide_stats(mask, ["background", "a", "b"], 0.5)
+print(json.dumps(dict(s=time.monotonic() - t0, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      count=out.get("a_count"))))
+"""
+
+
+def make_store(path, side, tile=512, seed=0):
+    import numpy as np
+
+    from wsiseg.store import TileStore
+
+    rng = np.random.default_rng(seed)
+    st = TileStore.create(path, side, side, tile)
+    yy, xx = np.mgrid[0:tile, 0:tile]
+    for r in range(st.rows):
+        for c in range(st.cols):
+            t = np.zeros((tile, tile), np.uint8)
+            for _ in range(40):  # blobs, some crossing tile borders
+                cy, cx, rad = rng.integers(-10, tile + 10), rng.integers(-10, tile + 10), rng.integers(4, 12)
+                t[(yy - cy) ** 2 + (xx - cx) ** 2 <= rad * rad] = rng.integers(1, 3)
+            st.write_chunk(r, c, t)
+    st.close()
+
+
+def main():
+    sides = [int(a) for a in sys.argv[1:]] or [4096, 8192, 16384, 32768]
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    code = CHILD.format(src=os.path.abspath(src))
+    rows = []
+    for side in sides:
+        tmp = tempfile.mkdtemp(prefix="bench-mem-")
+        try:
+            make_store(os.path.join(tmp, "store"), side)
+            for stage in ("stitch", "stats"):
+                res = subprocess.run([sys.executable, "-c", code, stage, os.path.join(tmp, "store"),
+                                      os.path.join(tmp, "mask.ome.tif")], capture_output=True, text=True, check=True)
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                rows.append((side, stage, r["s"], r["rss_mb"], r["count"]))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"{'mask side px':>12} {'Mpx':>8} {'stage':>7} {'seconds':>8} {'peak RSS MB':>12} {'objects':>9}")
+    for side, stage, s, rss, count in rows:
+        print(f"{side:>12} {side * side / 1e6:>8.0f} {stage:>7} {s:>8.1f} {rss:>12.0f} {count if count is not None else '':>9}")
+
+
+if __name__ == "__main__":
+    main()
