@@ -83,3 +83,35 @@ def test_small_margin_shows_seams():
                               torch.device("cpu"), batch_size=8)
     ref = one_pass(spec, img, 0, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)
     assert np.abs(ref - logits).max() > 1e-2
+
+
+def test_slide_smaller_than_margin_is_mirrored_repeatedly(tmp_path):
+    """A 16 x 16 px slide with a 24 px margin: windows reflect more than once; all pixels written."""
+    from conftest import SLIDES
+
+    small = SLIDES / "openslide-python-fixtures" / "small.svs"
+    spec = _model("same")
+    with open_slide(str(small)) as s:
+        geom = Geometry.for_slide(s, s.mpp)
+        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    assert (geom.width, geom.height) == (16, 16)
+    margin = plan_margin(spec, "auto", False)
+    assert margin > 16
+    tiles = tile_spec_for(spec, 16, margin)
+    plan = plan_tiles(geom, tiles, None, 1)
+    logits = run_segmentation(str(small), "small", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
+                              torch.device("cpu"))
+    ref = one_pass(spec, img, margin, 16, 16)
+    assert np.abs(ref - logits).max() < 1e-4
+
+
+def test_no_tissue_gives_an_empty_store(tmp_path):
+    spec = _model("same")
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 4.0)
+    tiles = tile_spec_for(spec, 64, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, np.zeros((10, 10), bool), geom.width0 / 10)
+    assert len(plan) == 0
+    store = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module,
+                             StoreMerger(str(tmp_path / "s"), geom, tiles), torch.device("cpu"))
+    assert store.shape == (geom.height, geom.width) and not store.read(0, 0, geom.height, geom.width).any()

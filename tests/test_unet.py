@@ -85,3 +85,9 @@ def test_valid_margin_below_border_is_impossible(tmp_path):
 def test_measure_halo_on_plain_conv_stack():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1))
     assert measure_halo(net, 1, 0) == 3
+
+
+def test_config_mpp_must_match_checkpoint(tmp_path):
+    p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="same")
+    with pytest.raises(ConfigError, match="trained at 0.5"):
+        load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=2.0))

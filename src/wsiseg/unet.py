@@ -232,6 +232,11 @@ def load_model(cfg: dict, device: str = "cpu") -> ModelSpec:
     module.load_state_dict(ckpt["state_dict"])
     module.to(device).eval()
     mpp = float(cfg.get("mpp") or ckpt["mpp"])
+    if ckpt.get("mpp") and abs(mpp / float(ckpt["mpp"]) - 1) > 0.01:
+        raise ConfigError(
+            f"model.mpp={mpp} in the config but the checkpoint {path} was trained at {ckpt['mpp']} µm/px; "
+            f"set model.mpp: {ckpt['mpp']} (a model applied at another resolution segments poorly)"
+        )
     align = 2**module.depth
     border = (0 if module.padding == "same" else (_first_legal(module) - module.output_size(_first_legal(module))) // 2)
     halo = border if module.padding == "valid" else unet_same_halo(module.depth)
