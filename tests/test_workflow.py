@@ -81,7 +81,8 @@ def archive(tmp_path_factory):
     cfg["tiling"].update(tile_size=256, batch_size=4, workers=1)
     cfgfile = wd / "config.yaml"
     cfgfile.write_text(yaml.safe_dump(cfg))
-    snakemake(wd, cfgfile, "--keep-going")
+    res = snakemake(wd, cfgfile, "--keep-going")
+    (wd / "run.log").write_text(res.stdout + res.stderr)
     return wd, cfgfile, rows
 
 
@@ -97,6 +98,8 @@ def test_summary_has_every_slide_and_bad_ones_explained(archive):
                        ("vectra", "RGB")]:
         err = summary.loc[sid, "error"]
         assert summary.loc[sid, "status"] == "failed" and f"slide '{sid}'" in err and words in err and "Fix:" in err
+    # and the run itself ends by saying so
+    assert "WARNING: 4 slide(s) could not be processed" in (wd / "run.log").read_text()
 
 
 @pytest.mark.parametrize("sid,path,mpp0", [("cmu", CMU, None), ("tcga", TCGA, 0.25), ("ndpi_dapi", NDPI, None),

@@ -27,7 +27,7 @@ rule aggregate:
         stats=get_stats,
         failed=get_failed,
     output:
-        f"{RESULTS}/summary.csv",
+        report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
     log:
         f"{LOGS}/aggregate.log",
     conda:

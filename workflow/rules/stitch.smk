@@ -7,7 +7,12 @@ rule stitch:
         tissue=f"{RESULTS}/{{slide}}/tissue.png",
     output:
         mask=f"{RESULTS}/{{slide}}/mask.ome.tif",
-        overlay=f"{RESULTS}/{{slide}}/overlay.png",
+        overlay=report(
+            f"{RESULTS}/{{slide}}/overlay.png",
+            caption="../report/overlay.rst",
+            category="Overlays",
+            labels={"slide": "{slide}"},
+        ),
         json=f"{RESULTS}/{{slide}}/work/stitch.json",
     params:
         cfg=config["stitch"],

@@ -34,7 +34,12 @@ rule tissue:
         slide=get_slide_path,
         info=f"{RESULTS}/{{slide}}/slide.json",
     output:
-        png=f"{RESULTS}/{{slide}}/tissue.png",
+        png=report(
+            f"{RESULTS}/{{slide}}/tissue.png",
+            caption="../report/tissue.rst",
+            category="Tissue",
+            labels={"slide": "{slide}"},
+        ),
         thumb=f"{RESULTS}/{{slide}}/work/thumbnail.png",
         json=f"{RESULTS}/{{slide}}/work/tissue.json",
     params:

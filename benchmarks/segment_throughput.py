@@ -1,0 +1,72 @@
+"""Segment-stage throughput (tiles/s, megapixels/s) for batch sizes and DataLoader workers.
+
+Runs the shipped demo U-Net over every tile of a slide (tissue ignored) with the
+workflow's own splitter/merger, and prints a table. On a CUDA machine it also
+runs with autocast (AMP).
+
+    python benchmarks/segment_throughput.py [slide] [--tile 512] [--mpp 0.5]
+    (default slide: the synthetic example, generated if missing)
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+import torch  # noqa: E402
+
+from wsiseg.segment import StoreMerger, pick_device, run_segmentation  # noqa: E402
+from wsiseg.slide import open_slide  # noqa: E402
+from wsiseg.tiling import Geometry, plan_tiles, tile_spec_for  # noqa: E402
+from wsiseg.unet import load_model, plan_margin  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("slide", nargs="?")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--weights", default=os.path.join(HERE, "..", "models", "demo-unet.pt"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    args = ap.parse_args()
+    slide = args.slide
+    if slide is None:
+        slide = os.path.join(tempfile.gettempdir(), "wsiseg-bench-example.tif")
+        if not os.path.exists(slide):
+            from wsiseg.synthetic import make_example_slide
+
+            make_example_slide(slide)
+    model = load_model(dict(name="bench", weights=args.weights, classes=["background", "nucleus"]))
+    dev = pick_device("auto")
+    margin = plan_margin(model, "auto", False)
+    spec = tile_spec_for(model, args.tile, margin)
+    with open_slide(slide) as s:
+        geom = Geometry.for_slide(s, model.mpp)
+    plan = plan_tiles(geom, spec, None, 1)
+    rows = []
+    amps = [False, True] if dev.type == "cuda" else [False]
+    for amp in amps:
+        for workers in args.workers:
+            for batch in args.batch:
+                with tempfile.TemporaryDirectory() as tmp:
+                    merger = StoreMerger(os.path.join(tmp, "s"), geom, spec)
+                    t0 = time.monotonic()
+                    run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
+                                     batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None)
+                    dt = time.monotonic() - t0
+                    merger.store.close()
+                rows.append((dev.type, amp, workers, batch, len(plan), dt))
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"slide {os.path.basename(slide)}: {geom.width}x{geom.height} target px at {model.mpp} µm/px; "
+          f"tile {spec.tile_size}, window {spec.window}; torch threads {torch.get_num_threads()}")
+    print(f"{'device':>6} {'amp':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>7}")
+    for d, amp, w, b, n, dt in rows:
+        print(f"{d:>6} {str(amp):>5} {w:>7} {b:>5} {n:>5} {dt:>8.1f} {n / dt:>8.2f} {n * spec.tile_size**2 / dt / 1e6:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
