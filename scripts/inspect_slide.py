@@ -16,6 +16,8 @@ try:
     info["status"] = "ok"
     log.info(f"{slide_id}: {info['vendor']} {info['width']}x{info['height']} px, {info['level_count']} levels, "
              f"{info['mpp']:.4f} µm/px ({info['mpp_source']})")
+    for w in info["warnings"]:
+        log.warning(f"{slide_id}: {w}")
 except SlideError as exc:
     info = dict(slide_id=slide_id, path=sm.input[0], status="failed", error=str(exc))
     log.error(f"SKIPPING {exc}")

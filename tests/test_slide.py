@@ -101,3 +101,19 @@ def test_thumbnail_is_block_mean_of_level():
         assert ds == 8 and th.shape == (371, 278, 3)
         block = s.read_level(0, 80, 160, 8, 8).astype(float).mean(axis=(0, 1))
     assert np.abs(th[20, 10].astype(float) - block).max() <= 0.5 + 1e-9
+
+
+def test_strip_tiff_strip_decoded_once_for_many_reads():
+    with open_slide(str(KIDNEY), mpp=0.5) as s:  # one strip holds the whole image
+        a = s.read_level(0, 0, 0, 50, 50)
+        assert len(s._segment_cache.items) == 1
+        b = s.read_level(0, 1400, 850, 93, 51)
+        assert len(s._segment_cache.items) == 1
+    ref = tifffile.imread(str(KIDNEY))
+    assert np.array_equal(a, ref[:50, :50]) and np.array_equal(b, ref[850:901, 1400:1493])
+
+
+def test_sheet_mpp_overriding_different_metadata_is_flagged():
+    info = inspect_slide(str(CMU), "cmu", mpp=0.25)
+    assert info["mpp"] == 0.25 and info["mpp_source"] == "sheet" and "overrides" in info["warnings"][0]
+    assert inspect_slide(str(CMU), "cmu", mpp=0.5)["warnings"] == []

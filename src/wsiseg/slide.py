@@ -37,6 +37,34 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+class _SegmentCache:
+    """Decoded TIFF strips/tiles, least recently used dropped first, bounded in bytes.
+
+    Plain strip TIFFs often hold many rows (sometimes the whole image) in one strip;
+    without a cache every window would decode the same strips again.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes, self.items = max_bytes, 0, OrderedDict()
+
+    def get(self, key):
+        arr = self.items.get(key)
+        if arr is not None:
+            self.items.move_to_end(key)
+        return arr
+
+    def put(self, key, arr: np.ndarray) -> None:
+        if arr.nbytes > self.max_bytes:
+            return
+        self.items[key] = arr
+        self.bytes += arr.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
 @dataclass
 class Slide:
     """An open slide. Use :func:`open_slide`; close with :meth:`close` or ``with``."""
@@ -51,6 +79,7 @@ class Slide:
     mpp_source: str  # 'metadata', 'sheet' or 'missing'
     _handle: object = field(default=None, repr=False)
     _pages: list = field(default_factory=list, repr=False)
+    _segment_cache: "_SegmentCache" = field(default=None, repr=False)
     metadata_mpp: float | None = None  # what the file says, whatever the sheet says
     openslide_error: str | None = None  # why OpenSlide refused it (tifffile backend)
 
@@ -132,13 +161,16 @@ class Slide:
         for sy in range(y // seg_h, (y + h - 1) // seg_h + 1):
             for sx in range(x // seg_w, (x + w - 1) // seg_w + 1):
                 index = sy * n_x + sx
-                fh.seek(page.dataoffsets[index])
-                data = fh.read(page.databytecounts[index])
-                seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                seg = seg[0]  # (length, width, samples)
-                if seg.ndim == 2:
-                    seg = seg[..., None]
-                seg = composite_on_white(seg[..., :4] if seg.shape[-1] >= 4 else seg[..., :3])
+                seg = self._segment_cache.get((level, index))
+                if seg is None:
+                    fh.seek(page.dataoffsets[index])
+                    data = fh.read(page.databytecounts[index])
+                    seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                    seg = seg[0]  # (length, width, samples)
+                    if seg.ndim == 2:
+                        seg = seg[..., None]
+                    seg = composite_on_white(seg[..., :4] if seg.shape[-1] >= 4 else seg[..., :3])
+                    self._segment_cache.put((level, index), seg)
                 y0, x0 = sy * seg_h, sx * seg_w
                 # intersection of the segment with the requested region, in level px
                 iy0, iy1 = max(y, y0), min(y + h, y0 + seg.shape[0])
@@ -343,7 +375,7 @@ def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> 
     meta_mpp = info["mpp"]
     if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
         info["mpp"], source = float(mpp), "sheet"
-    slide = Slide(name=name, path=path, mpp_source=source, **info)
+    slide = Slide(name=name, path=path, mpp_source=source, _segment_cache=_SegmentCache(), **info)
     slide.metadata_mpp = meta_mpp
     slide.openslide_error = os_error
     return slide
@@ -367,7 +399,14 @@ def inspect_slide(path: str, name: str, mpp: float | None = None) -> dict:
         w, h = min(lw, 512), min(lh, 512)
         slide.read_level(lvl, (lw - w) // 2, (lh - h) // 2, w, h)
         slide.require_mpp()
+        warnings = []
+        if slide.mpp_source == "sheet" and slide.metadata_mpp and abs(slide.mpp / slide.metadata_mpp - 1) > 0.05:
+            warnings.append(
+                f"the sheet's mpp {slide.mpp:g} overrides the file's {slide.metadata_mpp:g} µm/px "
+                f"({slide.metadata_mpp / slide.mpp:.2f}x); check the sheet if that was not intended"
+            )
         return dict(
+            warnings=warnings,
             slide_id=name, path=path, backend=slide.backend, vendor=slide.vendor,
             width=slide.dimensions[0], height=slide.dimensions[1],
             level_count=slide.level_count, level_dimensions=slide.level_dimensions,
