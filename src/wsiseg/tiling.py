@@ -86,25 +86,33 @@ class Geometry:
 
 
 # ------------------------------------------------------------------ resampling
-def _weights(t0: int, n: int, scale: float, src_len: int) -> tuple[int, np.ndarray]:
-    """Linear-interpolation weights for target px [t0, t0+n) along one axis.
+def _taps(t0: int, n: int, scale: float, src_len: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Linear-interpolation taps for target px [t0, t0+n) along one axis.
 
-    Returns (first source index, weight matrix (n, m)) with m source px. The
-    triangle filter is widened to ``scale`` when downsampling (antialiasing).
-    Weights are a function of the global target coordinate only.
+    Each target px is a weighted sum of K source px (a band, not a dense matrix).
+    The triangle filter is widened to ``scale`` when downsampling (antialiasing);
+    taps outside the level are dropped and the rest renormalised. Taps and
+    weights are functions of the global target coordinate only, and are summed
+    in a fixed order, so a target px has the same value in every window.
+    Returns (first source px, last source px, tap indices relative to the first (n, K), weights (n, K)).
     """
     centres = (np.arange(t0, t0 + n, dtype=np.float64) + 0.5) * scale - 0.5
     support = max(1.0, scale)
-    lo = max(0, int(math.floor(centres[0] - support)))
-    hi = min(src_len - 1, int(math.ceil(centres[-1] + support)))
-    src = np.arange(lo, hi + 1, dtype=np.float64)
-    w = np.clip(1.0 - np.abs(centres[:, None] - src[None, :]) / support, 0.0, None)
+    k = int(math.ceil(2 * support)) + 1
+    first = np.floor(centres - support).astype(np.int64) + 1
+    js = first[:, None] + np.arange(k)[None, :]
+    w = np.clip(1.0 - np.abs(centres[:, None] - js) / support, 0.0, None)
+    w[(js < 0) | (js >= src_len)] = 0.0
     s = w.sum(axis=1, keepdims=True)
-    empty = s[:, 0] == 0  # only possible beyond the last source px: take the edge px
+    empty = s[:, 0] == 0  # only beyond the last source px: take the nearest edge px
     if empty.any():
-        w[empty, -1] = 1.0
-        s[empty] = 1.0
-    return lo, (w / s).astype(np.float32)
+        js[empty, 0] = np.clip(np.round(centres[empty]), 0, src_len - 1).astype(np.int64)
+        w[empty, 0], s[empty] = 1.0, 1.0
+    w = w / s
+    js = np.clip(js, 0, src_len - 1)
+    used = w > 0
+    lo, hi = int(js[used].min()), int(js[used].max())
+    return lo, hi, np.clip(js - lo, 0, hi - lo), w.astype(np.float32)
 
 
 def read_target(slide: Slide, geom: Geometry, tx: int, ty: int, w: int, h: int) -> np.ndarray:
@@ -117,12 +125,16 @@ def read_target(slide: Slide, geom: Geometry, tx: int, ty: int, w: int, h: int) 
         if (w_ok, h_ok) != (w, h):  # rounding of target size: repeat the last px
             img = np.pad(img, ((0, h - h_ok), (0, w - w_ok), (0, 0)), mode="edge")
         return img
-    x_lo, wx = _weights(tx, w, geom.scale, geom.level_width)
-    y_lo, wy = _weights(ty, h, geom.scale, geom.level_height)
-    src = slide.read_level(geom.level, x_lo, y_lo, wx.shape[1], wy.shape[1]).astype(np.float32)
-    # out[i, j, c] = sum_{p, q} wy[i, p] * src[p, q, c] * wx[j, q]
-    tmp = np.einsum("ip,pqc->iqc", wy, src, optimize=True)
-    return np.einsum("iqc,jq->ijc", tmp, wx, optimize=True)
+    x_lo, x_hi, jx, wx = _taps(tx, w, geom.scale, geom.level_width)
+    y_lo, y_hi, jy, wy = _taps(ty, h, geom.scale, geom.level_height)
+    src = slide.read_level(geom.level, x_lo, y_lo, x_hi - x_lo + 1, y_hi - y_lo + 1).astype(np.float32)
+    rows = np.zeros((h, src.shape[1], 3), np.float32)
+    for k in range(jy.shape[1]):  # fixed tap order: identical sums in every window
+        rows += wy[:, k, None, None] * src[jy[:, k]]
+    out = np.zeros((h, w, 3), np.float32)
+    for k in range(jx.shape[1]):
+        out += wx[None, :, k, None] * rows[:, jx[:, k]]
+    return out
 
 
 def read_window(slide: Slide, geom: Geometry, wx: int, wy: int, n: int) -> np.ndarray:
