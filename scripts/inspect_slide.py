@@ -12,13 +12,13 @@ sm = snakemake  # noqa: F821
 slide_id = sm.wildcards.slide
 log = setup_logging(sm.log[0])
 try:
-    info = inspect_slide(sm.input[0], slide_id, sm.params.mpp)
+    info = inspect_slide(sm.params.path, slide_id, sm.params.mpp)
     info["status"] = "ok"
     log.info(f"{slide_id}: {info['vendor']} {info['width']}x{info['height']} px, {info['level_count']} levels, "
              f"{info['mpp']:.4f} µm/px ({info['mpp_source']})")
     for w in info["warnings"]:
         log.warning(f"{slide_id}: {w}")
 except SlideError as exc:
-    info = dict(slide_id=slide_id, path=sm.input[0], status="failed", error=str(exc))
+    info = dict(slide_id=slide_id, path=sm.params.path, status="failed", error=str(exc))
     log.error(f"SKIPPING {exc}")
 write_json(sm.output[0], info)

@@ -115,3 +115,23 @@ def test_no_tissue_gives_an_empty_store(tmp_path):
     store = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module,
                              StoreMerger(str(tmp_path / "s"), geom, tiles), torch.device("cpu"))
     assert store.shape == (geom.height, geom.width) and not store.read(0, 0, geom.height, geom.width).any()
+
+
+def test_torchscript_model_is_seam_free_with_measured_halo(tmp_path):
+    from wsiseg.unet import load_model
+
+    spec0 = _model("same")
+    path = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(spec0.module), str(path))
+    spec = load_model(dict(name="ts", weights=str(path), classes=["bg", "a", "b"], mpp=1.0, depth=2))
+    assert spec.kind == "torchscript" and spec.halo == spec0.halo
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.499 * 3.3)
+        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    margin = plan_margin(spec, "auto", False)
+    tiles = tile_spec_for(spec, 64, margin)
+    plan = plan_tiles(geom, tiles, None, 1)
+    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
+                              torch.device("cpu"), batch_size=4)
+    ref = one_pass(spec, img, margin, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)
+    assert np.abs(ref - logits).max() < 1e-4

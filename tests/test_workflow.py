@@ -71,7 +71,7 @@ def archive(tmp_path_factory):
     rows = [
         ("cmu", CMU, ""), ("tcga", TCGA, "0.25"), ("ndpi_dapi", NDPI, ""), ("dicom", DICOM, ""),
         ("tcga_no_mpp", TCGA, ""), ("broken", BAD["broken"], ""), ("unreadable", BAD["unreadable"], ""),
-        ("vectra", BAD["qptiff"], ""),
+        ("vectra", BAD["qptiff"], ""), ("typo", CMU.parent / "no-such-slide.svs", ""),
     ]
     sheet = wd / "slides.tsv"
     sheet.write_text("slide_id\tpath\tmpp\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
@@ -95,11 +95,11 @@ def test_summary_has_every_slide_and_bad_ones_explained(archive):
     assert sorted(summary.index) == sorted(r[0] for r in rows)
     assert sorted(summary.index[summary.status == "ok"]) == sorted(OK)
     for sid, words in [("tcga_no_mpp", "mpp"), ("broken", "not a slide"), ("unreadable", "decoded"),
-                       ("vectra", "RGB")]:
+                       ("vectra", "RGB"), ("typo", "file not found")]:
         err = summary.loc[sid, "error"]
         assert summary.loc[sid, "status"] == "failed" and f"slide '{sid}'" in err and words in err and "Fix:" in err
     # and the run itself ends by saying so
-    assert "WARNING: 4 slide(s) could not be processed" in (wd / "run.log").read_text()
+    assert "WARNING: 5 slide(s) could not be processed" in (wd / "run.log").read_text()
 
 
 @pytest.mark.parametrize("sid,path,mpp0", [("cmu", CMU, None), ("tcga", TCGA, 0.25), ("ndpi_dapi", NDPI, None),

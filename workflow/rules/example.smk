@@ -1,7 +1,7 @@
 rule example_slide:
     """The bundled example: a synthetic H&E-like pyramidal slide made by the project."""
     output:
-        "resources/example/synthetic_he.tif",
+        EXAMPLE_SLIDE,
     log:
         "logs/example_slide.log",
     conda:

@@ -2,10 +2,11 @@ rule inspect:
     """Open the slide, check its mpp and pixels. Bad slides are recorded, not fatal:
     they appear in summary.csv with their error and the rest of the batch goes on."""
     input:
-        get_slide_path,
+        get_inspect_input,
     output:
         f"{RESULTS}/{{slide}}/slide.json",
     params:
+        path=get_slide_path,
         mpp=get_slide_mpp,
     log:
         f"{LOGS}/{{slide}}/inspect.log",
