@@ -9,12 +9,10 @@ it (stats). Prints peak RSS per stage. The promise: flat in slide area.
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 

@@ -2,7 +2,6 @@
 format (plus bad ones) in one archive run. Outputs are checked, not just present."""
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -156,7 +156,7 @@ def slide_stats(mask_path: str, classes: list, mpp: float) -> dict:
 
 
 def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timing_jsons: list, classes: list,
-        model_cfg: dict, out_csv: str, log=print) -> dict:
+        out_csv: str, log=print) -> dict:
     """Stats stage: one-row stats.csv for a slide."""
     import time
 

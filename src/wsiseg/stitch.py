@@ -88,26 +88,35 @@ def smallest_level(path: str, min_side: int) -> tuple[np.ndarray, float]:
         return chosen.asarray(), full_w / chosen.shape[-1]
 
 
-def overlay(thumb: np.ndarray, mask_path: str, alpha: float = 0.45, tissue: np.ndarray | None = None) -> np.ndarray:
-    """Thumbnail with the mask's classes drawn over it (and the tissue outline)."""
+def overlay(thumb: np.ndarray, mask_path: str, alpha: float = 0.45, tissue: np.ndarray | None = None,
+            strip: int = 256) -> np.ndarray:
+    """Thumbnail with the mask's classes drawn over it (and the tissue outline).
+
+    Works in strips of ``strip`` rows, so temporaries stay small whatever the thumbnail size.
+    """
+    from scipy import ndimage as ndi
+
     th, tw = thumb.shape[:2]
     with tifffile.TiffFile(mask_path) as tif:
         full_h, full_w = tif.series[0].levels[0].shape[-2:]
     labels, ds = smallest_level(mask_path, min(th, tw))
     ys = np.minimum(((np.arange(th) + 0.5) * full_h / th / ds).astype(np.int64), labels.shape[0] - 1)
     xs = np.minimum(((np.arange(tw) + 0.5) * full_w / tw / ds).astype(np.int64), labels.shape[1] - 1)
-    lab = labels[np.ix_(ys, xs)]
-    colours = PALETTE[lab % len(PALETTE)].astype(np.float32)
-    out = thumb.astype(np.float32)
-    drawn = lab > 0
-    out[drawn] = (1 - alpha) * out[drawn] + alpha * colours[drawn]
+    edge = None
     if tissue is not None and tissue.shape == (th, tw):
-        from scipy import ndimage as ndi
-
         edge = tissue & ~ndi.binary_erosion(tissue)
-        out[edge] = (0, 0, 0)
-    return np.round(out).astype(np.uint8)
-
+    out = thumb.copy()
+    for y0 in range(0, th, strip):
+        y1 = min(th, y0 + strip)
+        lab = labels[np.ix_(ys[y0:y1], xs)]
+        drawn = lab > 0
+        if drawn.any():
+            colours = PALETTE[lab[drawn] % len(PALETTE)].astype(np.float32)
+            px = out[y0:y1][drawn].astype(np.float32)
+            out[y0:y1][drawn] = np.round((1 - alpha) * px + alpha * colours).astype(np.uint8)
+        if edge is not None:
+            out[y0:y1][edge[y0:y1]] = (0, 0, 0)
+    return out
 
 def run(store_path: str, plan_json: str, thumb_png: str, tissue_png: str, slide_id: str, out_mask: str,
         out_overlay: str, out_json: str, tiff_tile: int = 512, compression: str = "zlib", log=print) -> dict:

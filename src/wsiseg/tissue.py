@@ -30,11 +30,6 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float((centres[best[0]] + centres[best[-1]]) / 2)
 
 
-def is_dark_background(rgb: np.ndarray) -> bool:
-    """True for fluorescence-like slides: most of the slide is dark, not white glass."""
-    return float(np.median(rgb.max(axis=-1))) < 60
-
-
 def detect_tissue(
     rgb: np.ndarray,
     px_um: float,
@@ -50,12 +45,14 @@ def detect_tissue(
         raise ValueError(f"tissue.method must be one of {METHODS}, not {method!r}")
     if method == "all":
         return np.ones(rgb.shape[:2], bool), "all"
-    rgbf = rgb.astype(np.float32) / 255.0
-    mx, mn = rgbf.max(axis=-1), rgbf.min(axis=-1)
+    mx8 = rgb.max(axis=-1)  # uint8 temporaries: the thumbnail may be large
     if method == "auto":
-        method = "brightness" if is_dark_background(rgb) else "saturation"
+        method = "brightness" if float(np.median(mx8)) < 60 else "saturation"
+    mx = mx8.astype(np.float32) / 255.0
     if method == "saturation":
-        feature = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+        spread = (mx8 - rgb.min(axis=-1)).astype(np.float32) / 255.0
+        feature = spread / np.maximum(mx, 1e-6)
+        del spread
         # black borders and very dark pen strokes are not tissue
         valid = mx > 0.1
     else:

@@ -9,7 +9,6 @@ rule stats:
         f"{RESULTS}/{{slide}}/stats.csv",
     params:
         classes=config["model"]["classes"],
-        model=model_cfg(),
     log:
         f"{LOGS}/{{slide}}/stats.log",
     benchmark:
