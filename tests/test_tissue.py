@@ -34,6 +34,30 @@ def test_fluorescence_uses_brightness():
     assert method == "brightness"
     bright = thumb.max(axis=-1)
     assert bright[mask].mean() > 2 * bright[~mask].mean()
+    assert mask.mean() > 0.6  # the section fills most of the frame, sparse nuclei included
+    assert not mask[:, :3].all()  # the dark margin at the slide's edge is not tissue
+
+
+def test_field_of_bright_nuclei_is_one_piece_of_tissue():
+    rng = np.random.default_rng(0)
+    img = np.zeros((300, 300, 3), np.uint8)
+    ys, xs = rng.integers(60, 240, 400), rng.integers(60, 240, 400)
+    img[ys, xs, 2] = 200  # isolated nuclei (1 px at 4 µm/px) on black
+    mask, method = detect_tissue(img, 4.0)
+    lab, n = __import__("scipy.ndimage", fromlist=["label"]).label(mask)
+    assert method == "brightness" and n == 1
+    assert mask[150, 150] and not mask[10, 10] and not mask[290, 290]
+
+
+def test_round_tissue_stays_round():
+    """The closing uses a disk: no diamond-shaped artefacts at the tissue edge."""
+    yy, xx = np.mgrid[0:400, 0:400]
+    disk = (yy - 200) ** 2 + (xx - 200) ** 2 <= 120**2
+    img = np.full((400, 400, 3), 243, np.uint8)
+    img[disk] = (200, 120, 170)
+    mask, _ = detect_tissue(img, 4.0)
+    iou = (mask & disk).sum() / (mask | disk).sum()
+    assert iou > 0.97
 
 
 def test_method_all_keeps_everything():
