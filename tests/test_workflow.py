@@ -186,3 +186,19 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     jobs = job_counts(snakemake(wd, cfg3, "-n").stdout)
     print("new weights:", jobs)
     assert jobs.get("plan") == len(OK) and "inspect" not in jobs and "tissue" not in jobs
+
+
+def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
+    """device: cuda -> the segment rule asks for gpu=1 (what a cluster executor schedules on);
+    device: cpu -> no GPU is asked for."""
+    wd, cfgfile, _ = archive
+    res = snakemake(wd, cfgfile, "-n", "-R", "segment")
+    seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
+    assert len(seg) == len(OK) and all(re.search(r"resources: .*gpu=1", b) for b in seg)
+    cfg = yaml.safe_load(open(cfgfile))
+    cfg["device"] = "cpu"
+    cpu_cfg = tmp_path / "cpu.yaml"
+    cpu_cfg.write_text(yaml.safe_dump(cfg))
+    res = snakemake(wd, cpu_cfg, "-n", "-R", "segment")
+    seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
+    assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg)
