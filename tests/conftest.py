@@ -40,3 +40,21 @@ def example_slide(tmp_path_factory):
     path = tmp_path_factory.mktemp("example") / "synthetic he.tif"  # a space on purpose
     make_example_slide(str(path), width=1536, height=1280, mpp=0.25, seed=1)
     return path
+
+
+def corrupt_slide(path):
+    """The synthetic slide with one JPEG tile of level 1 (what a 0.5 µm/px model reads) damaged."""
+    import tifffile
+
+    from wsiseg.synthetic import make_example_slide
+
+    make_example_slide(str(path), width=2048, height=1536, mpp=0.25, seed=3)
+    with tifffile.TiffFile(str(path)) as t:
+        p = t.pages[1]
+        i = len(p.dataoffsets) // 2 + 1
+        off, n = p.dataoffsets[i], p.databytecounts[i]
+        tx, ty = (i % -(-p.imagewidth // p.tilewidth)) * p.tilewidth, (i // -(-p.imagewidth // p.tilewidth)) * p.tilelength
+    with open(path, "r+b") as fh:
+        fh.seek(off + n // 3)
+        fh.write(b"\xff\xd9" + bytes(range(200)))
+    return tx, ty

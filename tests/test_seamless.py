@@ -5,7 +5,7 @@ where the slide is not a multiple of the tile size."""
 import numpy as np
 import pytest
 import torch
-from conftest import CMU
+from conftest import CMU, corrupt_slide
 
 from wsiseg.segment import ArrayMerger, StoreMerger, run_segmentation
 from wsiseg.slide import open_slide
@@ -135,3 +135,35 @@ def test_torchscript_model_is_seam_free_with_measured_halo(tmp_path):
                               torch.device("cpu"), batch_size=4)
     ref = one_pass(spec, img, margin, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)
     assert np.abs(ref - logits).max() < 1e-4
+
+
+def test_corrupt_tile_is_background_and_reported(tmp_path):
+    from wsiseg.errors import SlideError
+    from wsiseg.slide import inspect_slide
+
+    path = tmp_path / "corrupt.tif"
+    tx, ty = corrupt_slide(path)
+    inspect_slide(str(path), "corrupt")  # inspection does not reach the damaged tile
+    spec = _model("same")
+    with open_slide(str(path)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    bad, said = [], []
+    logits = run_segmentation(str(path), "corrupt", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
+                              torch.device("cpu"), batch_size=4, max_unreadable_fraction=0.5, unreadable=bad,
+                              log_fn=said.append)
+    # exactly the windows that overlap the damaged 256 px JPEG tile (level 1 = target px here)
+    assert geom.level == 1 and not geom.needs_resampling
+    expected = {(t.row, t.col) for t in plan.itertuples()
+                if t.wx < tx + 256 and tx < t.wx + t.n and t.wy < ty + 256 and ty < t.wy + t.n}
+    assert {(r, c) for r, c, _ in bad} == expected
+    for r, c in expected:  # left unwritten (background in the workflow's store)
+        assert np.isnan(logits[:, r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128]).all()
+    written = ~np.isnan(logits[0])
+    assert written.sum() == geom.width * geom.height - sum(
+        min(128, geom.width - c * 128) * min(128, geom.height - r * 128) for r, c in expected)
+    assert any("could not be read" in m and "Corrupt JPEG" in m for m in said)
+    with pytest.raises(SlideError, match="tiles could not be decoded"):
+        run_segmentation(str(path), "corrupt", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
+                         torch.device("cpu"), batch_size=4, max_unreadable_fraction=0.0)

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA
+from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide
 from PIL import Image
 from scipy import ndimage as ndi
 
@@ -67,8 +67,9 @@ def archive(tmp_path_factory):
     torch.manual_seed(0)
     m = UNet(n_classes=2, depth=3, base_width=4, padding="same", batch_norm=True).eval()
     save_checkpoint(str(wd / "tiny.pt"), m, CLASSES, mpp=0.5, name=MODEL)
+    corrupt_slide(wd / "corrupt region.tif")  # readable, but one tile deep inside is damaged
     rows = [
-        ("cmu", CMU, ""), ("tcga", TCGA, "0.25"), ("ndpi_dapi", NDPI, ""), ("dicom", DICOM, ""),
+        ("corrupt", wd / "corrupt region.tif", ""), ("cmu", CMU, ""), ("tcga", TCGA, "0.25"), ("ndpi_dapi", NDPI, ""), ("dicom", DICOM, ""),
         ("tcga_no_mpp", TCGA, ""), ("broken", BAD["broken"], ""), ("unreadable", BAD["unreadable"], ""),
         ("vectra", BAD["qptiff"], ""), ("typo", CMU.parent / "no-such-slide.svs", ""),
     ]
@@ -77,7 +78,7 @@ def archive(tmp_path_factory):
     cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
     cfg.update(slides=str(sheet), device="cuda")  # asks for a GPU: must fall back to CPU here
     cfg["model"] = dict(name=MODEL, weights=str(wd / "tiny.pt"), classes=CLASSES, mpp=0.5)
-    cfg["tiling"].update(tile_size=256, batch_size=4, workers=1)
+    cfg["tiling"].update(tile_size=256, batch_size=4, workers=1, max_unreadable_fraction=0.5)
     cfgfile = wd / "config.yaml"
     cfgfile.write_text(yaml.safe_dump(cfg))
     res = snakemake(wd, cfgfile, "--keep-going")
@@ -85,7 +86,7 @@ def archive(tmp_path_factory):
     return wd, cfgfile, rows
 
 
-OK = ["cmu", "tcga", "ndpi_dapi", "dicom"]
+OK = ["corrupt", "cmu", "tcga", "ndpi_dapi", "dicom"]
 
 
 def test_summary_has_every_slide_and_bad_ones_explained(archive):
@@ -150,6 +151,16 @@ def test_slide_outputs(archive, sid, path, mpp0):
     assert "tiles (100%)" in seg_log and "CUDA is not available" in seg_log
     assert (wd / "benchmarks" / MODEL / sid / "segment.tsv").exists()
     assert not (out / "work" / "labels.store").exists()  # temporary intermediate removed
+
+
+def test_corrupt_region_is_counted_not_fatal(archive):
+    wd = archive[0]
+    st = pd.read_csv(wd / "results" / MODEL / "corrupt" / "stats.csv").iloc[0]
+    assert st.status == "ok" and 0 < st.tiles_unreadable < st.n_tiles
+    log = (wd / "logs" / MODEL / "corrupt" / "segment.log").read_text()
+    assert log.count("could not be read and is left as background") == st.tiles_unreadable
+    for sid in ("cmu", "tcga"):
+        assert pd.read_csv(wd / "results" / MODEL / sid / "stats.csv").iloc[0].tiles_unreadable == 0
 
 
 def test_pyramid_level_read_for_tcga(archive):

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .errors import SlideError
 from .slide import open_slide
 from .store import TileStore
 from .tiling import Geometry, TileSpec, read_window
@@ -47,10 +48,17 @@ class TileDataset(Dataset):
         return self._slide
 
     def __getitem__(self, i: int):
+        """(window as 3 x n x n float in [0, 1], plan row, error message or '')."""
         wx, wy, n = self.windows[i]
-        img = read_window(self._handle(), self.geom, int(wx), int(wy), int(n))
+        try:
+            img = read_window(self._handle(), self.geom, int(wx), int(wy), int(n))
+        except SlideError as exc:
+            # a corrupt tile: OpenSlide's handle stays in an error state, so reopen it
+            self._slide.close()
+            self._slide = None
+            return torch.zeros(3, int(n), int(n)), i, exc.problem
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) / 255.0
-        return x, i
+        return x, i, ""
 
 
 class StoreMerger:
@@ -117,8 +125,16 @@ def run_segmentation(
     amp: bool = True,
     log_fn=log.info,
     log_every_s: float = 10.0,
+    max_unreadable_fraction: float = 0.0,
+    unreadable: list | None = None,
 ):
-    """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``."""
+    """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``.
+
+    A tile whose pixels cannot be decoded is left as background (0), logged and
+    appended to ``unreadable`` as (row, col, message); if more than
+    ``max_unreadable_fraction`` of the tiles are unreadable the slide fails.
+    """
+    unreadable = [] if unreadable is None else unreadable
     model = model.to(device).eval()
     ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
     loader = DataLoader(
@@ -132,7 +148,7 @@ def run_segmentation(
     done = 0
     rows = list(plan.itertuples(index=False))  # keeps each column's dtype
     with torch.inference_mode():
-        for x, idx in loader:
+        for x, idx, errors in loader:
             x = x.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 out = model(x)
@@ -142,7 +158,22 @@ def run_segmentation(
             )
             core = out[:, :, keep, keep]
             for j, i in enumerate(idx.tolist()):
-                merger.aggregate(rows[i], core[j])
+                tile = rows[i]
+                if errors[j]:
+                    unreadable.append((int(tile.row), int(tile.col), errors[j]))
+                    log_fn(f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
+                           f"y={tile.y0}) could not be read and is left as background: {errors[j]}")
+                    if len(unreadable) > max_unreadable_fraction * len(ds):
+                        raise SlideError(
+                            slide_name,
+                            f"{len(unreadable)} of {len(ds)} tiles could not be decoded, more than "
+                            f"tiling.max_unreadable_fraction={max_unreadable_fraction:g} allows (first: tile row "
+                            f"{unreadable[0][0]} col {unreadable[0][1]}: {unreadable[0][2]})",
+                            "the file is damaged: re-export or re-scan it, or raise tiling.max_unreadable_fraction "
+                            "to accept unreadable regions as background",
+                        )
+                    continue
+                merger.aggregate(tile, core[j])
             done += len(idx)
             now = time.monotonic()
             if now - last >= log_every_s or done == len(ds):
@@ -174,12 +205,16 @@ def run(slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tiss
     merger = StoreMerger(out_store, geom, spec, tissue, meta["tissue_downsample"])
     log(f"{slide_id}: {len(plan)} tiles of {spec.window} px on {dev} "
         f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} workers, amp={dev.type == 'cuda'})")
+    unreadable = []
     run_segmentation(slide_path, slide_id, mpp, geom, spec, plan, model.module, merger, dev,
                      batch_size=int(tiling_cfg["batch_size"]), workers=int(tiling_cfg["workers"]),
-                     amp=bool(tiling_cfg.get("amp", True)), log_fn=log)
+                     amp=bool(tiling_cfg.get("amp", True)), log_fn=log,
+                     max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
+                     unreadable=unreadable)
     merger.store.close()
     elapsed = time.monotonic() - t0
     info = dict(slide_id=slide_id, device=str(dev), n_tiles=len(plan), elapsed_s=elapsed,
-                tiles_per_s=len(plan) / max(elapsed, 1e-9))
+                tiles_per_s=len(plan) / max(elapsed, 1e-9), tiles_unreadable=len(unreadable),
+                unreadable=[dict(row=r, col=c, error=e) for r, c, e in unreadable])
     write_json(out_json, info)
     return info

@@ -184,7 +184,9 @@ def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timin
         row[f"{name}_fraction_of_tissue"] = row[f"{name}_area_mm2"] / tissue if tissue > 0 else float("nan")
     row["model"] = pl["model"]
     row["model_sha256"] = pl["model_checksum"]
-    timings = [read_json(p).get("elapsed_s", 0.0) for p in timing_jsons]
+    stage_info = [read_json(p) for p in timing_jsons]
+    row["tiles_unreadable"] = sum(int(i.get("tiles_unreadable", 0)) for i in stage_info)
+    timings = [i.get("elapsed_s", 0.0) for i in stage_info]
     row["wall_time_s"] = round(sum(timings) + pl.get("elapsed_s", 0.0) + ti.get("elapsed_s", 0.0)
                                + time.monotonic() - t0, 2)
     # stable column order: identity, slide, tissue, per class, model, time
