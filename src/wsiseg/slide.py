@@ -92,9 +92,6 @@ class Slide:
     def level_count(self) -> int:
         return len(self.level_dimensions)
 
-    def level_mpp(self, level: int) -> float:
-        return self.mpp * self.level_downsamples[level]
-
     def require_mpp(self) -> float:
         """The level-0 mpp, or a SlideError saying how to provide it."""
         if self.mpp is not None:

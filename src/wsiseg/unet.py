@@ -238,7 +238,8 @@ def load_model(cfg: dict, device: str = "cpu") -> ModelSpec:
             f"set model.mpp: {ckpt['mpp']} (a model applied at another resolution segments poorly)"
         )
     align = 2**module.depth
-    border = (0 if module.padding == "same" else (_first_legal(module) - module.output_size(_first_legal(module))) // 2)
+    first = _first_legal(module)
+    border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
     halo = border if module.padding == "valid" else unet_same_halo(module.depth)
     return ModelSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo)
 
