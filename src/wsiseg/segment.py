@@ -54,7 +54,8 @@ class TileDataset(Dataset):
             img = read_window(self._handle(), self.geom, int(wx), int(wy), int(n))
         except SlideError as exc:
             # a corrupt tile: OpenSlide's handle stays in an error state, so reopen it
-            self._slide.close()
+            if self._slide is not None:
+                self._slide.close()
             self._slide = None
             return torch.zeros(3, int(n), int(n)), i, exc.problem
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) / 255.0
@@ -197,7 +198,7 @@ def run(slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tiss
     t0 = time.monotonic()
     torch.set_num_threads(max(1, int(threads)))
     dev = pick_device(device, log)
-    model = load_model(model_cfg, device="cpu")
+    model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
     plan, geom, spec, meta = read_plan(plan_tsv, plan_json)
     if meta.get("model_checksum") != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")

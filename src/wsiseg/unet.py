@@ -143,8 +143,8 @@ class ModelSpec:
     checksum: str  # sha256 of the weights file
     kind: str  # 'unet' or 'torchscript'
     align: int  # tile origins must be multiples of this (2**depth)
-    border: int  # px lost per side ('valid' networks), 0 for 'same'
-    halo: int  # receptive-field radius, px
+    border: int | None  # px lost per side ('valid' networks), 0 for 'same' (None: not measured)
+    halo: int | None  # receptive-field radius, px (None: not measured)
 
     def legal_input(self, n_min: int) -> int:
         """Smallest legal input side >= n_min."""
@@ -188,8 +188,11 @@ def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extr
     os.replace(tmp, path)
 
 
-def load_model(cfg: dict, device: str = "cpu") -> ModelSpec:
+def load_model(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSpec:
     """Load the model described by the config's ``model:`` block, in eval mode.
+
+    ``geometry=False`` skips measuring border and halo (the segment stage reads
+    them from the tile plan, which measured them once).
 
     Checkpoints are read with ``torch.load(weights_only=True)``: data, never code.
     The checkpoint's embedded architecture, classes and mpp are used unless the
@@ -202,8 +205,8 @@ def load_model(cfg: dict, device: str = "cpu") -> ModelSpec:
         classes = list(cfg["classes"])
         depth = int(cfg.get("depth", 4))
         align = 2**depth
-        border = _measure_border(module, align)
-        halo = measure_halo(module, align, border)
+        border = _measure_border(module, align) if geometry else None
+        halo = measure_halo(module, align, border) if geometry else None
         return ModelSpec(module, classes, float(cfg["mpp"]), cfg["name"], checksum, "torchscript", align, border, halo)
     ckpt = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -240,7 +243,7 @@ def load_model(cfg: dict, device: str = "cpu") -> ModelSpec:
     align = 2**module.depth
     first = _first_legal(module)
     border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
-    halo = border if module.padding == "valid" else unet_same_halo(module.depth)
+    halo = border if module.padding == "valid" else (unet_same_halo(module.depth) if geometry else None)
     return ModelSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo)
 
 
