@@ -1,0 +1,282 @@
+"""Annotated training and evaluation images: loading, rasterising, targets.
+
+A labeled set is a TSV sheet with one row per image:
+
+    image    labels    mpp    [split]
+
+``image`` is an RGB(A) PNG/TIFF/JPEG tile; ``labels`` is one of
+
+* an instance label image (PNG/TIFF, 0 = background, 1..N = object id),
+* a MICCAI-2015-style ASCII mask (``.txt``: ``width height`` then one id per pixel),
+* Aperio ImageScope XML (``.xml``, one ``<Region>`` polygon per object, as MoNuSeg),
+* QuPath GeoJSON (``.geojson``/``.json``, Polygon/MultiPolygon features in image px).
+
+``mpp`` is the image's µm per pixel (an XML's ``MicronsPerPixel`` is used when the
+column is empty). Relative paths are relative to the sheet's folder.
+
+Everything is brought to the model's mpp here, once: images with area-averaging
+(Lanczos for upsampling), instance labels by nearest neighbour. Polygons are
+rasterised directly at the model's mpp, so no label is resampled twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import ndimage as ndi
+
+from .errors import ConfigError
+
+# classes of the 3-class target (touching objects come apart at the boundary class)
+TARGET_CLASSES = ["background", "nucleus", "boundary"]
+
+
+@dataclass
+class Sample:
+    """One annotated image at the model's mpp."""
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8, at the model's mpp
+    instances: np.ndarray  # (H, W) int32 instance ids at the model's mpp
+    mpp: float  # the image's own mpp
+    split: str = ""
+    native_instances: np.ndarray | None = None  # instance ids at the image's own mpp (evaluation)
+    native_shape: tuple | None = None
+
+
+# ------------------------------------------------------------------ sheets
+def read_sheet(path: str) -> pd.DataFrame:
+    """Read a labeled-set sheet; paths resolved against the sheet's folder."""
+    if not os.path.exists(path):
+        raise ConfigError(f"labeled-set sheet {path} does not exist")
+    df = pd.read_csv(path, sep="\t", dtype=str, comment="#").fillna("")
+    missing = {"image", "labels"} - set(df.columns)
+    if missing:
+        raise ConfigError(f"labeled-set sheet {path} lacks column(s) {sorted(missing)}; need image, labels, mpp")
+    base = os.path.dirname(os.path.abspath(path))
+    for col in ("image", "labels"):
+        df[col] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in df[col]]
+    if "mpp" not in df.columns:
+        df["mpp"] = ""
+    if "split" not in df.columns:
+        df["split"] = ""
+    if "name" not in df.columns:
+        df["name"] = [os.path.splitext(os.path.basename(p))[0] for p in df["image"]]
+    return df
+
+
+# ------------------------------------------------------------------ readers
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8; alpha composited on white (as slides are)."""
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        return np.asarray(im.convert("RGB"))
+
+
+def read_text_mask(path: str) -> np.ndarray:
+    """MICCAI 2015 ASCII mask: header ``width height`` then w*h ids, row-major."""
+    with open(path) as fh:
+        header = fh.readline().split()
+        w, h = int(header[0]), int(header[1])
+        vals = np.loadtxt(fh, dtype=np.int64)
+    if vals.size != w * h:
+        raise ConfigError(f"label file {path}: header says {w}x{h} but holds {vals.size} values")
+    return vals.reshape(h, w).astype(np.int32)
+
+
+def _xml_polygons(path: str):
+    root = ET.parse(path).getroot()
+    mpp = root.get("MicronsPerPixel")
+    polys = []
+    for region in root.iter("Region"):
+        pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+        if len(pts) >= 3:
+            polys.append([pts])
+    return polys, (float(mpp) if mpp else None)
+
+
+def _geojson_polygons(path: str):
+    with open(path) as fh:
+        data = json.load(fh)
+    feats = data.get("features", [data] if data.get("type") == "Feature" else data if isinstance(data, list) else [])
+    polys = []
+    for f in feats:
+        g = f.get("geometry") or {}
+        if g.get("type") == "Polygon":
+            polys.append(g["coordinates"])
+        elif g.get("type") == "MultiPolygon":
+            polys.extend(g["coordinates"])  # each part is an object of its own
+    return polys, None
+
+
+def rasterise(polys, shape, scale: float = 1.0) -> np.ndarray:
+    """Instance label image of ``shape`` from polygons given in px of the source image.
+
+    Coordinates are continuous image coordinates (pixel (i, j) covers
+    [j, j+1) x [i, i+1), as in QuPath and OpenSlide); ``scale`` maps source to output
+    coordinates. A pixel belongs to a polygon when its centre is inside, so areas do
+    not depend on the output resolution. Each polygon (outer ring, optional holes)
+    gets its own id, in order; later ones overwrite.
+    """
+    from skimage.draw import polygon as fill
+
+    out = np.zeros(shape, np.int32)
+    for i, rings in enumerate(polys, start=1):
+        for j, ring in enumerate(rings):
+            if len(ring) < 3:
+                continue
+            # to pixel-centre indices; the tiny shift makes pixels on an edge count on one side
+            # only (half-open, like the pixel squares), so integer vertices cause no bias
+            xy = np.asarray(ring, np.float64) * scale - 0.5 - 1e-6
+            rr, cc = fill(xy[:, 1], xy[:, 0], shape)
+            out[rr, cc] = i if j == 0 else 0
+    return out
+
+
+def read_instances(path: str, shape: tuple[int, int] | None = None, scale: float = 1.0):
+    """Instance ids from any supported label file; returns (ids, mpp_from_file or None).
+
+    For polygons, ``shape`` is the output shape and ``scale`` output px per source px.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".txt":
+        return read_text_mask(path), None
+    if ext in (".xml", ".geojson", ".json"):
+        polys, mpp = _xml_polygons(path) if ext == ".xml" else _geojson_polygons(path)
+        if shape is None:
+            raise ValueError("rasterising polygons needs the output shape")
+        return rasterise(polys, shape, scale), mpp
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    if arr.ndim == 3:  # RGB-coded instance ids
+        arr = arr[..., 0].astype(np.int64) * 65536 + arr[..., 1].astype(np.int64) * 256 + arr[..., 2]
+    return relabel(arr), None
+
+
+def relabel(ids: np.ndarray) -> np.ndarray:
+    """Consecutive ids 1..N; an id that covers several separate blobs stays one object."""
+    u, inv = np.unique(ids, return_inverse=True)
+    out = inv.reshape(ids.shape).astype(np.int32)
+    if u[0] != 0:
+        out += 1
+    return out
+
+
+# ------------------------------------------------------------------ resampling
+def resize_image(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    if img.shape[:2] == (h, w):
+        return img
+    method = Image.Resampling.BOX if h < img.shape[0] else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(img).resize((w, h), method))
+
+
+def resize_labels(ids: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest neighbour at pixel centres."""
+    h, w = shape
+    if ids.shape == (h, w):
+        return ids
+    ys = np.minimum(((np.arange(h) + 0.5) * ids.shape[0] / h).astype(np.int64), ids.shape[0] - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * ids.shape[1] / w).astype(np.int64), ids.shape[1] - 1)
+    return ids[np.ix_(ys, xs)]
+
+
+def target_shape(native_shape, mpp: float, model_mpp: float) -> tuple[int, int]:
+    s = mpp / model_mpp
+    return max(1, round(native_shape[0] * s)), max(1, round(native_shape[1] * s))
+
+
+def load_sample(row, model_mpp: float, keep_native: bool = False) -> Sample:
+    """One sheet row at the model's mpp. Image/label size mismatches are errors."""
+    name, img_path, lab_path = row["name"], row["image"], row["labels"]
+    for p in (img_path, lab_path):
+        if not os.path.exists(p):
+            raise ConfigError(f"labeled image '{name}': {p} does not exist; fix the path in the sheet")
+    img = read_image(img_path)
+    ext = os.path.splitext(lab_path)[1].lower()
+    mpp = float(row["mpp"]) if str(row.get("mpp", "")).strip() else None
+    if ext in (".xml", ".geojson", ".json"):
+        native, file_mpp = read_instances(lab_path, img.shape[:2], 1.0)
+        mpp = mpp or file_mpp
+    else:
+        native, _ = read_instances(lab_path)
+        if native.shape != img.shape[:2]:
+            raise ConfigError(
+                f"labeled image '{name}': the image is {img.shape[1]}x{img.shape[0]} px but its labels "
+                f"{os.path.basename(lab_path)} are {native.shape[1]}x{native.shape[0]} px; the pair is "
+                "mismatched (in the MICCAI 2015 set image04/image05 masks are swapped): pair each image "
+                "with the label file of the same size in the sheet"
+            )
+    if not mpp:
+        raise ConfigError(f"labeled image '{name}': no mpp; add it to the sheet's mpp column")
+    shape = target_shape(img.shape[:2], mpp, model_mpp)
+    if ext in (".xml", ".geojson", ".json"):  # rasterise at the model's mpp directly
+        scale = shape[1] / img.shape[1]
+        polys = (_xml_polygons if ext == ".xml" else _geojson_polygons)(lab_path)[0]
+        inst = rasterise(polys, shape, scale)
+    else:
+        inst = resize_labels(native, shape)
+    return Sample(
+        name=name, image=resize_image(img, shape), instances=inst, mpp=mpp, split=row.get("split", ""),
+        native_instances=native if keep_native else None, native_shape=img.shape[:2],
+    )
+
+
+def load_set(sheet: str, model_mpp: float, keep_native: bool = False) -> list[Sample]:
+    return [load_sample(r, model_mpp, keep_native) for _, r in read_sheet(sheet).iterrows()]
+
+
+# ------------------------------------------------------------------ targets
+def instance_boundaries(ids: np.ndarray) -> np.ndarray:
+    """Pixels of an object with a 4-neighbour outside that object (inner boundary).
+
+    Where two objects touch, both sides are marked: a 2-px line separates them.
+    """
+    pad = np.pad(ids, 1, mode="edge")
+    c = pad[1:-1, 1:-1]
+    diff = (
+        (pad[:-2, 1:-1] != c) | (pad[2:, 1:-1] != c) | (pad[1:-1, :-2] != c) | (pad[1:-1, 2:] != c)
+    )
+    return diff & (ids > 0)
+
+
+def three_class_target(ids: np.ndarray) -> np.ndarray:
+    """0 background, 1 object interior, 2 object boundary (uint8)."""
+    t = (ids > 0).astype(np.uint8)
+    t[instance_boundaries(ids)] = 2
+    return t
+
+
+def border_weight_map(ids: np.ndarray, w0: float = 10.0, sigma: float = 5.0, class_balance: bool = True) -> np.ndarray:
+    """The U-Net paper's weight map: w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
+
+    d1, d2: distances to the nearest and second-nearest object; the term applies
+    to background pixels (the gaps between touching objects). w_c balances the
+    class frequencies (background vs object).
+    """
+    ids = np.asarray(ids)
+    fg = ids > 0
+    w = np.ones(ids.shape, np.float32)
+    if class_balance and fg.any() and (~fg).any():
+        f = fg.mean()
+        w[fg] = 0.5 / f
+        w[~fg] = 0.5 / (1 - f)
+    objs = np.unique(ids[fg])
+    if len(objs) >= 2:
+        d1 = np.full(ids.shape, np.inf, np.float32)
+        d2 = np.full(ids.shape, np.inf, np.float32)
+        for k in objs:
+            d = ndi.distance_transform_edt(ids != k).astype(np.float32)
+            d2 = np.minimum(d2, np.maximum(d1, d))
+            d1 = np.minimum(d1, d)
+        w += np.where(fg, 0.0, w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))).astype(np.float32)
+    return w

@@ -1,0 +1,315 @@
+"""Train a U-Net on annotated images (the ``train`` target).
+
+* Data: a labeled-set sheet (see ``labels``); everything brought to the model's mpp.
+* Target: 3 classes, background / interior / boundary, so that touching objects come
+  apart (``target: three_class``); or 2 classes with the paper's border weight map
+  (``target: weight_map``, w0 = 10, sigma = 5 px at the training resolution).
+* Augmentation: ``augment`` (flips, 90° rotations, elastic, scale, HED jitter).
+* Loss: pixel-wise (weighted) cross-entropy, plus soft Dice on the object classes
+  (``dice_weight``). Adam. He initialisation (``unet.UNet``). Optional dropout at the
+  bottleneck.
+* Validation: images of the sheet's ``split`` = val, or a seeded fraction of the
+  images; early stopping on the validation loss. ``best.pt`` (lowest validation loss)
+  and ``last.pt`` (with optimizer and RNG state, for ``resume``) are written
+  atomically and embed architecture, classes and mpp, so inference reads them as they
+  are. ``metrics.csv`` gets one row per epoch.
+* After training, the post-processing thresholds are chosen on the validation
+  images (AJI at their own resolution) and stored in ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import labels as L
+from .augment import AugmentConfig, augment
+from .errors import ConfigError
+from .unet import UNet, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    sheet: str
+    out_dir: str
+    name: str = "nuclei-unet"
+    mpp: float = 0.5
+    target: str = "three_class"  # or weight_map
+    depth: int = 4
+    base_width: int = 16
+    batch_norm: bool = True
+    dropout: float = 0.0
+    crop: int = 256
+    batch_size: int = 8
+    steps_per_epoch: int = 50
+    max_epochs: int = 100
+    patience: int = 12
+    lr: float = 1e-3
+    lr_patience: int = 3  # halve the learning rate after this many epochs without a better validation loss
+    weight_decay: float = 1e-5
+    class_weights: list = field(default_factory=lambda: [1.0, 1.0, 2.0])
+    dice_weight: float = 0.5
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: all cores
+    augment: dict = field(default_factory=dict)
+    tune_postprocess: bool = True
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit); for tests
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown train setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def classes_for(target: str) -> list:
+    if target == "three_class":
+        return list(L.TARGET_CLASSES)
+    if target == "weight_map":
+        return ["background", "nucleus"]
+    raise ConfigError(f"train.target must be 'three_class' or 'weight_map', not {target!r}")
+
+
+def split_samples(samples, val_fraction: float, seed: int):
+    """Validation images from the sheet's split column, else a seeded fraction (>= 1 image)."""
+    if any(s.split for s in samples):
+        tr = [s for s in samples if s.split != "val"]
+        va = [s for s in samples if s.split == "val"]
+    else:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(samples))
+        n_val = max(1, int(round(val_fraction * len(samples)))) if len(samples) > 1 else 0
+        va = [samples[i] for i in sorted(order[:n_val])]
+        tr = [samples[i] for i in sorted(order[n_val:])]
+    if not tr or not va:
+        raise ConfigError("training needs at least one training and one validation image")
+    return tr, va
+
+
+def make_target(ids: np.ndarray, target: str):
+    if target == "three_class":
+        return L.three_class_target(ids).astype(np.int64), None
+    return (ids > 0).astype(np.int64), L.border_weight_map(ids)
+
+
+class CropSampler:
+    """Random augmented crops, sample chosen in proportion to its area."""
+
+    def __init__(self, samples, cfg: TrainConfig, rng: np.random.Generator):
+        self.samples, self.cfg, self.rng = samples, cfg, rng
+        area = np.array([s.image.shape[0] * s.image.shape[1] for s in samples], float)
+        self.p = area / area.sum()
+        self.aug = AugmentConfig(**cfg.augment)
+
+    def batch(self):
+        xs, ys, ws = [], [], []
+        for _ in range(self.cfg.batch_size):
+            s = self.samples[self.rng.choice(len(self.samples), p=self.p)]
+            img, (ids,), _ = augment(s.image, [s.instances], self.cfg.crop, self.aug, self.rng)
+            y, w = make_target(ids, self.cfg.target)
+            xs.append(img.transpose(2, 0, 1))
+            ys.append(y)
+            ws.append(w if w is not None else np.ones(y.shape, np.float32))
+        x = torch.from_numpy(np.stack(xs)).float().div(255)
+        return x, torch.from_numpy(np.stack(ys)), torch.from_numpy(np.stack(ws))
+
+
+def loss_fn(logits, y, w, class_weights, dice_weight: float):
+    """Weighted pixel-wise cross-entropy (+ soft Dice over the object classes)."""
+    cw = torch.tensor(class_weights[: logits.shape[1]], dtype=logits.dtype, device=logits.device)
+    ce = F.cross_entropy(logits, y, weight=cw, reduction="none")
+    ce = (ce * w).sum() / (w * cw[y]).sum()
+    if dice_weight <= 0:
+        return ce
+    p = torch.softmax(logits, 1)
+    onehot = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    inter = (p * onehot).sum((0, 2, 3))[1:]
+    denom = (p + onehot).sum((0, 2, 3))[1:]
+    dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()
+    return ce + dice_weight * dice
+
+
+def val_batches(samples, cfg: TrainConfig, align: int):
+    """Whole validation images, mirror-padded to legal sizes (no augmentation)."""
+    from .evaluate import pad_to
+
+    out = []
+    for s in samples:
+        x = torch.from_numpy(np.ascontiguousarray(s.image.transpose(2, 0, 1))).float().div(255)[None]
+        x, (top, left) = pad_to(x, align, 16)
+        y, w = make_target(s.instances, cfg.target)
+        w = np.ones(y.shape, np.float32) if w is None else w
+        h, wd = y.shape
+        out.append((x, torch.from_numpy(y)[None], torch.from_numpy(w)[None], (top, left, h, wd)))
+    return out
+
+
+@torch.no_grad()
+def validate(model, batches, cfg: TrainConfig, device) -> float:
+    model.eval()
+    tot = 0.0
+    for x, y, w, (top, left, h, wd) in batches:
+        logits = model(x.to(device))[:, :, top : top + h, left : left + wd]
+        tot += float(loss_fn(logits, y.to(device), w.to(device), cfg.class_weights, cfg.dice_weight))
+    model.train()
+    return tot / len(batches)
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    st = rng.bit_generator.state
+    return dict(state=str(st["state"]["state"]), inc=str(st["state"]["inc"]),
+                has_uint32=int(st["has_uint32"]), uinteger=int(st["uinteger"]))
+
+
+def _set_rng_state(rng: np.random.Generator, d: dict) -> None:
+    rng.bit_generator.state = dict(
+        bit_generator="PCG64", state=dict(state=int(d["state"]), inc=int(d["inc"])),
+        has_uint32=int(d["has_uint32"]), uinteger=int(d["uinteger"]),
+    )
+
+
+def pick_train_device(requested: str) -> torch.device:
+    if requested in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested in ("cuda", "gpu"):
+        print("WARNING: a GPU was requested but CUDA is not available here; training on the CPU", flush=True)
+    return torch.device("cpu")
+
+
+def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
+    """Train; returns a summary dict (paths, epochs, best validation loss)."""
+    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
+    classes = classes_for(cfg.target)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    best_path = os.path.join(cfg.out_dir, "best.pt")
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    csv_path = os.path.join(cfg.out_dir, "metrics.csv")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = pick_train_device(cfg.device)
+
+    samples = L.load_set(cfg.sheet, cfg.mpp, keep_native=True)
+    train_s, val_s = split_samples(samples, cfg.val_fraction, cfg.seed)
+    log(f"training on {len(train_s)} images ({', '.join(s.name for s in train_s)}); "
+        f"validating on {len(val_s)} ({', '.join(s.name for s in val_s)}); mpp {cfg.mpp}; device {device}")
+
+    model = UNet(n_classes=len(classes), depth=cfg.depth, base_width=cfg.base_width, padding="same",
+                 batch_norm=cfg.batch_norm, dropout=cfg.dropout).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience)
+    start_epoch, best_loss, bad_epochs, steps = 0, float("inf"), 0, 0
+    if resume and os.path.exists(last_path):
+        ck = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        st = ck["extra"]["resume"]
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start_epoch, best_loss, bad_epochs, steps = st["epoch"], st["best_loss"], st["bad_epochs"], st["steps"]
+        torch.set_rng_state(st["torch_rng"])
+        _set_rng_state(rng, st["numpy_rng"])
+        log(f"resumed from {last_path} after epoch {start_epoch} (best validation loss {best_loss:.4f})")
+    elif os.path.exists(csv_path):
+        os.remove(csv_path)
+
+    sampler = CropSampler(train_s, cfg, rng)
+    vb = val_batches(val_s, cfg, 2**cfg.depth)
+    fields = ["epoch", "steps", "train_loss", "val_loss", "lr", "seconds", "best"]
+    model.train()
+    stop_reason = "max_epochs"
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+        t0 = time.monotonic()
+        losses = []
+        for _ in range(cfg.steps_per_epoch):
+            x, y, w = sampler.batch()
+            loss = loss_fn(model(x.to(device)), y.to(device), w.to(device), cfg.class_weights, cfg.dice_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
+        vloss = validate(model, vb, cfg, device)
+        lr_used = opt.param_groups[0]["lr"]
+        sched.step(vloss)
+        improved = vloss < best_loss
+        if improved:
+            best_loss, bad_epochs = vloss, 0
+            save_checkpoint(best_path, model, classes, cfg.mpp, cfg.name,
+                            extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s)))
+        else:
+            bad_epochs += 1
+        row = dict(epoch=epoch, steps=steps, train_loss=float(np.mean(losses)), val_loss=vloss,
+                   lr=lr_used, seconds=round(time.monotonic() - t0, 1), best=int(improved))
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=fields)
+            if new:
+                wr.writeheader()
+            wr.writerow(row)
+        log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {vloss:.4f}"
+            f"{' (best)' if improved else ''}, {row['seconds']} s")
+        resume_state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best_loss=best_loss, bad_epochs=bad_epochs,
+                            steps=steps, torch_rng=torch.get_rng_state(), numpy_rng=_rng_state(rng))
+        save_checkpoint(last_path, model, classes, cfg.mpp, cfg.name,
+                        extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s)))
+        if bad_epochs >= cfg.patience:
+            stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
+            break
+        if cfg.max_steps and steps >= cfg.max_steps:
+            stop_reason = "max_steps"
+            break
+    log(f"stopped after epoch {epoch} ({stop_reason}); best validation loss {best_loss:.4f}")
+    summary = dict(best=best_path, last=last_path, metrics=csv_path, epochs=epoch, steps=steps,
+                   best_val_loss=best_loss, stop=stop_reason)
+    if cfg.tune_postprocess and cfg.target == "three_class" and os.path.exists(best_path):
+        summary["postprocess"] = tune_postprocess(best_path, val_s, device, log)
+    return summary
+
+
+def _train_info(cfg, epoch, steps, vloss, train_s, val_s) -> dict:
+    return dict(config=asdict(cfg), epoch=epoch, steps=steps, val_loss=vloss,
+                train_images=[s.name for s in train_s], val_images=[s.name for s in val_s],
+                torch=str(torch.__version__))
+
+
+def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
+    """Pick the instance thresholds with the best mean AJI on the validation images."""
+    from .evaluate import aji, predict_probs, resize_probs
+    from .postprocess import InstanceParams, instances_from_probs
+
+    ck = torch.load(best_path, map_location="cpu", weights_only=True)
+    arch = dict(ck["config"])
+    model = UNet(**arch)
+    model.load_state_dict(ck["state_dict"])
+    model.to(device).eval()
+    probs = [resize_probs(predict_probs(model, s.image, 2**model.depth, device=device), s.native_shape)
+             for s in val_s]
+    best, best_aji = InstanceParams(), -1.0
+    for fg in (0.4, 0.5, 0.6):
+        for seed in (0.4, 0.5, 0.6, 0.7):
+            p = InstanceParams(fg_threshold=fg, seed_threshold=seed)
+            a = float(np.mean([aji(s.native_instances, instances_from_probs(pr, s.mpp, p))
+                               for s, pr in zip(val_s, probs)]))
+            if a > best_aji:
+                best, best_aji = copy.copy(p), a
+    log(f"post-processing chosen on the validation images: {best.as_dict()} (validation AJI {best_aji:.4f})")
+    extra = dict(ck.get("extra", {}))
+    extra["postprocess"] = best.as_dict()
+    extra["val_aji"] = best_aji
+    save_checkpoint(best_path, model.cpu(), ck["classes"], ck["mpp"], ck["name"], extra=extra)
+    return dict(best.as_dict(), val_aji=best_aji)

@@ -1,0 +1,132 @@
+"""Annotated images: loaders, rasterising, training targets, augmentation alignment."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DATA, REPO
+from scipy import ndimage as ndi
+
+from wsiseg import labels as L
+from wsiseg.augment import AugmentConfig, augment, elastic_field, warp
+from wsiseg.errors import ConfigError
+
+MICCAI = DATA / "labeled" / "miccai2015-nuclei-seg-training"
+MONUSEG = DATA / "labeled" / "monuseg2018-testset"
+
+
+def test_text_mask_is_read_with_its_header():
+    ids = L.read_text_mask(str(MICCAI / "image01_mask.txt"))
+    assert ids.shape == (488, 643)  # header says 643 488 (width height)
+    assert ids.max() == len(np.unique(ids)) - 1 == 351  # 351 nuclei, ids 1..351
+
+
+def test_swapped_masks_are_detected_and_the_shipped_sheet_pairs_them(tmp_path):
+    sheet = tmp_path / "pairs.tsv"
+    sheet.write_text(f"image\tlabels\tmpp\n{MICCAI / 'image04.png'}\t{MICCAI / 'image04_mask.txt'}\t0.5\n")
+    with pytest.raises(ConfigError, match=r"image04.*623x493.*863x597.*swapped"):
+        L.load_set(str(sheet), 0.5)
+    samples = L.load_set(str(REPO / "config/labeled/miccai2015-train.tsv"), 0.5)
+    assert len(samples) == 15
+    by = {s.name: s for s in samples}
+    assert by["image04"].image.shape[:2] == by["image04"].instances.shape == (493, 623)
+    # 40x tiles (0.25 µm/px) are halved to the model's 0.5 µm/px
+    assert by["image08"].image.shape[:2] == (298, 399) and by["image08"].instances.shape == (298, 399)
+    # nuclei are darker than background under the right pairing (image04 with image05's mask)
+    grey = by["image04"].image.mean(-1)
+    assert grey[by["image04"].instances > 0].mean() < grey[by["image04"].instances == 0].mean() - 50
+
+
+def test_imagescope_xml_rasterised_at_model_mpp():
+    xml = MONUSEG / "TCGA-2Z-A9J9-01A-01-TS1.xml"
+    text = xml.read_text()
+    n_regions = text.count("<Region ")
+    ids, mpp = L.read_instances(str(xml), (1000, 1000), 1.0)
+    assert mpp == pytest.approx(0.2527)
+    assert ids.max() == n_regions  # one id per polygon
+    # total area against the areas ImageScope reports for the regions (px²)
+    areas = [float(a.split('"')[0]) for a in text.split(' Area="')[1:]]
+    assert (ids > 0).sum() == pytest.approx(sum(areas), rel=0.05)
+    # at half the resolution the same objects cover a quarter of the pixels
+    half, _ = L.read_instances(str(xml), (500, 500), 0.5)
+    assert half.max() == n_regions
+    assert (half > 0).sum() == pytest.approx((ids > 0).sum() / 4, rel=0.03)
+
+
+def test_qupath_geojson_polygons_with_holes(tmp_path):
+    fc = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+            [[10, 10], [30, 10], [30, 30], [10, 30], [10, 10]],  # 20 x 20 px square
+            [[15, 15], [25, 15], [25, 25], [15, 25], [15, 15]],  # 10 x 10 px hole
+        ]}, "properties": {"objectType": "annotation"}},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
+            [[[40, 40], [50, 40], [50, 50], [40, 50], [40, 40]]],
+            [[[60, 40], [70, 40], [70, 50], [60, 50], [60, 40]]],
+        ]}},
+    ]}
+    p = tmp_path / "cells.geojson"
+    p.write_text(json.dumps(fc))
+    ids, _ = L.read_instances(str(p), (80, 80), 1.0)
+    assert ids.max() == 3
+    assert (ids == 1).sum() == 400 - 100  # pixel (i, j) covers [j, j+1) x [i, i+1)
+    assert (ids == 2).sum() == (ids == 3).sum() == 100
+
+
+def test_three_class_target_separates_touching_objects():
+    ids = np.zeros((20, 30), np.int32)
+    ids[5:15, 3:14] = 1
+    ids[5:15, 14:25] = 2  # touches object 1 along a vertical line
+    t = L.three_class_target(ids)
+    assert set(np.unique(t)) == {0, 1, 2}
+    assert (t[:, 13] == 2)[5:15].all() and (t[:, 14] == 2)[5:15].all()  # 2-px line between them
+    _, n = ndi.label(t == 1)
+    assert n == 2  # interiors come apart
+    assert ((t > 0) == (ids > 0)).all()
+
+
+def test_border_weight_map_is_high_between_close_objects():
+    ids = np.zeros((40, 60), np.int32)
+    ids[10:30, 5:25] = 1
+    ids[10:30, 27:47] = 2  # 2-px gap at columns 25, 26
+    w = L.border_weight_map(ids, w0=10, sigma=5)
+    fg = ids > 0
+    wc_bg = 0.5 / (1 - fg.mean())
+    assert w[20, 25] == pytest.approx(wc_bg + 10 * np.exp(-(1 + 2) ** 2 / 50), rel=1e-4)  # d1=1, d2=2
+    assert w[0, 59] < wc_bg + 0.01  # far from both objects: class weight only
+    assert w[20, 15] == pytest.approx(0.5 / fg.mean())
+
+
+def test_elastic_deformation_keeps_image_and_mask_aligned():
+    """A synthetic pattern whose image encodes its own labels must still do so after warping."""
+    rng = np.random.default_rng(1)
+    ids = np.zeros((200, 200), np.int32)
+    k = 0
+    for y in range(10, 190, 30):
+        for x in range(10, 190, 30):
+            k += 1
+            ids[y : y + 18, x : x + 18] = k
+    img = np.stack([np.where(ids > 0, 40, 230)] * 3, -1).astype(np.uint8)
+    cfg = AugmentConfig(scale=0.1, elastic_sigma=8.0, hed_sigma=0, hed_bias=0, brightness=0, contrast=0)
+    for _ in range(5):
+        a_img, (a_ids,), _ = augment(img, [ids], 128, cfg, rng)
+        dark = a_img[..., 0] < 135
+        agree = (dark == (a_ids > 0)).mean()
+        assert agree > 0.99, agree
+        # and it really deforms: squares no longer have straight edges everywhere
+    dy, dx = elastic_field((128, 128), 3, 8.0, np.random.default_rng(2))
+    assert 2 < np.abs(dy).max() < 40 and np.abs(np.diff(dy, axis=0)).max() < 1.0  # smooth
+    # nearest-neighbour warping never invents label ids
+    coords = np.stack(np.meshgrid(np.arange(64) + 0.3, np.arange(64) + 0.7, indexing="ij")) + np.stack([dy, dx])[:, :64, :64]
+    assert set(np.unique(warp(ids, coords, 0))) <= set(np.unique(ids))
+
+
+def test_stain_jitter_changes_colour_not_geometry():
+    rng = np.random.default_rng(0)
+    s = L.load_set(str(REPO / "config/labeled/miccai2015-train.tsv"), 0.5)[13]
+    cfg = AugmentConfig(scale=0, elastic_sigma=0, rot90=False, flips=False, hed_sigma=0.1, hed_bias=0.02)
+    h, w = s.image.shape[:2]
+    y0, x0 = h // 2 - 48, w // 2 - 48
+    a_img, (a_ids,), _ = augment(s.image, [s.instances], 96, cfg, rng, centre=(y0 + 47.5, x0 + 47.5))
+    assert (a_ids == s.instances[y0 : y0 + 96, x0 : x0 + 96]).all()
+    diff = np.abs(a_img.astype(int) - s.image[y0 : y0 + 96, x0 : x0 + 96]).mean()
+    assert 1 < diff < 40

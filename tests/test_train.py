@@ -1,0 +1,76 @@
+"""A tiny training run on real annotated crops: the loop, checkpoints, resume, loss going down."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO
+
+from wsiseg import train
+from wsiseg.errors import ConfigError
+from wsiseg.unet import load_model
+
+SHEET = str(REPO / "config/labeled/miccai2015-train.tsv")
+
+
+def tiny(out_dir, **kw):
+    cfg = dict(sheet=SHEET, out_dir=str(out_dir), depth=2, base_width=8, crop=64, batch_size=4,
+               steps_per_epoch=8, max_epochs=4, patience=10, lr=3e-3, threads=2, seed=3, dropout=0.1)
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    return out, train.run(tiny(out))
+
+
+def test_loss_goes_down_and_metrics_are_logged(full_run):
+    out, summary = full_run
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["epoch"].tolist() == [1, 2, 3, 4]
+    assert list(m.columns) == ["epoch", "steps", "train_loss", "val_loss", "lr", "seconds", "best"]
+    assert m["train_loss"].iloc[-1] < 0.8 * m["train_loss"].iloc[0]
+    assert m["val_loss"].min() < m["val_loss"].iloc[0]
+    assert summary["best_val_loss"] == pytest.approx(m["val_loss"].min())
+
+
+def test_best_checkpoint_is_ready_for_inference(full_run):
+    out, summary = full_run
+    spec = load_model({"name": "trained", "weights": str(out / "best.pt")})  # no classes/mpp in the config
+    assert spec.classes == ["background", "nucleus", "boundary"]
+    assert spec.mask_classes == ["background", "nucleus"]
+    assert spec.mpp == 0.5 and spec.postprocess == {k: summary["postprocess"][k] for k in spec.postprocess}
+    ck = torch.load(out / "best.pt", weights_only=True)
+    info = ck["extra"]["train"]
+    assert info["val_images"] == ["image03", "image10", "image14"]  # the sheet's split column
+    assert "image03" not in info["train_images"]
+    with pytest.raises(ConfigError, match="mpp"):
+        load_model({"name": "trained", "weights": str(out / "best.pt"), "mpp": 0.25})
+
+
+def test_resume_continues_exactly_where_it_stopped(full_run, tmp_path):
+    """2 epochs, stop, resume to 4: same weights and metrics as the uninterrupted run."""
+    out, _ = full_run
+    train.run(tiny(tmp_path, max_epochs=2))
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 2
+    train.run(tiny(tmp_path), resume=True)
+    a = pd.read_csv(out / "metrics.csv")
+    b = pd.read_csv(tmp_path / "metrics.csv")
+    assert np.allclose(a[["train_loss", "val_loss"]], b[["train_loss", "val_loss"]], rtol=1e-5)
+    wa = torch.load(out / "last.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "last.pt", weights_only=True)["state_dict"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
+
+
+def test_weight_map_target_trains_two_classes(tmp_path):
+    s = train.run(tiny(tmp_path, target="weight_map", max_epochs=1, steps_per_epoch=2))
+    spec = load_model({"name": "wm", "weights": s["best"]})
+    assert spec.classes == ["background", "nucleus"] and spec.postprocess is None
+
+
+def test_unknown_setting_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown train setting"):
+        train.run(tiny(tmp_path, learning_rate=0.1))
