@@ -74,3 +74,10 @@ def test_weight_map_target_trains_two_classes(tmp_path):
 def test_unknown_setting_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown train setting"):
         train.run(tiny(tmp_path, learning_rate=0.1))
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    s = train.run(tiny(tmp_path, max_epochs=2, patience=1, lr=0.5))  # diverges: stops early
+    rows = len(pd.read_csv(tmp_path / "metrics.csv"))
+    again = train.run(tiny(tmp_path, max_epochs=2, patience=1, lr=0.5), resume=True)
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == rows and again["epochs"] == s["epochs"]

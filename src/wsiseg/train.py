@@ -230,7 +230,10 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     model.train()
     stop_reason = "max_epochs"
     epoch = start_epoch
-    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+    last_epoch = cfg.max_epochs
+    if bad_epochs >= cfg.patience:  # a resumed run that had already stopped early: nothing to train
+        stop_reason, last_epoch = "early stopping (reached before resuming)", start_epoch
+    for epoch in range(start_epoch + 1, last_epoch + 1):
         t0 = time.monotonic()
         losses = []
         for _ in range(cfg.steps_per_epoch):
