@@ -15,6 +15,7 @@ include: "workflow/rules/tiling.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/stitch.smk"
 include: "workflow/rules/stats.smk"
+include: "workflow/rules/train.smk"
 
 
 localrules:
@@ -23,6 +24,7 @@ localrules:
     inspect,
     triage,
     aggregate,
+    evaluate,
 
 
 rule all:

@@ -213,3 +213,36 @@ def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
     res = snakemake(wd, cpu_cfg, "-n", "-R", "segment")
     seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
     assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg)
+
+
+# ------------------------------------------------------ train and evaluate targets
+def test_train_then_evaluate_targets(tmp_path):
+    """`snakemake evaluate` with model.weights pointing at the train output trains first."""
+    from conftest import DATA
+
+    miccai = DATA / "labeled" / "miccai2015-nuclei-seg-training"
+    small = tmp_path / "small.tsv"  # two small 40x tiles of the training set
+    small.write_text("image\tlabels\tmpp\n" + "".join(
+        f"{miccai / f'image{i}.png'}\t{miccai / f'image{i}_mask.txt'}\t0.25\n" for i in ("14", "15")))
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg["slides"] = str(REPO / cfg["slides"])
+    cfg["train"].update(sheet=str(REPO / cfg["train"]["sheet"]), name="tiny", depth=2, base_width=8, crop=64,
+                        batch_size=4, steps_per_epoch=4, max_epochs=2, threads=2)
+    cfg["model"] = dict(name="tiny", weights="results/training/tiny/best.pt", mpp=0.5)
+    cfg["evaluate"] = dict(sets={"small": str(small)}, methods=["model", "baseline"], tta=False)
+    cfgfile = tmp_path / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, cfgfile, "evaluate")
+    assert (tmp_path / "results/training/tiny/best.pt").exists()
+    assert len(pd.read_csv(tmp_path / "results/training/tiny/metrics.csv")) == 2
+    assert "epoch 2: train loss" in (tmp_path / "logs/training/tiny.log").read_text()
+    comp = pd.read_csv(tmp_path / "results/evaluation/comparison.csv")
+    assert sorted(comp["method"]) == ["classical-baseline", "tiny"] and (comp["images"] == 2).all()
+    base = pd.read_csv(tmp_path / "results/evaluation/small/classical-baseline/metrics.csv")
+    assert base["image"].tolist() == ["image14", "image15", "mean"]
+    assert base["dice"].iloc[-1] == pytest.approx(base["dice"].iloc[:2].mean(), abs=1e-4)
+    assert base["dice"].iloc[-1] > 0.6 and base["n_true"].iloc[0] == 139
+    for name in ("image14", "image15"):  # overlays at the images' own size
+        png = Image.open(tmp_path / f"results/evaluation/small/tiny/overlays/{name}.png")
+        assert png.size == Image.open(miccai / f"{name}.png").size
+    assert job_counts(snakemake(tmp_path, cfgfile, "evaluate", "-n").stdout) == {}

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import SlideError
+from .postprocess import InstanceParams, instances_from_probs, separated_mask
 from .slide import open_slide
 from .store import TileStore
 from .tiling import Geometry, TileSpec, read_window
@@ -65,13 +66,20 @@ class TileDataset(Dataset):
 class StoreMerger:
     """argmax labels of each write region into a chunked store (chunk = tile)."""
 
-    def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_ds0: float = 1.0):
+    def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_ds0: float = 1.0,
+                 postprocess: dict | None = None):
         self.store = TileStore.create(path, geom.height, geom.width, spec.tile_size)
         self.geom, self.spec = geom, spec
         self.tissue, self.tissue_ds0 = tissue, tissue_ds0
+        self.postprocess = InstanceParams(**postprocess) if postprocess else None
 
     def aggregate(self, tile, logits: torch.Tensor) -> None:
-        labels = logits.argmax(0).to(torch.uint8).cpu().numpy()[: tile.th, : tile.tw]
+        if self.postprocess is not None:  # background/object/boundary -> separated objects
+            prob = torch.softmax(logits[:, : tile.th, : tile.tw].float(), 0).cpu().numpy()
+            ids = instances_from_probs(prob, self.geom.target_mpp, self.postprocess)
+            labels = separated_mask(ids)
+        else:
+            labels = logits.argmax(0).to(torch.uint8).cpu().numpy()[: tile.th, : tile.tw]
         if self.tissue is not None:
             labels = labels * self._tissue_in(tile)
         self.store.write_chunk(int(tile.row), int(tile.col), labels)
@@ -203,7 +211,9 @@ def run(slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tiss
     if meta.get("model_checksum") != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
     tissue = load_mask(tissue_png) if clip_to_tissue else None
-    merger = StoreMerger(out_store, geom, spec, tissue, meta["tissue_downsample"])
+    merger = StoreMerger(out_store, geom, spec, tissue, meta["tissue_downsample"], model.postprocess)
+    if model.postprocess:
+        log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
     log(f"{slide_id}: {len(plan)} tiles of {spec.window} px on {dev} "
         f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} workers, amp={dev.type == 'cuda'})")
     unreadable = []

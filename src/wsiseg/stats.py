@@ -168,6 +168,7 @@ def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timin
     sl, ti, pl = read_json(slide_json), read_json(tissue_json), read_json(plan_json)
     geom = pl["geometry"]
     mpp = geom["target_mpp"]
+    classes = pl.get("mask_classes") or classes  # the plan knows the model's mask classes
     row = dict(
         slide_id=sl["slide_id"], path=sl["path"], status="ok", error="",
         vendor=sl["vendor"], width_px=sl["width"], height_px=sl["height"],

@@ -274,5 +274,6 @@ def run(slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, 
         slide_id=slide_id, model=model.name, model_checksum=model.checksum, halo=model.halo,
         grid_rows=rows, grid_cols=cols, elapsed_s=time.monotonic() - t0,
         tissue_downsample=tinfo["thumbnail_downsample"],
+        model_classes=model.classes, mask_classes=model.mask_classes, postprocess=model.postprocess,
     ))
     return dict(n_tiles=len(plan))

@@ -145,6 +145,12 @@ class ModelSpec:
     align: int  # tile origins must be multiples of this (2**depth)
     border: int | None  # px lost per side ('valid' networks), 0 for 'same' (None: not measured)
     halo: int | None  # receptive-field radius, px (None: not measured)
+    postprocess: dict | None = None  # instance post-processing of a background/object/boundary model
+
+    @property
+    def mask_classes(self) -> list:
+        """Classes of the written mask: a boundary class is resolved into separated objects."""
+        return self.classes[:-1] if self.postprocess else list(self.classes)
 
     def legal_input(self, n_min: int) -> int:
         """Smallest legal input side >= n_min."""
@@ -230,7 +236,6 @@ def load_model(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSp
             f"{len(ckpt['classes'])} ({ckpt['classes']})"
         )
     arch["n_classes"] = len(classes)
-    arch.pop("dropout", None)
     module = UNet(**arch)
     module.load_state_dict(ckpt["state_dict"])
     module.to(device).eval()
@@ -244,7 +249,10 @@ def load_model(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSp
     first = _first_legal(module)
     border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
     halo = border if module.padding == "valid" else (unet_same_halo(module.depth) if geometry else None)
-    return ModelSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo)
+    post = (ckpt.get("extra") or {}).get("postprocess")
+    if post and not (len(classes) == 3 and classes[-1] == "boundary"):
+        post = None
+    return ModelSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo, post)
 
 
 def _first_legal(module: UNet) -> int:

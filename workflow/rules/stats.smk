@@ -8,7 +8,7 @@ rule stats:
     output:
         f"{RESULTS}/{{slide}}/stats.csv",
     params:
-        classes=config["model"]["classes"],
+        classes=config["model"].get("classes", []),
     log:
         f"{LOGS}/{{slide}}/stats.log",
     benchmark:
