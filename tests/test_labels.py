@@ -130,3 +130,45 @@ def test_stain_jitter_changes_colour_not_geometry():
     assert (a_ids == s.instances[y0 : y0 + 96, x0 : x0 + 96]).all()
     diff = np.abs(a_img.astype(int) - s.image[y0 : y0 + 96, x0 : x0 + 96]).mean()
     assert 1 < diff < 40
+
+
+def test_qupath_geojson_on_a_slide_gives_one_sample_per_annotated_region(tmp_path):
+    """Annotations exported from a slide (level-0 px) are read at the model's mpp, region by region."""
+    from conftest import CMU
+
+    from wsiseg.slide import open_slide
+    from wsiseg.tiling import Geometry, read_target
+
+    def square(x, y, side):
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+            [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]]}}
+
+    # two annotated areas far apart: 3 nuclei-sized squares near (500, 600), 1 near (1800, 2500)
+    feats = [square(500, 600, 20), square(530, 600, 20), square(500, 640, 30), square(1800, 2500, 40)]
+    gj = tmp_path / "cmu.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text(f"name\timage\tlabels\tmpp\ncmu\t{CMU}\t{gj}\t\n")
+    samples = L.load_set(str(sheet), 1.0, keep_native=True)  # 1 µm/px: level 0 (0.499) resampled x0.5
+    assert [s.name for s in samples] == ["cmu-r1", "cmu-r2"]
+    a, b = samples
+    assert a.instances.max() == 3 and b.instances.max() == 1
+    s0 = 1.0 / 0.499
+    assert (b.instances == 1).sum() == pytest.approx((40 / s0) ** 2, rel=0.15)
+    # the image is exactly what inference reads there (same resampling)
+    with open_slide(str(CMU)) as slide:
+        geom = Geometry.for_slide(slide, 1.0)
+        tx, ty = int((1800 - 16 / 0.499) / s0), int((2500 - 16 / 0.499) / s0)
+        ref = np.clip(read_target(slide, geom, tx, ty, *b.image.shape[1::-1]) + 0.5, 0, 255).astype(np.uint8)
+    assert (ref == b.image).all()
+    # a region too large for memory is refused with a clear message
+    big = tmp_path / "big.geojson"
+    big.write_text(json.dumps({"type": "FeatureCollection", "features": [square(0, 0, 2200)]}))
+    monkey = L.MAX_REGION_PX
+    try:
+        L.MAX_REGION_PX = 500 * 500
+        sheet.write_text(f"name\timage\tlabels\tmpp\ncmu\t{CMU}\t{big}\t\n")
+        with pytest.raises(ConfigError, match="cmu.*annotate smaller regions"):
+            L.load_set(str(sheet), 1.0)
+    finally:
+        L.MAX_REGION_PX = monkey

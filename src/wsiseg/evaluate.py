@@ -177,11 +177,9 @@ def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None 
     elif method != "baseline":
         raise ValueError(f"unknown method {method!r}; use 'unet' or 'baseline'")
     rows = []
-    for _, r in L.read_sheet(sheet).iterrows():
+    for s in L.load_set(sheet, spec.mpp if spec else 0.5, keep_native=True):
         t0 = time.monotonic()
-        img = L.read_image(r["image"])
-        s = L.load_sample(r, spec.mpp if spec else 1.0, keep_native=True)
-        gt = s.native_instances
+        img, gt = s.native_image, s.native_instances
         if method == "unet":
             prob = predict_probs(spec.module, s.image, align=spec.align, tta=tta, device=device)
             pred = instances_from_probs(resize_probs(prob, img.shape[:2]), s.mpp, params)

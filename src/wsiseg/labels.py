@@ -11,6 +11,10 @@ A labeled set is a TSV sheet with one row per image:
 * Aperio ImageScope XML (``.xml``, one ``<Region>`` polygon per object, as MoNuSeg),
 * QuPath GeoJSON (``.geojson``/``.json``, Polygon/MultiPolygon features in image px).
 
+``image`` may also be a whole slide (any format the workflow reads) with polygon
+labels in its level-0 px, as QuPath exports them: each cluster of annotations
+becomes one training region, read at the model's mpp.
+
 ``mpp`` is the image's µm per pixel (an XML's ``MicronsPerPixel`` is used when the
 column is empty). Relative paths are relative to the sheet's folder.
 
@@ -48,6 +52,7 @@ class Sample:
     split: str = ""
     native_instances: np.ndarray | None = None  # instance ids at the image's own mpp (evaluation)
     native_shape: tuple | None = None
+    native_image: np.ndarray | None = None  # the image at its own mpp (evaluation)
 
 
 # ------------------------------------------------------------------ sheets
@@ -195,6 +200,32 @@ def target_shape(native_shape, mpp: float, model_mpp: float) -> tuple[int, int]:
     return max(1, round(native_shape[0] * s)), max(1, round(native_shape[1] * s))
 
 
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+POLYGON_EXTS = (".xml", ".geojson", ".json")
+
+
+def is_tile_image(path: str) -> bool:
+    """A plain image tile (read whole), as opposed to a slide (read region by region)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_EXTS:
+        return True
+    if ext in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return not page.is_tiled and len(tif.series[0].levels) == 1 and page.shape[0] * page.shape[1] <= 8192**2
+    return False
+
+
+def load_samples(row, model_mpp: float, keep_native: bool = False) -> list[Sample]:
+    """Samples of one sheet row: the tile itself, or the annotated regions of a slide."""
+    img_path, lab_path = row["image"], row["labels"]
+    if os.path.exists(img_path) and os.path.splitext(lab_path)[1].lower() in POLYGON_EXTS and not is_tile_image(img_path):
+        return slide_samples(row, model_mpp, keep_native)
+    return [load_sample(row, model_mpp, keep_native)]
+
+
 def load_sample(row, model_mpp: float, keep_native: bool = False) -> Sample:
     """One sheet row at the model's mpp. Image/label size mismatches are errors."""
     name, img_path, lab_path = row["name"], row["image"], row["labels"]
@@ -228,11 +259,75 @@ def load_sample(row, model_mpp: float, keep_native: bool = False) -> Sample:
     return Sample(
         name=name, image=resize_image(img, shape), instances=inst, mpp=mpp, split=row.get("split", ""),
         native_instances=native if keep_native else None, native_shape=img.shape[:2],
+        native_image=img if keep_native else None,
     )
 
 
+def _regions(boxes: np.ndarray, cell: float) -> list[np.ndarray]:
+    """Group boxes (x0, y0, x1, y1) that lie within ``cell`` of each other; indices per group."""
+    from scipy.sparse.csgraph import connected_components
+
+    near = (
+        (boxes[:, None, 0] <= boxes[None, :, 2] + cell) & (boxes[None, :, 0] <= boxes[:, None, 2] + cell)
+        & (boxes[:, None, 1] <= boxes[None, :, 3] + cell) & (boxes[None, :, 1] <= boxes[:, None, 3] + cell)
+    )
+    n, lab = connected_components(near, directed=False)
+    return [np.flatnonzero(lab == k) for k in range(n)]
+
+
+MAX_REGION_PX = 8192 * 8192  # target px per annotated region: memory stays bounded
+
+
+def slide_samples(row, model_mpp: float, keep_native: bool = False, margin_um: float = 16.0) -> list[Sample]:
+    """Annotated regions of a slide (QuPath GeoJSON / ImageScope XML in level-0 px).
+
+    Polygons closer than twice the margin are one region; each region (its
+    polygons' bounding box plus ``margin_um``) is read at the model's mpp with the
+    same resampling as inference, and its polygons are rasterised there.
+    """
+    from .errors import SlideError
+    from .slide import open_slide
+    from .tiling import Geometry, read_target
+
+    name, lab_path = row["name"], row["labels"]
+    ext = os.path.splitext(lab_path)[1].lower()
+    polys = (_xml_polygons if ext == ".xml" else _geojson_polygons)(lab_path)[0]
+    if not polys:
+        raise ConfigError(f"labeled slide '{name}': no polygons in {lab_path}")
+    sheet_mpp = float(row["mpp"]) if str(row.get("mpp", "")).strip() else None
+    try:
+        with open_slide(row["image"], name, sheet_mpp) as slide:
+            geom = Geometry.for_slide(slide, model_mpp)
+            s0 = geom.scale0  # level-0 px per target px
+            boxes = np.array([[*np.min(r[0], 0), *np.max(r[0], 0)] for r in polys], np.float64)
+            m0 = margin_um / geom.mpp0
+            out = []
+            for k, idx in enumerate(_regions(boxes, 2 * m0)):
+                x0, y0 = boxes[idx, :2].min(0) - m0
+                x1, y1 = boxes[idx, 2:].max(0) + m0
+                tx, ty = max(0, int(x0 / s0)), max(0, int(y0 / s0))
+                tw = min(geom.width, int(np.ceil(x1 / s0))) - tx
+                th = min(geom.height, int(np.ceil(y1 / s0))) - ty
+                if tw * th > MAX_REGION_PX:
+                    raise ConfigError(
+                        f"labeled slide '{name}': an annotated region is {tw}x{th} px at {model_mpp} µm/px; "
+                        "annotate smaller regions (objects far apart become separate regions)"
+                    )
+                img = np.clip(read_target(slide, geom, tx, ty, tw, th) + 0.5, 0, 255).astype(np.uint8)
+                shifted = [[[(x / s0 - tx, y / s0 - ty) for x, y in ring] for ring in polys[i]] for i in idx]
+                inst = rasterise(shifted, (th, tw), 1.0)
+                out.append(Sample(
+                    name=f"{name}-r{k + 1}", image=img, instances=inst, mpp=model_mpp, split=row.get("split", ""),
+                    native_instances=inst if keep_native else None, native_shape=(th, tw),
+                    native_image=img if keep_native else None,
+                ))
+            return out
+    except SlideError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def load_set(sheet: str, model_mpp: float, keep_native: bool = False) -> list[Sample]:
-    return [load_sample(r, model_mpp, keep_native) for _, r in read_sheet(sheet).iterrows()]
+    return [s for _, r in read_sheet(sheet).iterrows() for s in load_samples(r, model_mpp, keep_native)]
 
 
 # ------------------------------------------------------------------ targets

@@ -249,9 +249,11 @@ def load_model(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSp
     first = _first_legal(module)
     border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
     halo = border if module.padding == "valid" else (unet_same_halo(module.depth) if geometry else None)
-    post = (ckpt.get("extra") or {}).get("postprocess")
-    if post and not (len(classes) == 3 and classes[-1] == "boundary"):
-        post = None
+    post = None
+    if len(classes) == 3 and classes[-1] == "boundary":  # background / object / boundary model
+        from .postprocess import InstanceParams
+
+        post = (ckpt.get("extra") or {}).get("postprocess") or InstanceParams().as_dict()
     return ModelSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo, post)
 
 
