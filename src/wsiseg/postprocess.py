@@ -27,8 +27,9 @@ from skimage.segmentation import watershed
 
 @dataclass
 class InstanceParams:
-    fg_threshold: float = 0.5  # object where P(background) < 1 - fg_threshold
-    seed_threshold: float = 0.5  # seed where P(interior) > seed_threshold
+    # defaults: typical of models trained by `snakemake train`; training stores its own choice
+    fg_threshold: float = 0.7  # object where P(background) < 1 - fg_threshold
+    seed_threshold: float = 0.9  # seed where P(interior) > seed_threshold
     min_seed_um2: float = 2.0
     min_object_um2: float = 6.0
 

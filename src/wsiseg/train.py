@@ -303,8 +303,8 @@ def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
     probs = [resize_probs(predict_probs(model, s.image, 2**model.depth, device=device), s.native_shape)
              for s in val_s]
     best, best_aji = InstanceParams(), -1.0
-    for fg in (0.4, 0.5, 0.6):
-        for seed in (0.4, 0.5, 0.6, 0.7):
+    for fg in (0.5, 0.6, 0.7, 0.8):
+        for seed in (0.5, 0.7, 0.8, 0.9, 0.95):
             p = InstanceParams(fg_threshold=fg, seed_threshold=seed)
             a = float(np.mean([aji(s.native_instances, instances_from_probs(pr, s.mpp, p))
                                for s, pr in zip(val_s, probs)]))
