@@ -32,6 +32,16 @@ PARTITION=${LOCAL_SLURM_PARTITION:-debug}
 
 die() { echo "local_slurm: $*" >&2; exit 1; }
 
+# whatever way the script ends (a failed step, die, a signal): a start that did not
+# finish, or 'run', stops the daemons this script started
+STARTING=0 STOP_ON_EXIT=0
+on_exit() {
+  if [ "$STARTING" = 1 ]; then echo "local_slurm: start failed, stopping what was started" >&2; fi
+  if [ "$STARTING" = 1 ] || [ "$STOP_ON_EXIT" = 1 ]; then cmd_stop; fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
 cmd_install() {
   [ "$(id -u)" = 0 ] || die "must run as root (apt-get, daemons)"
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
@@ -159,7 +169,7 @@ cmd_start() {
     die "$SYSCONF exists and is not this script's: this machine has a SLURM of its own; not touching it"
   fi
   cmd_stop >/dev/null                     # idempotent: a previous start of ours is stopped first
-  trap 'echo "local_slurm: start failed, stopping what was started" >&2; cmd_stop' ERR
+  STARTING=1
   write_config
   start_munge
   slurmctld -f "$SLURM_CONF"              # both daemonise and write their pid files in $RUN
@@ -176,7 +186,7 @@ cmd_start() {
     *) echo "local_slurm: cluster not ready ($st); the daemons' logs say:" >&2
        tail -n 20 "$LOG"/slurm*.log >&2; false ;;
   esac
-  trap - ERR
+  STARTING=0
   echo "local_slurm: ready, node $NODE is $st, partition '$PARTITION'; clients need: export SLURM_CONF=$SLURM_CONF"
 }
 
@@ -185,7 +195,7 @@ cmd_env() { echo "export SLURM_CONF=$SLURM_CONF"; }
 
 cmd_run() {
   [ $# -gt 0 ] || die "usage: $0 run COMMAND [ARGS...]"
-  trap cmd_stop EXIT
+  STOP_ON_EXIT=1
   cmd_install
   cmd_start
   "$@"
