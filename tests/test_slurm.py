@@ -152,8 +152,11 @@ def test_jobs_really_ran_in_slurm(slurm_run, cluster):
     # the retry asked for twice the memory (resources grow with the attempt)
     mems = [re.search(r"mem=(\d+)M", comp[j][2]).group(1) for j, p in jobs.items() if "rule_segment/corrupt" in p]
     assert mems == ["8000", "16000"], mems
-    # the SLURM logs are kept, and the rule's own logs were written inside the jobs
-    assert all(os.path.exists(p.replace("%j", jid)) for jid, p in jobs.items())
+    # the SLURM logs are kept; the one prep job did both slides (group-components)
+    assert all(os.path.exists(p) for p in jobs.values())
+    prep = open(next(p for p in jobs.values() if "group_prep" in p)).read()
+    assert all(f"rule {r}:" in prep for r in ("tissue", "plan")) and "slide=cmu" in prep and "slide=corrupt" in prep
+    # inside the segment job, SLURM's (fake) GPU was visible, and the model fell back to the CPU
     seg = (wd / "logs" / MODEL / "cmu" / "segment.log").read_text()
     assert "the job was given GPU 0" in seg and "running the model on the CPU" in seg
     # the resumed run submitted nothing new: only the local triage and aggregate ran
