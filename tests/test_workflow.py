@@ -3,10 +3,7 @@ format (plus bad ones) in one archive run. Outputs are checked, not just present
 
 import json
 import re
-import subprocess
-import sys
 
-import numpy as np
 import openslide
 import pandas as pd
 import pytest
@@ -14,22 +11,9 @@ import tifffile
 import torch
 import yaml
 from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide
-from PIL import Image
-from scipy import ndimage as ndi
+from e2e import CLASSES, MODEL, check_slide_outputs, snakemake, tiny_model
 
 from wsiseg.unet import UNet, save_checkpoint
-
-MODEL = "tiny-unet"
-CLASSES = ["background", "nucleus"]
-
-
-def snakemake(workdir, configfile, *args, check=True):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), "--cores", "2", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
-    return res
 
 
 def job_counts(dry_run_output: str) -> dict:
@@ -64,9 +48,7 @@ def test_readme_example_with_shipped_config(tmp_path):
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     wd = tmp_path_factory.mktemp("archive run")  # a space in the working directory too
-    torch.manual_seed(0)
-    m = UNet(n_classes=2, depth=3, base_width=4, padding="same", batch_norm=True).eval()
-    save_checkpoint(str(wd / "tiny.pt"), m, CLASSES, mpp=0.5, name=MODEL)
+    tiny_model(wd / "tiny.pt")
     corrupt_slide(wd / "corrupt region.tif")  # readable, but one tile deep inside is damaged
     rows = [
         ("corrupt", wd / "corrupt region.tif", ""), ("cmu", CMU, ""), ("tcga", TCGA, "0.25"), ("ndpi_dapi", NDPI, ""), ("dicom", DICOM, ""),
@@ -105,52 +87,7 @@ def test_summary_has_every_slide_and_bad_ones_explained(archive):
 @pytest.mark.parametrize("sid,path,mpp0", [("cmu", CMU, None), ("tcga", TCGA, 0.25), ("ndpi_dapi", NDPI, None),
                                            ("dicom", DICOM, None)])
 def test_slide_outputs(archive, sid, path, mpp0):
-    wd = archive[0]
-    out = wd / "results" / MODEL / sid
-    with openslide.OpenSlide(str(path)) as s:
-        w0, h0 = s.dimensions
-        mpp0 = mpp0 or float(s.properties["openslide.mpp-x"])
-    want = (round(h0 * mpp0 / 0.5), round(w0 * mpp0 / 0.5))
-    # the mask: dimensions at the target mpp, valid in tifffile and OpenSlide
-    with tifffile.TiffFile(out / "mask.ome.tif") as tif:
-        assert tif.is_ome and tif.is_bigtiff
-        lv = tif.series[0].levels
-        assert lv[0].shape == want and len(lv) >= 2 and lv[0].keyframe.is_tiled
-        mask = lv[0].asarray()
-    assert set(np.unique(mask)) <= {0, 1}
-    with openslide.OpenSlide(str(out / "mask.ome.tif")) as s:
-        assert s.dimensions == want[::-1] and float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5)
-    # stats agree with the mask
-    st = pd.read_csv(out / "stats.csv").iloc[0]
-    n_px = int((mask == 1).sum())
-    assert st.nucleus_pixels == n_px
-    assert st.nucleus_area_mm2 == pytest.approx(n_px * 0.25 / 1e6)
-    lab, n = ndi.label(mask == 1, structure=np.ones((3, 3)))
-    assert st.nucleus_count == n
-    if n:
-        areas = np.bincount(lab.ravel())[1:] * 0.25
-        assert st.nucleus_mean_area_um2 == pytest.approx(areas.mean())
-        assert st.nucleus_median_area_um2 == pytest.approx(np.median(areas))
-    assert st.mpp_used == 0.5 and st.slide_mpp == pytest.approx(mpp0) and st.model == MODEL
-    assert len(st.model_sha256) == 64 and st.wall_time_s > 0
-    # tissue and overlay: images of the thumbnail's size; nothing labelled off tissue
-    tissue = np.asarray(Image.open(out / "tissue.png"))
-    overlay = Image.open(out / "overlay.png")
-    assert overlay.size == (tissue.shape[1], tissue.shape[0]) and overlay.mode == "RGB"
-    assert set(np.unique(tissue)) <= {0, 255}
-    tinfo = json.load(open(out / "work" / "tissue.json"))
-    assert st.tissue_area_mm2 == pytest.approx((tissue > 0).sum() * tinfo["thumbnail_mpp"] ** 2 / 1e6)
-    ys, xs = np.nonzero(mask)
-    if len(ys):
-        s_t = 0.5 / tinfo["thumbnail_mpp"]
-        ty = np.minimum(((ys + 0.5) * s_t).astype(int), tissue.shape[0] - 1)
-        tx = np.minimum(((xs + 0.5) * s_t).astype(int), tissue.shape[1] - 1)
-        assert (tissue[ty, tx] > 0).all()
-    # logs and benchmarks
-    seg_log = (wd / "logs" / MODEL / sid / "segment.log").read_text()
-    assert "tiles (100%)" in seg_log and "CUDA is not available" in seg_log
-    assert (wd / "benchmarks" / MODEL / sid / "segment.tsv").exists()
-    assert not (out / "work" / "labels.store").exists()  # temporary intermediate removed
+    check_slide_outputs(archive[0], sid, path, mpp0)
 
 
 def test_corrupt_region_is_counted_not_fatal(archive):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import numpy as np
@@ -114,8 +115,11 @@ def pick_device(requested: str, log_fn=log.info) -> torch.device:
     """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning."""
     if requested in ("auto", "cuda", "gpu") and torch.cuda.is_available():
         return torch.device("cuda")
-    if requested in ("cuda", "gpu"):
-        log_fn("WARNING: a GPU was requested but CUDA is not available here; running the model on the CPU")
+    # a scheduler that gave this job a GPU says so (SLURM sets CUDA_VISIBLE_DEVICES for --gpus)
+    granted = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    granted = f" (the job was given GPU {granted})" if granted not in ("", "-1", "NoDevFiles") else ""
+    if requested in ("cuda", "gpu") or (requested == "auto" and granted):
+        log_fn(f"WARNING: a GPU was requested{granted} but CUDA is not available here; running the model on the CPU")
     return torch.device("cpu")
 
 

@@ -68,6 +68,55 @@ def segment_resources_gpu():
     return 1 if config.get("device", "auto") in ("cuda", "gpu") else 0
 
 
+# ------------------------------------------------------- cluster job resources
+# What each job asks a cluster scheduler for (SLURM: profiles/slurm). Every request
+# grows with the retry attempt (--retries), and the ones that depend on the slide grow
+# with its size: slide.json (written by the local 'inspect' rule) is always there when
+# these jobs are scheduled. Local runs only use mem_mb/gpu if --resources limits them.
+# Override any of them per rule with set-resources in a profile.
+SEGMENT_S_PER_TILE = 1.0  # wall-clock budget per tile (reading + inference), seconds
+MASK_MPX_PER_MIN = 100  # stitch/stats budget: mask megapixels per minute
+
+
+def _slide_info(wildcards):
+    try:
+        with open(f"{RESULTS}/{wildcards.slide}/slide.json") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _slide_mpx(wildcards, mpp_out):
+    """Slide area in megapixels at mpp_out µm/px (0 when not known yet)."""
+    info = _slide_info(wildcards)
+    mpp0 = get_slide_mpp(wildcards) or info.get("mpp")
+    if not (info.get("width") and info.get("height") and mpp0):
+        return 0.0
+    return info["width"] * info["height"] * (float(mpp0) / mpp_out) ** 2 / 1e6
+
+
+def _n_tiles(wildcards):
+    """Tiles in the plan (once it exists), else every tile of the slide: an upper bound."""
+    try:
+        with open(f"{RESULTS}/{wildcards.slide}/plan.tsv") as fh:
+            return max(0, sum(1 for _ in fh) - 1)
+    except OSError:
+        return int(_slide_mpx(wildcards, config["model"]["mpp"]) * 1e6 / config["tiling"]["tile_size"] ** 2) + 1
+
+
+def tissue_mem_mb(wildcards, attempt):
+    # the thumbnail at tissue.mpp and its float working copies
+    return int(2000 + 40 * _slide_mpx(wildcards, config["tissue"]["mpp"])) * attempt
+
+
+def segment_runtime(wildcards, attempt):
+    return int(15 + _n_tiles(wildcards) * SEGMENT_S_PER_TILE / 60) * attempt
+
+
+def mask_runtime(wildcards, attempt):
+    return int(10 + _slide_mpx(wildcards, config["model"]["mpp"]) / MASK_MPX_PER_MIN) * attempt
+
+
 def triaged():
     """Slide status table from the 'triage' checkpoint (one checkpoint for the whole
     archive, so all slides are inspected in parallel)."""

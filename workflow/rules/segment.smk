@@ -17,8 +17,10 @@ rule segment:
         clip=config["tissue"]["clip_mask"],
     threads: max(1, int(config["tiling"]["workers"]) + 1)
     resources:
-        gpu=segment_resources_gpu(),
-        mem_mb=8000,
+        gpu=segment_resources_gpu(),  # profiles/slurm asks for gpu=1 whatever the device
+        cpus_per_task=lambda wildcards, threads: threads,  # the DataLoader workers + the main process
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=segment_runtime,  # minutes, from the slide's tile count
     log:
         f"{LOGS}/{{slide}}/segment.log",
     benchmark:

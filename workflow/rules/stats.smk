@@ -13,8 +13,11 @@ rule stats:
         f"{LOGS}/{{slide}}/stats.log",
     benchmark:
         f"{BENCH}/{{slide}}/stats.tsv"
+    group:
+        "post"
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=mask_runtime,
     conda:
         "../../envs/wsi.yaml"
     script:

@@ -20,8 +20,11 @@ rule stitch:
         f"{LOGS}/{{slide}}/stitch.log",
     benchmark:
         f"{BENCH}/{{slide}}/stitch.tsv"
+    group:
+        "post"  # one cluster job per slide for stitch + stats
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=mask_runtime,  # minutes, from the mask's size
     conda:
         "../../envs/wsi.yaml"
     script:

@@ -14,8 +14,11 @@ rule plan:
         tiling=config["tiling"],
     log:
         f"{LOGS}/{{slide}}/plan.log",
+    group:
+        "prep"
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 10 * attempt,
     conda:
         "../../envs/torch.yaml"
     script:

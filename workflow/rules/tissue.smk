@@ -50,8 +50,11 @@ rule tissue:
         f"{LOGS}/{{slide}}/tissue.log",
     benchmark:
         f"{BENCH}/{{slide}}/tissue.tsv"
+    group:
+        "prep"  # one cluster job per slide for tissue + plan (see README, "On a SLURM cluster")
     resources:
-        mem_mb=2000,
+        mem_mb=tissue_mem_mb,
+        runtime=lambda wildcards, attempt: 10 * attempt,
     conda:
         "../../envs/wsi.yaml"
     script:
