@@ -29,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("slide", nargs="?")
     ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--weights", default=os.path.join(HERE, "..", "models", "demo-unet.pt"))
+    ap.add_argument("--weights", default=os.path.join(HERE, "..", "models", "nuclei-unet.pt"))
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     args = ap.parse_args()

@@ -4,6 +4,7 @@ format (plus bad ones) in one archive run. Outputs are checked, not just present
 import json
 import re
 
+import numpy as np
 import openslide
 import pandas as pd
 import pytest
@@ -12,6 +13,8 @@ import torch
 import yaml
 from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide
 from e2e import CLASSES, MODEL, check_slide_outputs, snakemake, tiny_model
+from PIL import Image
+from scipy import ndimage as ndi
 
 from wsiseg.unet import UNet, save_checkpoint
 
@@ -42,6 +45,23 @@ def test_readme_example_with_shipped_config(tmp_path):
         assert tif.series[0].levels[0].shape == (round(h0 * 0.25 / 0.5), round(w0 * 0.25 / 0.5))
     plan = json.load(open(res / "example" / "plan.json"))
     assert plan["geometry"]["level"] == 1  # 0.25 µm/px slide, 0.5 µm/px model: level 1, not level 0
+    # the shipped nuclei model: separated nuclei, counted one by one
+    assert plan["mask_classes"] == ["background", "nucleus"] and plan["postprocess"]
+    mask = tifffile.imread(res / "example" / "mask.ome.tif")
+    assert set(np.unique(mask)) == {0, 1}
+    lab, n = ndi.label(mask == 1, structure=np.ones((3, 3)))
+    st = pd.read_csv(res / "example" / "stats.csv").iloc[0]
+    assert st["nucleus_count"] == n and "boundary_count" not in st
+    # against the synthetic slide's own nuclei (the generator returns their labels)
+    from wsiseg.evaluate import pixel_metrics
+    from wsiseg.labels import resize_labels
+    from wsiseg.synthetic import make_he_image
+
+    _, truth = make_he_image(w0, h0, 0.25, 0)
+    truth = resize_labels(truth, mask.shape)
+    n_true = len(np.unique(truth)) - 1
+    assert pixel_metrics(truth > 0, mask > 0)["dice"] > 0.75
+    assert 0.75 * n_true < n < 1.25 * n_true
 
 
 # ------------------------------------------------------------ real slides run
