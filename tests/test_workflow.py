@@ -60,8 +60,10 @@ def test_readme_example_with_shipped_config(tmp_path):
     _, truth = make_he_image(w0, h0, 0.25, 0)
     truth = resize_labels(truth, mask.shape)
     n_true = len(np.unique(truth)) - 1
+    # the generator lets nuclei overlap with no visible border: a clump of them is one blob
+    _, n_blobs = ndi.label(truth > 0, structure=np.ones((3, 3)))
     assert pixel_metrics(truth > 0, mask > 0)["dice"] > 0.75
-    assert 0.75 * n_true < n < 1.25 * n_true
+    assert 0.9 * n_blobs < n < 1.1 * n_true, (n_blobs, n, n_true)
 
 
 # ------------------------------------------------------------ real slides run
