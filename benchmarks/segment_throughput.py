@@ -1,6 +1,6 @@
 """Segment-stage throughput (tiles/s, megapixels/s) for batch sizes and DataLoader workers.
 
-Runs the shipped demo U-Net over every tile of a slide (tissue ignored) with the
+Runs the shipped nuclei U-Net over every tile of a slide (tissue ignored) with the
 workflow's own splitter/merger, and prints a table. On a CUDA machine it also
 runs with autocast (AMP).
 
