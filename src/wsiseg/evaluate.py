@@ -171,8 +171,7 @@ def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None 
     params = None
     if method == "unet":
         spec = load_model({"weights": weights, "name": os.path.basename(weights)}, device=device, geometry=False)
-        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-        params = InstanceParams(**(ckpt.get("extra", {}).get("postprocess") or {}))
+        params = InstanceParams(**(spec.postprocess or {}))
         log(f"model {weights}: mpp {spec.mpp}, classes {spec.classes}, post-processing {params.as_dict()}")
     elif method != "baseline":
         raise ValueError(f"unknown method {method!r}; use 'unet' or 'baseline'")

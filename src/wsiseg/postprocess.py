@@ -24,6 +24,8 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from .labels import relabel
+
 
 @dataclass
 class InstanceParams:
@@ -45,13 +47,7 @@ def remove_small(ids: np.ndarray, min_px: int) -> np.ndarray:
     small[0] = False
     ids = ids.copy()
     ids[small[ids]] = 0
-    return relabel_sequential(ids)
-
-
-def relabel_sequential(ids: np.ndarray) -> np.ndarray:
-    u, inv = np.unique(ids, return_inverse=True)
-    out = inv.reshape(ids.shape).astype(np.int32)
-    return out if u[0] == 0 else out + 1
+    return relabel(ids)
 
 
 def instances_from_probs(prob: np.ndarray, mpp: float, params: InstanceParams | None = None) -> np.ndarray:
@@ -119,4 +115,4 @@ def classical_instances(rgb: np.ndarray, mpp: float, params: BaselineParams | No
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     ids = watershed(-dist, markers=markers, mask=mask)
-    return relabel_sequential(ids.astype(np.int32))
+    return relabel(ids.astype(np.int32))

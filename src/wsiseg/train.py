@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import os
 import time
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from . import labels as L
 from .augment import AugmentConfig, augment
 from .errors import ConfigError
-from .unet import UNet, save_checkpoint
+from .segment import pick_device
+from .unet import UNet, load_model, save_checkpoint
 
 
 @dataclass
@@ -179,14 +179,6 @@ def _set_rng_state(rng: np.random.Generator, d: dict) -> None:
     )
 
 
-def pick_train_device(requested: str) -> torch.device:
-    if requested in ("auto", "cuda", "gpu") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if requested in ("cuda", "gpu"):
-        print("WARNING: a GPU was requested but CUDA is not available here; training on the CPU", flush=True)
-    return torch.device("cpu")
-
-
 def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     """Train; returns a summary dict (paths, epochs, best validation loss)."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
@@ -199,7 +191,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = pick_train_device(cfg.device)
+    device = pick_device(cfg.device, log)
 
     samples = L.load_set(cfg.sheet, cfg.mpp, keep_native=True)
     train_s, val_s = split_samples(samples, cfg.val_fraction, cfg.seed)
@@ -296,10 +288,7 @@ def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
     from .postprocess import InstanceParams, instances_from_probs
 
     ck = torch.load(best_path, map_location="cpu", weights_only=True)
-    arch = dict(ck["config"])
-    model = UNet(**arch)
-    model.load_state_dict(ck["state_dict"])
-    model.to(device).eval()
+    model = load_model({"weights": best_path, "name": ck["name"]}, device=str(device), geometry=False).module
     probs = [resize_probs(predict_probs(model, s.image, 2**model.depth, device=device), s.native_shape)
              for s in val_s]
     best, best_aji = InstanceParams(), -1.0
@@ -309,7 +298,7 @@ def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
             a = float(np.mean([aji(s.native_instances, instances_from_probs(pr, s.mpp, p))
                                for s, pr in zip(val_s, probs)]))
             if a > best_aji:
-                best, best_aji = copy.copy(p), a
+                best, best_aji = p, a
     log(f"post-processing chosen on the validation images: {best.as_dict()} (validation AJI {best_aji:.4f})")
     extra = dict(ck.get("extra", {}))
     extra["postprocess"] = best.as_dict()
