@@ -1,10 +1,11 @@
 """Segment-stage throughput (tiles/s, megapixels/s) for batch sizes and DataLoader workers.
 
-Runs the shipped nuclei U-Net over every tile of a slide (tissue ignored) with the
-workflow's own splitter/merger, and prints a table. On a CUDA machine it also
-runs with autocast (AMP).
+Runs the shipped nuclei U-Net (with its per-tile instance post-processing) over
+every tile of a slide (tissue ignored) with the workflow's own splitter/merger,
+and prints a table. On a CUDA machine it also runs with autocast (AMP).
+``--weights classical`` measures the classical nuclei model instead (CPU).
 
-    python benchmarks/segment_throughput.py [slide] [--tile 512] [--mpp 0.5]
+    python benchmarks/segment_throughput.py [slide] [--tile 512] [--weights classical]
     (default slide: the synthetic example, generated if missing)
 """
 
@@ -22,6 +23,7 @@ import torch  # noqa: E402
 from wsiseg.segment import StoreMerger, pick_device, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import Geometry, plan_tiles, tile_spec_for  # noqa: E402
+from wsiseg.tiling import classical_threshold_for  # noqa: E402
 from wsiseg.unet import load_model, plan_margin  # noqa: E402
 
 
@@ -40,20 +42,27 @@ def main():
             from wsiseg.synthetic import make_example_slide
 
             make_example_slide(slide)
-    model = load_model(dict(name="bench", weights=args.weights, classes=["background", "nucleus"]))
-    dev = pick_device("auto")
+    if args.weights == "classical":
+        cfg = dict(name="bench", format="classical", mpp=0.5)
+    else:
+        cfg = dict(name="bench", weights=args.weights)
+    model = load_model(cfg)
+    dev = torch.device("cpu") if model.kind == "classical" else pick_device("auto")
     margin = plan_margin(model, "auto", False)
     spec = tile_spec_for(model, args.tile, margin)
     with open_slide(slide) as s:
         geom = Geometry.for_slide(s, model.mpp)
-    plan = plan_tiles(geom, spec, None, 1)
+        plan = plan_tiles(geom, spec, None, 1)
+        if model.kind == "classical":  # the plan stage's one threshold for the slide
+            thr = classical_threshold_for(s, geom, spec, plan, cfg, lambda m: None)
+            model.module.threshold = thr["classical_threshold"]
     rows = []
     amps = [False, True] if dev.type == "cuda" else [False]
     for amp in amps:
         for workers in args.workers:
             for batch in args.batch:
                 with tempfile.TemporaryDirectory() as tmp:
-                    merger = StoreMerger(os.path.join(tmp, "s"), geom, spec)
+                    merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, postprocess=model.postprocess)
                     t0 = time.monotonic()
                     run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
                                      batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None)
@@ -61,6 +70,7 @@ def main():
                     merger.store.close()
                 rows.append((dev.type, amp, workers, batch, len(plan), dt))
     print(f"command: python {' '.join(sys.argv)}")
+    print(f"model: {'classical nuclei model' if model.kind == 'classical' else args.weights} ({model.kind})")
     print(f"slide {os.path.basename(slide)}: {geom.width}x{geom.height} target px at {model.mpp} µm/px; "
           f"tile {spec.tile_size}, window {spec.window}; torch threads {torch.get_num_threads()}")
     print(f"{'device':>6} {'amp':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>7}")

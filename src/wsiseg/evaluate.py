@@ -161,8 +161,13 @@ def overlay_png(path: str, image: np.ndarray, gt: np.ndarray, pred: np.ndarray) 
 
 # ------------------------------------------------------------------ runner
 def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None = None, weights: str | None = None,
-                 device: str = "cpu", tta: bool = True, log=print) -> pd.DataFrame:
-    """Per-image metrics CSV (plus a ``mean`` row) for ``method`` 'unet' or 'baseline'."""
+                 device: str = "cpu", tta: bool = True, log=print,
+                 baseline_params: BaselineParams | None = None) -> pd.DataFrame:
+    """Per-image metrics CSV (plus a ``mean`` row) for ``method`` 'unet' or 'baseline'.
+
+    The baseline uses ``baseline_params`` (default: :class:`BaselineParams`) and
+    Otsu's threshold of each labeled image.
+    """
     from .unet import load_model
 
     if overlay_dir:
@@ -183,7 +188,7 @@ def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None 
             prob = predict_probs(spec.module, s.image, align=spec.align, tta=tta, device=device)
             pred = instances_from_probs(resize_probs(prob, img.shape[:2]), s.mpp, params)
         else:
-            pred = classical_instances(img, s.mpp, BaselineParams())
+            pred = classical_instances(img, s.mpp, baseline_params or BaselineParams())
         m = dict(image=s.name, mpp=s.mpp, **all_metrics(gt, pred), seconds=round(time.monotonic() - t0, 2))
         rows.append(m)
         log(f"{s.name}: dice {m['dice']:.3f} aji {m['aji']:.3f} object_f1 {m['object_f1']:.3f}")

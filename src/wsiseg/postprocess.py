@@ -39,6 +39,25 @@ class InstanceParams:
         return asdict(self)
 
 
+MAX_HOLE_UM2 = 100.0  # holes up to this area are filled: inside a nucleus, not a ring of nuclei
+
+
+def fill_small_holes(mask: np.ndarray, mpp: float, max_um2: float = MAX_HOLE_UM2) -> np.ndarray:
+    """Fill holes of at most ``max_um2``. Unbounded filling would turn a ring of touching
+    nuclei (around a gland's lumen, say) into one object, and would depend on how much of
+    the slide is in view, which differs between a tile and the whole slide."""
+    holes, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(holes.ravel())
+    small = sizes <= max_um2 / (mpp * mpp)
+    small[0] = False
+    # a background region that touches the image edge is not a hole
+    edge = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    small[edge] = False
+    return mask | small[holes]
+
+
 def remove_small(ids: np.ndarray, min_px: int) -> np.ndarray:
     if min_px <= 1 or ids.max() == 0:
         return ids
@@ -55,7 +74,7 @@ def instances_from_probs(prob: np.ndarray, mpp: float, params: InstanceParams | 
     params = params or InstanceParams()
     px = 1.0 / (mpp * mpp)  # px per µm²
     fg = prob[0] < 1.0 - params.fg_threshold
-    fg = ndi.binary_fill_holes(fg)
+    fg = fill_small_holes(fg, mpp)
     seeds, _ = ndi.label((prob[1] > params.seed_threshold) & fg)
     seeds = remove_small(seeds, int(round(params.min_seed_um2 * px)))
     ids = watershed(-prob[1], markers=seeds, mask=fg)
@@ -97,15 +116,25 @@ class BaselineParams:
         return asdict(self)
 
 
-def classical_instances(rgb: np.ndarray, mpp: float, params: BaselineParams | None = None) -> np.ndarray:
-    """Haematoxylin + Otsu + opening + distance-transform watershed (instance ids)."""
+def haematoxylin(rgb: np.ndarray, mpp: float, params: BaselineParams) -> np.ndarray:
+    """Haematoxylin optical density (colour deconvolution), Gaussian-smoothed."""
+    return ndi.gaussian_filter(rgb2hed(rgb)[..., 0], params.smooth_um / mpp)
+
+
+def classical_instances(rgb: np.ndarray, mpp: float, params: BaselineParams | None = None,
+                        threshold: float | None = None) -> np.ndarray:
+    """Haematoxylin + Otsu + opening + distance-transform watershed (instance ids).
+
+    ``threshold`` on the smoothed haematoxylin channel; None = Otsu's threshold of
+    this image (right for a labeled tile; a whole slide uses one threshold for all
+    its tiles, see :mod:`wsiseg.classical`).
+    """
     params = params or BaselineParams()
-    h = rgb2hed(rgb)[..., 0]
-    h = ndi.gaussian_filter(h, params.smooth_um / mpp)
-    mask = h > threshold_otsu(h)
+    h = haematoxylin(rgb, mpp, params)
+    mask = h > (threshold_otsu(h) if threshold is None else threshold)
     r = max(1, int(round(params.opening_um / mpp)))
     mask = ndi.binary_opening(mask, structure=disk(r))
-    mask = ndi.binary_fill_holes(mask)
+    mask = fill_small_holes(mask, mpp)
     blobs, _ = ndi.label(mask)
     blobs = remove_small(blobs, int(round(params.min_object_um2 / (mpp * mpp))))
     mask = blobs > 0

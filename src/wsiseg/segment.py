@@ -209,11 +209,17 @@ def run(slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tiss
 
     t0 = time.monotonic()
     torch.set_num_threads(max(1, int(threads)))
-    dev = pick_device(device, log)
     model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
+    dev = torch.device("cpu") if model.kind == "classical" else pick_device(device, log)
     plan, geom, spec, meta = read_plan(plan_tsv, plan_json)
     if meta.get("model_checksum") != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
+    if model.kind == "classical":  # numpy on the CPU; one haematoxylin threshold for the slide
+        model.module.threshold = meta.get("classical_threshold")
+        if model.module.threshold is None:
+            plan = plan.iloc[:0]
+        log(f"classical model (no GPU): haematoxylin threshold {model.module.threshold}, "
+            f"settings {model.module.params.as_dict()}")
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     merger = StoreMerger(out_store, geom, spec, tissue, meta["tissue_downsample"], model.postprocess)
     if model.postprocess:

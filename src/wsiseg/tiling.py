@@ -258,10 +258,11 @@ def run(slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, 
     model = load_model(model_cfg)
     margin = plan_margin(model, tiling_cfg.get("margin", "auto"), bool(tiling_cfg.get("allow_small_margin", False)), log)
     spec = tile_spec_for(model, int(tiling_cfg["tile_size"]), margin)
+    tinfo = read_json(tissue_json)
     with open_slide(slide_path, slide_id, mpp) as slide:
         geom = Geometry.for_slide(slide, model.mpp)
-    tinfo = read_json(tissue_json)
-    plan = plan_tiles(geom, spec, load_mask(tissue_png), tinfo["thumbnail_downsample"])
+        plan = plan_tiles(geom, spec, load_mask(tissue_png), tinfo["thumbnail_downsample"])
+        extra = classical_threshold_for(slide, geom, spec, plan, model_cfg, log) if model.kind == "classical" else {}
     rows, cols = math.ceil(geom.height / spec.tile_size), math.ceil(geom.width / spec.tile_size)
     log(
         f"slide {geom.width0}x{geom.height0} level-0 px at {geom.mpp0:.4f} µm/px -> {geom.width}x{geom.height} "
@@ -274,6 +275,25 @@ def run(slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, 
         slide_id=slide_id, model=model.name, model_checksum=model.checksum, halo=model.halo,
         grid_rows=rows, grid_cols=cols, elapsed_s=time.monotonic() - t0,
         tissue_downsample=tinfo["thumbnail_downsample"],
-        model_classes=model.classes, mask_classes=model.mask_classes, postprocess=model.postprocess,
+        model_classes=model.classes, mask_classes=model.mask_classes, postprocess=model.postprocess, **extra,
     ))
     return dict(n_tiles=len(plan))
+
+
+CLASSICAL_SAMPLE_TILES = 64  # tissue tiles whose haematoxylin histogram sets a slide's threshold
+
+
+def classical_threshold_for(slide, geom: Geometry, spec: TileSpec, plan: pd.DataFrame, model_cfg: dict, log) -> dict:
+    """The classical model's one haematoxylin threshold for the whole slide (see wsiseg.classical)."""
+    from . import classical
+
+    params = classical.params_from_cfg(model_cfg)
+    rows = classical.sample_rows(len(plan), CLASSICAL_SAMPLE_TILES)
+    windows = (read_window(slide, geom, int(plan.wx.iat[i]), int(plan.wy.iat[i]), int(plan.n.iat[i])) for i in rows)
+    try:
+        thr = classical.slide_threshold(windows, geom.target_mpp, params, spec.margin)
+    except ValueError:  # no tiles, or uniform pixels: nothing to segment
+        log("classical model: no tissue contrast to set the haematoxylin threshold; the mask will be empty")
+        return dict(classical_threshold=None)
+    log(f"classical model: haematoxylin threshold {thr:.4f} (Otsu over {len(rows)} tissue tiles)")
+    return dict(classical_threshold=thr)

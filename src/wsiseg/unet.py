@@ -141,7 +141,7 @@ class ModelSpec:
     mpp: float
     name: str
     checksum: str  # sha256 of the weights file
-    kind: str  # 'unet' or 'torchscript'
+    kind: str  # 'unet', 'torchscript' or 'classical'
     align: int  # tile origins must be multiples of this (2**depth)
     border: int | None  # px lost per side ('valid' networks), 0 for 'same' (None: not measured)
     halo: int | None  # receptive-field radius, px (None: not measured)
@@ -160,6 +160,8 @@ class ModelSpec:
         raise ConfigError(f"no legal input size for model '{self.name}' near {n_min}")
 
     def _out(self, n: int):
+        if self.kind == "classical":
+            return n
         if isinstance(self.module, UNet):
             return self.module.output_size(n)
         out = _probe(self.module, n)
@@ -204,6 +206,14 @@ def load_model(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSp
     The checkpoint's embedded architecture, classes and mpp are used unless the
     config gives them; a conflict is an error.
     """
+    if cfg.get("format") == "classical":  # the haematoxylin baseline: no weights, CPU only
+        from . import classical
+
+        params = classical.params_from_cfg(cfg)
+        mpp = float(cfg["mpp"])
+        module = classical.ClassicalNuclei(mpp, params)
+        return ModelSpec(module, list(classical.CLASSES), mpp, cfg["name"], classical.checksum(params), "classical",
+                         1, 0, classical.halo_px(params, mpp))
     path = cfg["weights"]
     checksum = sha256(path)
     if cfg.get("format", "auto") == "torchscript" or (cfg.get("format", "auto") == "auto" and is_torchscript(path)):

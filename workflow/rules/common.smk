@@ -56,8 +56,13 @@ def get_slide_mpp(wildcards):
     return None if pd.isna(mpp) else float(mpp)
 
 
+def is_classical_model():
+    return config["model"].get("format") == "classical"
+
+
 def get_model_weights(wildcards=None):
-    return config["model"]["weights"]
+    """The weights file (a rule input, so new weights remake plans and masks); none for the classical model."""
+    return [] if is_classical_model() else config["model"]["weights"]
 
 
 def model_cfg():
@@ -65,7 +70,7 @@ def model_cfg():
 
 
 def segment_resources_gpu():
-    return 1 if config.get("device", "auto") in ("cuda", "gpu") else 0
+    return 1 if config.get("device", "auto") in ("cuda", "gpu") and not is_classical_model() else 0
 
 
 # ------------------------------------------------------- cluster job resources

@@ -55,6 +55,7 @@ rule evaluate_set:
     params:
         tta=EVAL.get("tta", True),
         device=config.get("device", "auto"),
+        model=lambda w: {} if w.method == "classical-baseline" else model_cfg(),
     log:
         f"logs/evaluation/{{set}}/{{method}}.log",
     benchmark:
