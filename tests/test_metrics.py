@@ -6,8 +6,15 @@ from conftest import DATA, REPO
 from scipy import ndimage as ndi
 
 from wsiseg import labels as L
-from wsiseg.evaluate import aji, all_metrics, object_f1, pixel_metrics
-from wsiseg.postprocess import InstanceParams, classical_instances, instances_from_probs, separated_mask
+from wsiseg.evaluate import aji, all_metrics, evaluate_set, object_f1, pixel_metrics
+from wsiseg.postprocess import (
+    BaselineParams,
+    InstanceParams,
+    classical_instances,
+    fill_small_holes,
+    instances_from_probs,
+    separated_mask,
+)
 
 
 def boxes(shape, *spec):
@@ -81,6 +88,32 @@ def test_classical_baseline_finds_nuclei_on_a_real_tile():
     n_true = s.instances.max()
     assert 0.5 * n_true < ids.max() < 1.5 * n_true
     assert m["dice"] > 0.6 and m["aji"] > 0.3
+
+
+def test_small_holes_are_filled_but_not_a_ring_of_nuclei():
+    """A hole inside a nucleus is filled; the lumen enclosed by a ring of touching nuclei is not."""
+    yy, xx = np.mgrid[:200, :200]
+    r = np.hypot(yy - 100, xx - 100)
+    ring = (r > 40) & (r < 52)  # a ring of nuclei around a gland's lumen (0.5 µm/px: 80 µm wide)
+    nucleus = (np.hypot(yy - 20, xx - 20) < 8) & ~(np.hypot(yy - 20, xx - 20) < 2)  # a vesicular nucleus
+    out = fill_small_holes(ring | nucleus, 0.5)
+    assert out[20, 20] and not out[100, 100]
+    assert out.sum() == (ring | nucleus).sum() + ((np.hypot(yy - 20, xx - 20) < 2)).sum()
+    # the U-Net post-processing keeps the lumen empty too
+    prob = np.stack([1.0 - ring, ring * 1.0, np.zeros_like(r)]).astype(np.float32)
+    assert instances_from_probs(prob, 0.5)[100, 100] == 0
+
+
+def test_evaluate_scores_the_baseline_with_given_settings(tmp_path):
+    sheet = tmp_path / "one.tsv"
+    rows = L.read_sheet(str(REPO / "config/labeled/miccai2015-train.tsv")).iloc[:1]  # image01, 20x
+    rows.to_csv(sheet, sep="\t", index=False)
+    default = evaluate_set(str(sheet), "baseline", str(tmp_path / "a.csv"))
+    strict = evaluate_set(str(sheet), "baseline", str(tmp_path / "b.csv"),
+                          baseline_params=BaselineParams(min_object_um2=60.0))
+    assert default["dice"].iloc[0] > 0.6  # image01 row
+    # dropping objects under 60 µm² removes pixels: recall falls, precision does not
+    assert strict["recall"].iloc[0] < default["recall"].iloc[0]
 
 
 def test_labeled_data_is_where_the_sheets_say():
