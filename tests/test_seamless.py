@@ -5,7 +5,8 @@ where the slide is not a multiple of the tile size."""
 import numpy as np
 import pytest
 import torch
-from conftest import CMU, corrupt_slide
+from conftest import CMU, REPO, corrupt_slide
+from scipy import ndimage as ndi
 
 from wsiseg.segment import ArrayMerger, StoreMerger, run_segmentation
 from wsiseg.slide import open_slide
@@ -167,3 +168,36 @@ def test_corrupt_tile_is_background_and_reported(tmp_path):
     with pytest.raises(SlideError, match="tiles could not be decoded"):
         run_segmentation(str(path), "corrupt", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
                          torch.device("cpu"), batch_size=4, max_unreadable_fraction=0.0)
+
+
+def test_instances_agree_across_tile_borders(tmp_path):
+    """The shipped nuclei model's instance post-processing runs on each tile's whole window:
+    stitched, the separated nuclei equal the same post-processing run once over the stitched
+    probabilities (ties in the watershed aside), so nuclei on a tile border are split alike
+    from both sides and counted once."""
+    from wsiseg.postprocess import InstanceParams, instances_from_probs, separated_mask
+    from wsiseg.unet import load_model
+
+    spec = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
+    assert spec.postprocess
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    block = plan[plan.row.between(6, 9) & plan.col.between(6, 9)]  # 4 x 4 tiles of 128 px, mid-region
+    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module, ArrayMerger(geom, 3),
+                              torch.device("cpu"), batch_size=4)
+    run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module,
+                     StoreMerger(str(tmp_path / "s"), geom, tiles, postprocess=spec.postprocess),
+                     torch.device("cpu"), batch_size=4)
+    y0, x0, side = 6 * 128, 6 * 128, 4 * 128
+    prob = torch.softmax(torch.from_numpy(logits[:, y0 : y0 + side, x0 : x0 + side]), 0).numpy()
+    ref = separated_mask(instances_from_probs(prob, 0.5, InstanceParams(**spec.postprocess)))
+    with TileStore(str(tmp_path / "s")) as st:
+        tiled = st.read(y0, x0, side, side)
+    inner = (slice(40, -40), slice(40, -40))  # the reference lacks context at the block's own edge
+    n = ndi.label(ref[inner], structure=np.ones((3, 3)))[1]
+    assert n > 100
+    diff = (tiled != ref)[inner]
+    assert diff.sum() < 0.005 * ref[inner].sum(), (diff.sum(), ref[inner].sum())
+    assert abs(ndi.label(tiled[inner], structure=np.ones((3, 3)))[1] - n) <= 0.01 * n

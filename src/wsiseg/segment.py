@@ -1,7 +1,9 @@
 """Segment: stream the tile plan through the network, keep each tile's write region.
 
 Splitter/merger split as in MONAI: :class:`TileDataset` yields (window, tile
-index); a merger has ``aggregate(tile, output)`` and ``finalize()``.
+index); a merger has ``aggregate(tile, output, keep)`` and ``finalize()``, where
+``output`` is the network's output over the whole read window and ``keep`` the
+slice of it that is the tile's write region.
 :class:`StoreMerger` writes argmax labels into a :class:`TileStore` (the
 workflow's intermediate); :class:`ArrayMerger` keeps logits in memory (tests
 and small images only).
@@ -74,13 +76,15 @@ class StoreMerger:
         self.tissue, self.tissue_ds0 = tissue, tissue_ds0
         self.postprocess = InstanceParams(**postprocess) if postprocess else None
 
-    def aggregate(self, tile, logits: torch.Tensor) -> None:
+    def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
         if self.postprocess is not None:  # background/object/boundary -> separated objects
-            prob = torch.softmax(logits[:, : tile.th, : tile.tw].float(), 0).cpu().numpy()
+            # over the whole window, then cropped: a clump of nuclei on a tile border is seen
+            # whole from both sides, so both tiles draw the same dividing lines
+            prob = torch.softmax(out.float(), 0).cpu().numpy()
             ids = instances_from_probs(prob, self.geom.target_mpp, self.postprocess)
-            labels = separated_mask(ids)
+            labels = separated_mask(ids)[keep, keep][: tile.th, : tile.tw]
         else:
-            labels = logits.argmax(0).to(torch.uint8).cpu().numpy()[: tile.th, : tile.tw]
+            labels = out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[: tile.th, : tile.tw]
         if self.tissue is not None:
             labels = labels * self._tissue_in(tile)
         self.store.write_chunk(int(tile.row), int(tile.col), labels)
@@ -102,9 +106,9 @@ class ArrayMerger:
     def __init__(self, geom: Geometry, n_classes: int):
         self.logits = np.full((n_classes, geom.height, geom.width), np.nan, np.float32)
 
-    def aggregate(self, tile, logits: torch.Tensor) -> None:
+    def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
         self.logits[:, tile.ty : tile.ty + tile.th, tile.tx : tile.tx + tile.tw] = (
-            logits[:, : tile.th, : tile.tw].float().cpu().numpy()
+            out[:, keep, keep][:, : tile.th, : tile.tw].float().cpu().numpy()
         )
 
     def finalize(self) -> np.ndarray:
@@ -169,7 +173,6 @@ def run_segmentation(
             assert out.shape[-1] >= keep.stop and out.shape[-2] >= keep.stop, (
                 f"model output {tuple(out.shape[-2:])} does not cover the write region {keep}"
             )
-            core = out[:, :, keep, keep]
             for j, i in enumerate(idx.tolist()):
                 tile = rows[i]
                 if errors[j]:
@@ -186,7 +189,7 @@ def run_segmentation(
                             "to accept unreadable regions as background",
                         )
                     continue
-                merger.aggregate(tile, core[j])
+                merger.aggregate(tile, out[j], keep)
             done += len(idx)
             now = time.monotonic()
             if now - last >= log_every_s or done == len(ds):
