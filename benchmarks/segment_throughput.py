@@ -70,7 +70,8 @@ def main():
                     merger.store.close()
                 rows.append((dev.type, amp, workers, batch, len(plan), dt))
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"model: {'classical nuclei model' if model.kind == 'classical' else args.weights} ({model.kind})")
+    shown = "classical nuclei model" if model.kind == "classical" else os.path.relpath(args.weights, os.path.join(HERE, ".."))
+    print(f"model: {shown} ({model.kind})")
     print(f"slide {os.path.basename(slide)}: {geom.width}x{geom.height} target px at {model.mpp} µm/px; "
           f"tile {spec.tile_size}, window {spec.window}; torch threads {torch.get_num_threads()}")
     print(f"{'device':>6} {'amp':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>7}")
