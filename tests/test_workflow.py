@@ -212,3 +212,14 @@ def test_train_then_evaluate_targets(tmp_path):
         png = Image.open(tmp_path / f"results/evaluation/small/tiny/overlays/{name}.png")
         assert png.size == Image.open(miccai / f"{name}.png").size
     assert job_counts(snakemake(tmp_path, cfgfile, "evaluate", "-n").stdout) == {}
+
+
+def test_train_without_a_sheet_says_what_to_set(tmp_path):
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg["train"].pop("sheet")
+    cfg["slides"] = str(REPO / cfg["slides"])
+    cfgfile = tmp_path / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    res = snakemake(tmp_path, cfgfile, "-n", "train", check=False)
+    assert res.returncode != 0 and "the train target needs train.sheet" in res.stdout + res.stderr
+    assert snakemake(tmp_path, cfgfile, "-n").returncode == 0  # inference alone does not need it

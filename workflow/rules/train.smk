@@ -15,13 +15,23 @@ def eval_methods():
     return out
 
 
+def get_train_sheet(wildcards):
+    """train.sheet; asked for only when the train target is in the run."""
+    if not TRAIN.get("sheet"):
+        raise WorkflowError(
+            "the train target needs train.sheet: a labeled-set TSV (image, labels, mpp[, split]); "
+            "set it in config.yaml's train: block or with --config, see config/README.md"
+        )
+    return TRAIN["sheet"]
+
+
 def get_eval_sheet(wildcards):
     return EVAL["sets"][wildcards.set]
 
 
 rule train:
     input:
-        sheet=TRAIN.get("sheet", "config/labeled/train.tsv"),
+        sheet=get_train_sheet,
     output:
         best=f"{TRAIN_DIR}/best.pt",
         metrics=report(f"{TRAIN_DIR}/metrics.csv", caption="../report/train.rst", category="Training"),
