@@ -54,7 +54,7 @@ def main():
         geom = Geometry.for_slide(s, model.mpp)
         plan = plan_tiles(geom, spec, None, 1)
         if model.kind == "classical":  # the plan stage's one threshold for the slide
-            thr = classical_threshold_for(s, geom, spec, plan, cfg, lambda m: None)
+            thr = classical_threshold_for(lambda: open_slide(slide), geom, spec, plan, cfg, lambda m: None)
             model.module.threshold = thr["classical_threshold"]
     rows = []
     amps = [False, True] if dev.type == "cuda" else [False]

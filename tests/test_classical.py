@@ -10,7 +10,7 @@ import pandas as pd
 import tifffile
 import torch
 import yaml
-from conftest import CMU, REPO
+from conftest import CMU, REPO, corrupt_slide
 from e2e import snakemake
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
@@ -47,7 +47,8 @@ def test_tiles_equal_one_pass_with_the_slide_threshold():
         margin = plan_margin(spec, "auto", False)
         tiles = tile_spec_for(spec, 256, margin)
         plan = plan_tiles(geom, tiles, None, 1)
-        thr = tiling.classical_threshold_for(s, geom, tiles, plan, CFG, print)["classical_threshold"]
+        thr = tiling.classical_threshold_for(lambda: open_slide(str(CMU)), geom, tiles, plan, CFG, print)
+        thr = thr["classical_threshold"]
     # the sampled threshold is close to Otsu's over the whole region's tissue pixels
     h = haematoxylin(img, 0.5, BaselineParams())
     full = threshold_otsu(h[img.min(-1) < classical.GLASS_RGB])
@@ -88,6 +89,20 @@ def test_plan_stage_stores_the_threshold(tmp_path):
     meta = json.load(open(tmp_path / "plan.json"))
     assert meta["classical_threshold"] > 0 and meta["mask_classes"] == ["background", "nucleus"]
     assert meta["model"] == "classical-nuclei" and meta["tiles"]["margin"] == 42
+
+
+def test_a_corrupt_sampled_tile_is_skipped(tmp_path):
+    path = tmp_path / "damaged.tif"
+    corrupt_slide(path)
+    spec = load_model(dict(CFG))
+    with open_slide(str(path)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    msgs = []
+    out = tiling.classical_threshold_for(lambda: open_slide(str(path)), geom, tiles, plan, CFG, msgs.append)
+    assert any("skipped" in m for m in msgs), msgs
+    assert out["classical_threshold"] > 0
 
 
 def test_workflow_with_the_classical_model(tmp_path):

@@ -262,7 +262,9 @@ def run(slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, 
     with open_slide(slide_path, slide_id, mpp) as slide:
         geom = Geometry.for_slide(slide, model.mpp)
         plan = plan_tiles(geom, spec, load_mask(tissue_png), tinfo["thumbnail_downsample"])
-        extra = classical_threshold_for(slide, geom, spec, plan, model_cfg, log) if model.kind == "classical" else {}
+    extra = {}
+    if model.kind == "classical":
+        extra = classical_threshold_for(lambda: open_slide(slide_path, slide_id, mpp), geom, spec, plan, model_cfg, log)
     rows, cols = math.ceil(geom.height / spec.tile_size), math.ceil(geom.width / spec.tile_size)
     log(
         f"slide {geom.width0}x{geom.height0} level-0 px at {geom.mpp0:.4f} µm/px -> {geom.width}x{geom.height} "
@@ -283,15 +285,34 @@ def run(slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, 
 CLASSICAL_SAMPLE_TILES = 64  # tissue tiles whose haematoxylin histogram sets a slide's threshold
 
 
-def classical_threshold_for(slide, geom: Geometry, spec: TileSpec, plan: pd.DataFrame, model_cfg: dict, log) -> dict:
-    """The classical model's one haematoxylin threshold for the whole slide (see wsiseg.classical)."""
+def classical_threshold_for(opener, geom: Geometry, spec: TileSpec, plan: pd.DataFrame, model_cfg: dict, log) -> dict:
+    """The classical model's one haematoxylin threshold for the whole slide (see wsiseg.classical).
+
+    ``opener()`` opens the slide; a sampled tile that cannot be decoded is skipped
+    (and the slide reopened, as OpenSlide's handle stays in an error state).
+    """
     from . import classical
+    from .errors import SlideError
 
     params = classical.params_from_cfg(model_cfg)
     rows = classical.sample_rows(len(plan), CLASSICAL_SAMPLE_TILES)
-    windows = (read_window(slide, geom, int(plan.wx.iat[i]), int(plan.wy.iat[i]), int(plan.n.iat[i])) for i in rows)
+
+    def windows():
+        slide = opener()
+        try:
+            for i in rows:
+                try:
+                    yield read_window(slide, geom, int(plan.wx.iat[i]), int(plan.wy.iat[i]), int(plan.n.iat[i]))
+                except SlideError as exc:
+                    log(f"classical model: sampled tile row {plan.row.iat[i]} col {plan.col.iat[i]} skipped: "
+                        f"{exc.problem}")
+                    slide.close()
+                    slide = opener()
+        finally:
+            slide.close()
+
     try:
-        thr = classical.slide_threshold(windows, geom.target_mpp, params, spec.margin)
+        thr = classical.slide_threshold(windows(), geom.target_mpp, params, spec.margin)
     except ValueError:  # no tiles, or uniform pixels: nothing to segment
         log("classical model: no tissue contrast to set the haematoxylin threshold; the mask will be empty")
         return dict(classical_threshold=None)
