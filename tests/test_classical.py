@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from wsiseg import classical, tiling
+from wsiseg import labels as L
 from wsiseg.postprocess import BaselineParams, classical_instances, haematoxylin, separated_mask
 from wsiseg.segment import ArrayMerger, run_segmentation
 from wsiseg.slide import open_slide
@@ -73,6 +74,7 @@ def test_tiles_equal_one_pass_with_the_slide_threshold():
     # the threshold matters: Otsu per tile would give another mask (why the slide gets one threshold)
     tile_thr = threshold_otsu(haematoxylin(img[:256, :256], 0.5, BaselineParams()))
     assert abs(tile_thr - thr) > 0.1 * thr
+
 
 def test_plan_stage_stores_the_threshold(tmp_path):
     from PIL import Image
@@ -132,3 +134,22 @@ def test_workflow_with_the_classical_model(tmp_path):
     from test_workflow import check_synthetic_nuclei
 
     check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.7)
+
+
+def test_evaluate_scores_the_classical_model_with_its_settings(tmp_path):
+    """`snakemake evaluate --configfile config/classical.yaml`: the classical model needs no
+    weights; with the default settings it scores exactly as the classical baseline."""
+    sheet = tmp_path / "one.tsv"
+    rows = L.read_sheet(str(REPO / "config/labeled/miccai2015-train.tsv")).iloc[:1]  # image01, 20x
+    rows.to_csv(sheet, sep="\t", index=False)
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg["model"] = yaml.safe_load(open(REPO / "config" / "classical.yaml"))["model"]
+    cfg["slides"] = str(REPO / cfg["slides"])
+    cfg["evaluate"] = dict(sets={"one": str(sheet)}, methods=["model", "baseline"], tta=False)
+    cfgfile = tmp_path / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, cfgfile, "evaluate")
+    comp = pd.read_csv(tmp_path / "results" / "evaluation" / "comparison.csv").set_index("method")
+    assert list(comp.index) == ["classical-nuclei", "classical-baseline"]
+    assert comp.loc["classical-nuclei", "dice"] > 0.6
+    assert comp.loc["classical-nuclei", "aji"] == comp.loc["classical-baseline", "aji"]
