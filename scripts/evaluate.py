@@ -4,8 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wsiseg import evaluate  # noqa: E402
-from wsiseg.postprocess import BaselineParams  # noqa: E402
+from wsiseg import classical, evaluate  # noqa: E402
 from wsiseg.runner import stage  # noqa: E402
 from wsiseg.segment import pick_device  # noqa: E402
 
@@ -18,5 +17,5 @@ with stage("evaluate", f"{sm.wildcards.set}/{sm.wildcards.method}", sm.log[0]) a
     evaluate.evaluate_set(
         sm.input.sheet, "baseline" if baseline else "unet", sm.output.metrics, sm.output.overlays,
         weights=None if baseline else sm.input.weights[0], device=str(device), tta=bool(sm.params.tta), log=log.info,
-        baseline_params=BaselineParams(**(model_cfg.get("classical") or {})) if classical_model else None,
+        baseline_params=classical.params_from_cfg(model_cfg) if classical_model else None,
     )
