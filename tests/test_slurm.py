@@ -58,7 +58,7 @@ def ci_profile(dst):
     """profiles/slurm with the partition filled in, as the README tells a user to do."""
     prof = yaml.safe_load(open(REPO / "profiles" / "slurm" / "config.v8+.yaml"))
     prof["default-resources"]["slurm_partition"] = "debug"
-    prof["set-resources"]["segment"]["slurm_partition"] = "debug"
+    prof["set-resources"]["segment"] = {"slurm_partition": "debug"}  # the commented FILL-IN, uncommented
     prof["latency-wait"] = 5
     dst.mkdir()
     (dst / "config.v8+.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
@@ -104,7 +104,9 @@ def slurm_run(cluster, tmp_path_factory):
     sheet = wd / "slides.tsv"
     sheet.write_text(f"slide_id\tpath\tmpp\ncmu\t{CMU}\t\ncorrupt\t{wd / 'corrupt.tif'}\t\n")
     cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
-    cfg.update(slides=str(sheet), device="cuda")  # the node's GPU is /dev/null: CPU fallback
+    # device: auto (the default): on a cluster the segment job asks for a GPU by itself (the
+    # profile does not force one); the node's GPU is /dev/null, so the job falls back to the CPU
+    cfg.update(slides=str(sheet), device="auto")
     cfg["model"] = dict(name=MODEL, weights=str(wd / "tiny.pt"), classes=CLASSES, mpp=0.5)
     # one worker: segment asks for 2 CPUs, the node's 2 cores; no unreadable tile allowed
     cfg["tiling"].update(tile_size=256, batch_size=4, workers=1, max_unreadable_fraction=0)

@@ -167,18 +167,22 @@ def test_rerun_only_what_must_change(archive, tmp_path):
 
 def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
     """device: cuda -> the segment rule asks for gpu=1 (what a cluster executor schedules on);
-    device: cpu -> no GPU is asked for."""
+    device: cpu -> no GPU is asked for; device: auto on a workstation -> none either (the
+    default profile's `resources: gpu: 1` would otherwise serialise CPU-only segment jobs).
+    auto on a cluster executor asks for one: tests/test_slurm.py."""
     wd, cfgfile, _ = archive
+    cfg = yaml.safe_load(open(cfgfile))
+    assert cfg["device"] == "cuda"
     res = snakemake(wd, cfgfile, "-n", "-R", "segment")
     seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
     assert len(seg) == len(OK) and all(re.search(r"resources: .*gpu=1", b) for b in seg)
-    cfg = yaml.safe_load(open(cfgfile))
-    cfg["device"] = "cpu"
-    cpu_cfg = tmp_path / "cpu.yaml"
-    cpu_cfg.write_text(yaml.safe_dump(cfg))
-    res = snakemake(wd, cpu_cfg, "-n", "-R", "segment")
-    seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
-    assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg)
+    for device in ("cpu", "auto"):
+        cfg["device"] = device
+        dev_cfg = tmp_path / f"{device}.yaml"
+        dev_cfg.write_text(yaml.safe_dump(cfg))
+        res = snakemake(wd, dev_cfg, "-n", "-R", "segment")
+        seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
+        assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg), device
 
 
 # ------------------------------------------------------ train and evaluate targets

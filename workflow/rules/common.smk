@@ -69,8 +69,26 @@ def model_cfg():
     return dict(config["model"])
 
 
-def segment_resources_gpu():
-    return 1 if config.get("device", "auto") in ("cuda", "gpu") and not is_classical_model() else 0
+def gpu_request(device):
+    """The gpu resource (SLURM: sbatch --gpus) of a rule that runs a U-Net on ``device``.
+
+    'cuda'/'gpu' -> 1; 'cpu' -> 0; 'auto' -> 1 when the jobs go to a cluster executor
+    (--executor slurm: the login node cannot tell whether the nodes have GPUs, so the
+    job asks for one and 'auto' uses it), 0 on a workstation, where a gpu resource would
+    only serialise CPU jobs under the default profile's `resources: gpu: 1`. Evaluated
+    per job, once the executor is known (the DAG is built after it is set).
+    """
+    device = str(device or "auto")
+    if device in ("cuda", "gpu"):
+        return 1
+    if device == "auto":
+        return 1 if getattr(workflow, "non_local_exec", False) else 0
+    return 0
+
+
+def segment_resources_gpu(wildcards):
+    """The classical model runs on the CPU: no GPU, whatever `device` says."""
+    return 0 if is_classical_model() else gpu_request(config.get("device", "auto"))
 
 
 # ------------------------------------------------------- cluster job resources

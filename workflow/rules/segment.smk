@@ -17,7 +17,7 @@ rule segment:
         clip=config["tissue"]["clip_mask"],
     threads: max(1, int(config["tiling"]["workers"]) + 1)
     resources:
-        gpu=segment_resources_gpu(),  # profiles/slurm asks for gpu=1 whatever the device
+        gpu=segment_resources_gpu,  # 1 for a U-Net on a cluster (device auto/cuda), 0 for device cpu or the classical model
         cpus_per_task=lambda wildcards, threads: threads,  # the DataLoader workers + the main process
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=segment_runtime,  # minutes, from the slide's tile count

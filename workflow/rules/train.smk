@@ -47,7 +47,7 @@ rule train:
         f"benchmarks/training/{TRAIN.get('name', 'unet')}.tsv"
     threads: max(1, int(TRAIN.get("threads", 0) or 2))
     resources:
-        gpu=1 if TRAIN.get("device") in ("cuda", "gpu") else 0,
+        gpu=lambda wildcards: gpu_request(TRAIN.get("device", "auto")),
         mem_mb=8000,
     conda:
         "../../envs/torch.yaml"
@@ -66,6 +66,8 @@ rule evaluate_set:
         tta=EVAL.get("tta", True),
         device=config.get("device", "auto"),
         model=lambda w: {} if w.method == "classical-baseline" else model_cfg(),
+    resources:
+        gpu=lambda w: 0 if w.method == "classical-baseline" else segment_resources_gpu(w),
     log:
         f"logs/evaluation/{{set}}/{{method}}.log",
     benchmark:
