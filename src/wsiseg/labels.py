@@ -362,6 +362,11 @@ def border_weight_map(ids: np.ndarray, w0: float = 10.0, sigma: float = 5.0, cla
     d1, d2: distances to the nearest and second-nearest object; the term applies
     to background pixels (the gaps between touching objects). w_c balances the
     class frequencies (background vs object).
+
+    Each object's distance map is computed only within its bounding box grown by
+    ``6 sigma``: farther out d1 + d2 > 6 sigma, where the term is below
+    ``w0 * exp(-18)`` (1.5e-7 for w0 = 10), so it is left out. Cost grows with
+    the objects' area, not with (objects x crop area).
     """
     ids = np.asarray(ids)
     fg = ids > 0
@@ -370,13 +375,23 @@ def border_weight_map(ids: np.ndarray, w0: float = 10.0, sigma: float = 5.0, cla
         f = fg.mean()
         w[fg] = 0.5 / f
         w[~fg] = 0.5 / (1 - f)
-    objs = np.unique(ids[fg])
-    if len(objs) >= 2:
+    objs, lab = np.unique(np.where(fg, ids, 0), return_inverse=True)
+    lab = lab.reshape(ids.shape)
+    if objs[0] != 0:  # no background pixel: ids 1.. are objects 1..
+        lab = lab + 1
+    n_obj = int(lab.max())
+    if n_obj >= 2:
+        reach = int(np.ceil(6 * sigma))
         d1 = np.full(ids.shape, np.inf, np.float32)
         d2 = np.full(ids.shape, np.inf, np.float32)
-        for k in objs:
-            d = ndi.distance_transform_edt(ids != k).astype(np.float32)
-            d2 = np.minimum(d2, np.maximum(d1, d))
-            d1 = np.minimum(d1, d)
-        w += np.where(fg, 0.0, w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))).astype(np.float32)
+        for k, box in enumerate(ndi.find_objects(lab), start=1):
+            if box is None:
+                continue
+            win = tuple(slice(max(0, s.start - reach), min(n, s.stop + reach)) for s, n in zip(box, ids.shape))
+            d = ndi.distance_transform_edt(lab[win] != k).astype(np.float32)
+            D1, D2 = d1[win], d2[win]  # views: written back in place
+            np.minimum(D2, np.maximum(D1, d), out=D2)
+            np.minimum(D1, d, out=D1)
+        gap = np.where(fg, np.inf, d1 + d2)
+        w += (w0 * np.exp(-(gap**2) / (2 * sigma**2))).astype(np.float32)
     return w
