@@ -133,7 +133,9 @@ def test_workflow_with_the_classical_model(tmp_path):
     assert st["nucleus_count"] == n and st["model"] == "classical-nuclei"
     from test_workflow import check_synthetic_nuclei
 
-    check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.7)
+    objects = pd.read_csv(res / "example" / "objects.csv.gz")
+    assert len(objects) == n
+    check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.7, objects=objects)
 
 
 def test_evaluate_scores_the_classical_model_with_its_settings(tmp_path):

@@ -15,6 +15,7 @@ from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide
 from e2e import CLASSES, MODEL, check_slide_outputs, snakemake, tiny_model
 from PIL import Image
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from wsiseg.unet import UNet, save_checkpoint
 
@@ -52,20 +53,36 @@ def test_readme_example_with_shipped_config(tmp_path):
     lab, n = ndi.label(mask == 1, structure=np.ones((3, 3)))
     st = pd.read_csv(res / "example" / "stats.csv").iloc[0]
     assert st["nucleus_count"] == n and "boundary_count" not in st
-    check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.75)
+    # one row per nucleus: its area and where it is on the slide (level-0 px, as QuPath counts)
+    objects = pd.read_csv(res / "example" / "objects.csv.gz")
+    assert len(objects) == n and set(objects["class"]) == {"nucleus"} and (objects["slide_id"] == "example").all()
+    assert objects["object_id"].tolist() == list(range(1, n + 1))
+    assert objects["area_um2"].sum() == pytest.approx(st["nucleus_area_mm2"] * 1e6, rel=1e-9)
+    com = np.array(ndi.center_of_mass(mask == 1, lab, np.arange(1, n + 1))) + 0.5  # pixel i spans [i, i+1)
+    want = com[:, ::-1] * 2  # (x, y); mask px -> level-0 px: 0.5 / 0.25 µm/px
+    got = objects[["centroid_x_px", "centroid_y_px"]].to_numpy()
+    dist, nearest = cKDTree(want).query(got)
+    assert dist.max() < 0.02 and len(set(nearest.tolist())) == n  # each nucleus once, where scipy puts it
+    assert np.allclose(objects["centroid_x_um"], objects["centroid_x_px"] * 0.25, atol=0.01)
+    check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.75, objects=objects)
 
 
-def check_synthetic_nuclei(wd, mask, n, min_dice):
+def check_synthetic_nuclei(wd, mask, n, min_dice, objects=None):
     """The example's mask and nucleus count against the synthetic slide's own nuclei
-    (the generator returns their labels)."""
+    (the generator returns their labels); ``objects`` (objects.csv.gz): the level-0
+    centroids fall on the generator's nuclei."""
     from wsiseg.evaluate import pixel_metrics
     from wsiseg.labels import resize_labels
     from wsiseg.synthetic import make_he_image
 
     with openslide.OpenSlide(str(wd / "resources/example/synthetic_he.tif")) as s:
         w0, h0 = s.dimensions
-    _, truth = make_he_image(w0, h0, 0.25, 0)
-    truth = resize_labels(truth, mask.shape)
+    _, truth0 = make_he_image(w0, h0, 0.25, 0)
+    if objects is not None:
+        x = objects["centroid_x_px"].to_numpy().astype(int)
+        y = objects["centroid_y_px"].to_numpy().astype(int)
+        assert (truth0[y, x] > 0).mean() > 0.95
+    truth = resize_labels(truth0, mask.shape)
     n_true = len(np.unique(truth)) - 1
     # the generator lets nuclei overlap with no visible border: a clump of them is one blob
     _, n_blobs = ndi.label(truth > 0, structure=np.ones((3, 3)))

@@ -2,15 +2,19 @@
 
 Objects are 8-connected components of one class. Each tile is labelled on its
 own; components that touch across tile borders are merged with a union-find,
-so an object crossing tile borders counts once. Memory: one tile, one row of
-labels the width of the mask, and one entry per object.
+so an object crossing tile borders counts once, and its area, centroid and
+bounding box are summed over its pieces (the per-object table, objects.csv.gz).
+Memory: one tile, one row of labels the width of the mask, and one entry per
+object.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import tifffile
 from scipy import ndimage as ndi
 
@@ -65,15 +69,43 @@ def array_tiles(arr: np.ndarray, tile: int) -> Iterator[tuple[int, int, np.ndarr
             yield y, x, arr[y : y + tile, x : x + tile]
 
 
+class _Grow:
+    """A growable 1-d numpy array (amortised appends; no Python object per entry)."""
+
+    def __init__(self, dtype, first=0):
+        self.a = np.zeros(1024, dtype)
+        self.a[0] = first
+        self.n = 1
+
+    def extend(self, v) -> None:
+        v = np.asarray(v, self.a.dtype)
+        need = self.n + len(v)
+        if need > len(self.a):
+            self.a = np.concatenate([self.a, np.zeros(max(need, 2 * len(self.a)) - len(self.a), self.a.dtype)])
+        self.a[self.n : need] = v
+        self.n = need
+
+    def get(self) -> np.ndarray:
+        return self.a[: self.n]
+
+
+OBJECT_FIELDS = ("area", "sum_x", "sum_y", "x0", "y0", "x1", "y1")
+
+
 def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_classes: int) -> dict:
-    """Per class k >= 1: pixel count and the pixel area of each object.
+    """Per class k >= 1: pixel count, the pixel area of each object and its geometry.
 
     ``tiles`` must come in raster order (row of tiles by row of tiles, left to right),
     all tiles of a row having the same height.
+
+    ``out[k]["objects"]`` holds one entry per object of class k, in the order objects
+    are first met in raster order: ``area`` (px), ``cx``/``cy`` (centroid, px; pixel i
+    spans [i, i + 1), so a one-pixel object at column 0 has cx = 0.5) and the bounding
+    box ``x0``/``y0`` (first px) and ``x1``/``y1`` (one past the last), in mask px.
     """
     uf = _UnionFind()
-    cls = [0]  # class of each global id
-    area = [0]
+    cls = _Grow(np.int16)  # class of each component (id 0 = background)
+    comp = {f: _Grow(np.int64 if f in ("area", "x0", "y0", "x1", "y1") else np.float64) for f in OBJECT_FIELDS}
     pixels = np.zeros(n_classes, np.int64)
     prev_row = np.zeros(width, np.int64)  # ids of the last pixel row of the previous tile row
     cur_row = np.zeros(width, np.int64)
@@ -87,18 +119,33 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
         t = np.asarray(t)
         h, w = t.shape
         pixels += np.bincount(t.ravel(), minlength=n_classes)[:n_classes]
-        lab = np.zeros(t.shape, np.int64)
+        local = np.zeros(t.shape, np.int64)  # this tile's components, 1..m over all classes
+        m = 0
         for k in range(1, n_classes):
             sel = t == k
             if not sel.any():
                 continue
             lk, nk = ndi.label(sel, structure=S8)
-            base = len(cls)
-            lab[sel] = lk[sel] + (base - 1)
-            uf.add(nk)
-            cls.extend([k] * nk)
-            area.extend(np.bincount(lk.ravel(), minlength=nk + 1)[1:].tolist())
-        cls_arr = np.asarray(cls)
+            local[sel] = lk[sel] + m
+            m += nk
+            cls.extend(np.full(nk, k))
+        base = cls.n - m  # global id of local component 1
+        uf.add(m)
+        lab = local  # -> global ids, in place
+        if m:
+            flat = local.reshape(-1)  # a view: writing to it updates lab
+            nz = np.flatnonzero(flat)
+            comp_of = flat[nz]
+            area = np.bincount(comp_of, minlength=m + 1)[1:]
+            comp["area"].extend(area)
+            comp["sum_x"].extend(np.bincount(comp_of, weights=(nz % w).astype(np.float64), minlength=m + 1)[1:] + x * area)
+            comp["sum_y"].extend(np.bincount(comp_of, weights=(nz // w).astype(np.float64), minlength=m + 1)[1:] + y * area)
+            boxes = np.array([(b[1].start, b[0].start, b[1].stop, b[0].stop) for b in ndi.find_objects(local)],
+                             np.int64).reshape(-1, 4)
+            for f, col, off in (("x0", 0, x), ("y0", 1, y), ("x1", 2, x), ("y1", 3, y)):
+                comp[f].extend(boxes[:, col] + off)
+            flat[nz] += base - 1
+        cls_arr = cls.get()
         pairs = []
         if left_col is not None:  # vertical border with the tile on the left
             a, b = left_col, lab[:, 0]
@@ -123,20 +170,32 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
         left_col = lab[:, -1]
         cur_row[x : x + w] = lab[-1, :]
     roots = uf.roots()
-    area_arr = np.asarray(area, np.int64)
-    total = np.bincount(roots, weights=area_arr, minlength=len(roots)).astype(np.int64)
-    cls_arr = np.asarray(cls)
-    is_root = (roots == np.arange(len(roots))) & (np.arange(len(roots)) > 0)
+    n = len(roots)
+    c = {f: g.get() for f, g in comp.items()}
+    total = np.bincount(roots, weights=c["area"], minlength=n).astype(np.int64)
+    sum_x = np.bincount(roots, weights=c["sum_x"], minlength=n)
+    sum_y = np.bincount(roots, weights=c["sum_y"], minlength=n)
+    box = {}
+    for f, ufunc, init in (("x0", np.minimum, np.iinfo(np.int64).max), ("y0", np.minimum, np.iinfo(np.int64).max),
+                           ("x1", np.maximum, -1), ("y1", np.maximum, -1)):
+        box[f] = np.full(n, init, np.int64)
+        ufunc.at(box[f], roots, c[f])
+    cls_arr = cls.get()
+    is_root = (roots == np.arange(n)) & (np.arange(n) > 0)
     out = {}
     for k in range(1, n_classes):
         sel = is_root & (cls_arr == k)
-        out[k] = dict(pixels=int(pixels[k]), object_areas=total[sel])
-    out[0] = dict(pixels=int(pixels[0]), object_areas=np.zeros(0, np.int64))
+        area = total[sel]
+        objects = dict(area=area, cx=sum_x[sel] / np.maximum(area, 1) + 0.5, cy=sum_y[sel] / np.maximum(area, 1) + 0.5,
+                       **{f: v[sel] for f, v in box.items()})
+        out[k] = dict(pixels=int(pixels[k]), object_areas=area, objects=objects)
+    empty = np.zeros(0, np.int64)
+    out[0] = dict(pixels=int(pixels[0]), object_areas=empty, objects={f: empty for f in ("area", "cx", "cy", *box)})
     return out
 
 
-def slide_stats(mask_path: str, classes: list, mpp: float) -> dict:
-    """Stats columns for each class of a mask OME-TIFF at ``mpp`` µm/px."""
+def measure(mask_path: str, classes: list, mpp: float) -> tuple[dict, dict]:
+    """(stats columns for each class, count_objects' result) of a mask OME-TIFF at ``mpp`` µm/px."""
     with tifffile.TiffFile(mask_path) as tif:
         h, w = tif.series[0].levels[0].shape[-2:]
     counts = count_objects(mask_tiles(mask_path), w, len(classes))
@@ -152,15 +211,74 @@ def slide_stats(mask_path: str, classes: list, mpp: float) -> dict:
         row[f"{name}_count"] = int(len(areas))
         row[f"{name}_mean_area_um2"] = float(areas.mean()) if len(areas) else float("nan")
         row[f"{name}_median_area_um2"] = float(np.median(areas)) if len(areas) else float("nan")
-    return row
+    return row, counts
+
+
+def slide_stats(mask_path: str, classes: list, mpp: float) -> dict:
+    """Stats columns for each class of a mask OME-TIFF at ``mpp`` µm/px."""
+    return measure(mask_path, classes, mpp)[0]
+
+
+OBJECT_COLUMNS = [
+    "slide_id", "object_id", "class", "area_um2", "equivalent_diameter_um",
+    "centroid_x_um", "centroid_y_um", "centroid_x_px", "centroid_y_px",
+    "bbox_x_px", "bbox_y_px", "bbox_width_px", "bbox_height_px",
+]
+
+
+def object_rows(counts: dict, classes: list, mpp: float, scale0: float, slide_id: str,
+                chunk: int = 100_000) -> Iterator[pd.DataFrame]:
+    """The objects of every class >= 1 as tables of ``OBJECT_COLUMNS``, ``chunk`` rows at a time.
+
+    Positions are on the slide: µm from its top-left corner, and level-0 px (the
+    coordinates QuPath and OpenSlide use); ``scale0`` = level-0 px per mask px.
+    object_id counts from 1 over all classes, in the order objects are first met in
+    raster order.
+    """
+    next_id = 1
+    for k, name in enumerate(classes):
+        if k == 0 or k not in counts:
+            continue
+        o = counts[k]["objects"]
+        for i in range(0, len(o["area"]), chunk):
+            c = {f: v[i : i + chunk] for f, v in o.items()}
+            n = len(c["area"])
+            area_um2 = c["area"] * mpp * mpp
+            yield pd.DataFrame({
+                "slide_id": slide_id,
+                "object_id": np.arange(next_id, next_id + n),
+                "class": name,
+                "area_um2": area_um2,
+                "equivalent_diameter_um": 2 * np.sqrt(area_um2 / np.pi),
+                "centroid_x_um": c["cx"] * mpp, "centroid_y_um": c["cy"] * mpp,
+                "centroid_x_px": c["cx"] * scale0, "centroid_y_px": c["cy"] * scale0,
+                "bbox_x_px": c["x0"] * scale0, "bbox_y_px": c["y0"] * scale0,
+                "bbox_width_px": (c["x1"] - c["x0"]) * scale0, "bbox_height_px": (c["y1"] - c["y0"]) * scale0,
+            }, columns=OBJECT_COLUMNS)
+            next_id += n
+
+
+def write_objects(path: str, tables: Iterable[pd.DataFrame]) -> int:
+    """Write object tables to a CSV (gzip when ``path`` ends in .gz), table by table, atomically;
+    the header is written even when there is no object. Returns the number of rows."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    tmp = path + ".part"
+    n = 0
+    with opener(tmp, "wt", newline="") as fh:
+        pd.DataFrame(columns=OBJECT_COLUMNS).to_csv(fh, index=False)
+        for t in tables:
+            t.to_csv(fh, index=False, header=False, float_format="%.2f")
+            n += len(t)
+    os.replace(tmp, path)
+    return n
 
 
 def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timing_jsons: list, classes: list,
-        out_csv: str, log=print) -> dict:
-    """Stats stage: one-row stats.csv for a slide."""
+        out_csv: str, objects_csv: str | None = None, log=print) -> dict:
+    """Stats stage: one-row stats.csv for a slide, and (``objects_csv``) one row per object."""
     import time
-
-    import pandas as pd
 
     from .runner import read_json
 
@@ -176,7 +294,7 @@ def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timin
         level_read=geom["level"], tissue_method=ti["method"], tissue_area_mm2=ti["tissue_area_mm2"],
         n_tiles=pl["n_tiles"],
     )
-    cls_row = slide_stats(mask_path, classes, mpp)
+    cls_row, counts = measure(mask_path, classes, mpp)
     if (cls_row["mask_width_px"], cls_row["mask_height_px"]) != (geom["width"], geom["height"]):
         raise RuntimeError("mask size differs from the tile plan's target size")
     row.update(cls_row)
@@ -192,6 +310,10 @@ def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timin
                                + time.monotonic() - t0, 2)
     # stable column order: identity, slide, tissue, per class, model, time
     cols = list(row)
+    if objects_csv:
+        scale0 = mpp / geom["mpp0"]  # level-0 px per mask px, as the plan used it
+        n = write_objects(objects_csv, object_rows(counts, classes, mpp, scale0, row["slide_id"]))
+        log(f"{n} objects -> {objects_csv}")
     pd.DataFrame([row], columns=cols).to_csv(out_csv, index=False)
     log(f"{row['slide_id']}: " + ", ".join(f"{c}={row[c]}" for c in cols if c.endswith(("_count", "_area_mm2"))))
     return row

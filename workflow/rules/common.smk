@@ -163,7 +163,7 @@ def get_failed(wildcards):
 
 def get_final_outputs(wildcards):
     ok = ok_slides()
-    per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv"]
+    per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz"]
     return [f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
 
 

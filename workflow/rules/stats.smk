@@ -6,7 +6,8 @@ rule stats:
         plan_json=f"{RESULTS}/{{slide}}/plan.json",
         timings=[f"{RESULTS}/{{slide}}/work/segment.json", f"{RESULTS}/{{slide}}/work/stitch.json"],
     output:
-        f"{RESULTS}/{{slide}}/stats.csv",
+        stats=f"{RESULTS}/{{slide}}/stats.csv",
+        objects=f"{RESULTS}/{{slide}}/objects.csv.gz",
     params:
         classes=config["model"].get("classes", []),
     log:
