@@ -21,7 +21,6 @@ import json, resource, sys, time
 sys.path.insert(0, {src!r})
 from wsiseg.store import TileStore
 from wsiseg.stitch import write_ome_tiff
-from wsiseg.stats import measure, object_rows, write_objects
 stage, store, mask = sys.argv[1:4]
 t0 = time.monotonic()
 if stage == "stitch":
@@ -29,6 +28,7 @@ if stage == "stitch":
         write_ome_tiff(st, mask, 0.5, tile=512)
     out = {{}}
 else:
+    from wsiseg.stats import measure, object_rows, write_objects  # only here: the stitch child stays as lean as the rule
     classes = ["background", "a", "b"]
     out, counts = measure(mask, classes, 0.5)  # as the stats rule: the stats row and objects.csv.gz
     write_objects(mask + ".objects.csv.gz", object_rows(counts, classes, 0.5, 2.0, "bench"))

@@ -21,13 +21,37 @@ from scipy import ndimage as ndi
 S8 = np.ones((3, 3), bool)
 
 
+class _Grow:
+    """A growable 1-d numpy array (amortised appends; no Python object per entry)."""
+
+    def __init__(self, dtype, first=0):
+        self.a = np.zeros(1024, dtype)
+        self.a[0] = first
+        self.n = 1
+
+    def extend(self, v) -> None:
+        v = np.asarray(v, self.a.dtype)
+        need = self.n + len(v)
+        if need > len(self.a):
+            self.a = np.concatenate([self.a, np.zeros(max(need, 2 * len(self.a)) - len(self.a), self.a.dtype)])
+        self.a[self.n : need] = v
+        self.n = need
+
+    def get(self) -> np.ndarray:
+        return self.a[: self.n]
+
+
 class _UnionFind:
     def __init__(self):
-        self.parent = np.zeros(1, np.int64)  # id 0 = background
+        self._ids = _Grow(np.int64)  # parent of each id; id 0 = background
+
+    @property
+    def parent(self) -> np.ndarray:
+        return self._ids.get()
 
     def add(self, n: int) -> None:
-        start = len(self.parent)
-        self.parent = np.concatenate([self.parent, np.arange(start, start + n, dtype=np.int64)])
+        start = self._ids.n
+        self._ids.extend(np.arange(start, start + n, dtype=np.int64))
 
     def find(self, a: int) -> int:
         p = self.parent
@@ -67,26 +91,6 @@ def array_tiles(arr: np.ndarray, tile: int) -> Iterator[tuple[int, int, np.ndarr
     for y in range(0, arr.shape[0], tile):
         for x in range(0, arr.shape[1], tile):
             yield y, x, arr[y : y + tile, x : x + tile]
-
-
-class _Grow:
-    """A growable 1-d numpy array (amortised appends; no Python object per entry)."""
-
-    def __init__(self, dtype, first=0):
-        self.a = np.zeros(1024, dtype)
-        self.a[0] = first
-        self.n = 1
-
-    def extend(self, v) -> None:
-        v = np.asarray(v, self.a.dtype)
-        need = self.n + len(v)
-        if need > len(self.a):
-            self.a = np.concatenate([self.a, np.zeros(max(need, 2 * len(self.a)) - len(self.a), self.a.dtype)])
-        self.a[self.n : need] = v
-        self.n = need
-
-    def get(self) -> np.ndarray:
-        return self.a[: self.n]
 
 
 OBJECT_FIELDS = ("area", "sum_x", "sum_y", "x0", "y0", "x1", "y1")
