@@ -193,8 +193,7 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
         objects = dict(area=area, cx=sum_x[sel] / np.maximum(area, 1) + 0.5, cy=sum_y[sel] / np.maximum(area, 1) + 0.5,
                        **{f: v[sel] for f, v in box.items()})
         out[k] = dict(pixels=int(pixels[k]), object_areas=area, objects=objects)
-    empty = np.zeros(0, np.int64)
-    out[0] = dict(pixels=int(pixels[0]), object_areas=empty, objects={f: empty for f in ("area", "cx", "cy", *box)})
+    out[0] = dict(pixels=int(pixels[0]), object_areas=np.zeros(0, np.int64))
     return out
 
 
@@ -241,7 +240,7 @@ def object_rows(counts: dict, classes: list, mpp: float, scale0: float, slide_id
     """
     next_id = 1
     for k, name in enumerate(classes):
-        if k == 0 or k not in counts:
+        if k == 0:
             continue
         o = counts[k]["objects"]
         for i in range(0, len(o["area"]), chunk):
