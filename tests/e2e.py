@@ -30,6 +30,134 @@ def snakemake(workdir, configfile, *args, check=True, cores="2", env=None):
     return res
 
 
+def _rings(rings, scale0):
+    """Closed rings (level-0 px) as one array of segments in mask px: (start, end, ring index),
+    with each ring's signed (shoelace) area; checks that rings are closed and run along
+    pixel edges."""
+    pts = [np.asarray(r, np.float64) / scale0 for r in rings]
+    for r in pts:
+        assert len(r) >= 5 and (r[0] == r[-1]).all()  # closed; a pixel has 4 corners
+    cat = np.concatenate(pts)
+    assert np.allclose(cat, np.round(cat), atol=0.01)  # on the mask's pixel corners (level-0 px are rounded to 0.01)
+    cat = np.round(cat).astype(np.int64)
+    n = np.array([len(r) for r in pts])
+    ends = np.cumsum(n)
+    seg = np.ones(len(cat), bool)
+    seg[ends - 1] = False  # no segment from a ring's last vertex to the next ring's first
+    a, b = cat[:-1][seg[:-1]], cat[1:][seg[:-1]]
+    ring = np.repeat(np.arange(len(pts)), n - 1)
+    assert ((a[:, 0] == b[:, 0]) != (a[:, 1] == b[:, 1])).all()  # along pixel edges, no repeats
+    area = np.bincount(ring, weights=(a[:, 0] * b[:, 1] - b[:, 0] * a[:, 1]).astype(np.float64),
+                       minlength=len(pts)) / 2
+    return a, b, ring, area
+
+
+def _row_marks(a, b):
+    """(rows, cols) a scanline fill toggles for the vertical segments a -> b."""
+    v = a[:, 0] == b[:, 0]
+    x, y0, y1 = a[v, 0], np.minimum(a[v, 1], b[v, 1]), np.maximum(a[v, 1], b[v, 1])
+    n = y1 - y0
+    return np.repeat(y0, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n), np.repeat(x, n)
+
+
+def _parity_fill(a, b, lo, shape):
+    """Pixels (of a box from ``lo``) whose centre is inside an odd number of the rings."""
+    r, c = _row_marks(a - lo, b - lo)
+    marks = np.zeros((shape[0], shape[1] + 1), np.uint8)
+    np.bitwise_xor.at(marks, (r, c), 1)
+    return np.bitwise_xor.accumulate(marks, axis=1)[:, :-1].astype(bool)
+
+
+def check_holes_inside(poly, scale0):
+    """A polygon's holes lie inside its exterior ring and do not overlap one another (what
+    GeoJSON viewers such as QuPath need to draw a polygon with holes)."""
+    a, b, ring, area = _rings(poly, scale0)
+    ext = ring == 0
+    lo, hi = a[ext].min(0), a[ext].max(0)
+    assert (a.min(0) >= lo).all() and (a.max(0) <= hi).all(), "a hole outside its polygon's exterior"
+    shape = (hi[1] - lo[1], hi[0] - lo[0])
+    inside = _parity_fill(a[ext], b[ext], lo, shape)
+    holes = _parity_fill(a[~ext], b[~ext], lo, shape)
+    assert holes.sum() == -area[1:].sum(), "two holes of a polygon overlap"
+    assert not (holes & ~inside).any(), "a hole outside its polygon's exterior"
+
+
+def outline_labels(path, shape, scale0):
+    """outlines.geojson.gz drawn back onto the mask's pixel grid: object_id per pixel.
+
+    A pixel belongs to a feature when its centre is inside an odd number of the
+    feature's rings (exterior rings and holes). Drawn by scanlines: every vertical
+    segment of a ring marks the rows it spans at its column with the feature's id, and
+    XOR-ing the marks from the left gives, at each pixel centre, the id of the one
+    feature around it (the marks of a feature not around it cancel in pairs). Features
+    must not overlap: their areas (shoelace) must add up to the labelled pixels. Also
+    returns the features' properties, in file order, and that total area.
+    """
+    import gzip
+
+    with gzip.open(path, "rt") as fh:
+        data = json.load(fh)
+    assert data["type"] == "FeatureCollection"
+    h, w = shape
+    rows, cols, ids = [], [], []
+    props = []
+    total_area = 0.0
+    for f in data["features"]:
+        p = f["properties"]
+        props.append(p)
+        fid = p["measurements"]["object_id"]
+        g = f["geometry"]
+        assert g["type"] in ("Polygon", "MultiPolygon")
+        polys = [g["coordinates"]] if g["type"] == "Polygon" else g["coordinates"]
+        for poly in polys:
+            if len(poly) > 1:
+                check_holes_inside(poly, scale0)
+        a, b, ring, area = _rings([r for poly in polys for r in poly], scale0)
+        is_ext = np.concatenate([[True] + [False] * (len(poly) - 1) for poly in polys])
+        assert ((area > 0) == is_ext).all()  # exterior counter-clockwise in x/y, holes clockwise (RFC 7946)
+        total_area += area.sum()
+        r, c = _row_marks(a, b)
+        rows.append(r)
+        cols.append(c)
+        ids.append(np.full(len(r), fid, np.int64))
+    marks = np.zeros((h, w + 1), np.int64)
+    if rows:
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        assert rows.min() >= 0 and rows.max() < h and cols.min() >= 0 and cols.max() <= w
+        np.bitwise_xor.at(marks, (rows, cols), np.concatenate(ids))
+    acc = np.bitwise_xor.accumulate(marks, axis=1)
+    assert (acc[:, w] == 0).all()  # every row closes
+    return acc[:, :w], props, total_area
+
+
+def check_outlines(path, mask, classes, mpp, scale0, objects=None):
+    """Every object of the mask is one feature whose outline, drawn back, is exactly its
+    pixels; class, id and area agree with objects.csv.gz (``objects``)."""
+    ids, props, total_area = outline_labels(path, mask.shape, scale0)
+    assert total_area == (mask > 0).sum(), "outlines overlap (or leave pixels out)"
+    n = 0
+    for k, name in enumerate(classes[1:], start=1):
+        lab, n_k = ndi.label(mask == k, structure=np.ones((3, 3)))
+        n += n_k
+        assert ((ids > 0) & (mask == k)).sum() == (mask == k).sum()
+        pairs = np.unique(np.stack([lab[mask == k], ids[mask == k]]), axis=1)
+        assert pairs.shape[1] == n_k and len(np.unique(pairs[1])) == n_k  # one feature per object
+    assert ((ids > 0) == (mask > 0)).all() and len(props) == n
+    area = np.bincount(ids.ravel())
+    for p in props:
+        oid = p["measurements"]["object_id"]
+        assert p["measurements"]["area_um2"] == pytest.approx(area[oid] * mpp * mpp, abs=0.01)
+        assert p["objectType"] == "detection" and p["classification"]["name"] in classes[1:]
+    if objects is not None:
+        t = objects.set_index("object_id")
+        got = pd.DataFrame([(p["measurements"]["object_id"], p["classification"]["name"], p["measurements"]["area_um2"])
+                            for p in props], columns=["object_id", "class", "area_um2"]).set_index("object_id")
+        assert sorted(got.index) == sorted(t.index)
+        assert (got["class"] == t.loc[got.index, "class"]).all()
+        assert np.allclose(got["area_um2"], t.loc[got.index, "area_um2"], atol=0.01)
+    return len(props)
+
+
 def tiny_model(path, seed=0):
     """A small seeded U-Net checkpoint (fast on a CPU)."""
     torch.manual_seed(seed)
@@ -66,6 +194,9 @@ def check_slide_outputs(wd, sid, path, mpp0=None):
         assert st.nucleus_mean_area_um2 == pytest.approx(areas.mean())
         assert st.nucleus_median_area_um2 == pytest.approx(np.median(areas))
     assert st.mpp_used == 0.5 and st.slide_mpp == pytest.approx(mpp0) and st.model == MODEL
+    # outlines for QuPath: level-0 px, each nucleus exactly its mask pixels, same ids as objects.csv.gz
+    check_outlines(out / "outlines.geojson.gz", mask, CLASSES, 0.5, 0.5 / mpp0,
+                   objects=pd.read_csv(out / "objects.csv.gz"))
     assert len(st.model_sha256) == 64 and st.wall_time_s > 0
     # tissue and overlay: images of the thumbnail's size; nothing labelled off tissue
     tissue = np.asarray(Image.open(out / "tissue.png"))

@@ -136,6 +136,10 @@ def test_workflow_with_the_classical_model(tmp_path):
     objects = pd.read_csv(res / "example" / "objects.csv.gz")
     assert len(objects) == n
     check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.7, objects=objects)
+    from e2e import check_outlines
+
+    assert check_outlines(res / "example" / "outlines.geojson.gz", mask, ["background", "nucleus"], 0.5, 2.0,
+                          objects=objects) == n
 
 
 def test_evaluate_scores_the_classical_model_with_its_settings(tmp_path):

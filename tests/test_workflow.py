@@ -12,7 +12,7 @@ import tifffile
 import torch
 import yaml
 from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide
-from e2e import CLASSES, MODEL, check_slide_outputs, snakemake, tiny_model
+from e2e import CLASSES, MODEL, check_outlines, check_slide_outputs, snakemake, tiny_model
 from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
@@ -65,6 +65,9 @@ def test_readme_example_with_shipped_config(tmp_path):
     assert dist.max() < 0.02 and len(set(nearest.tolist())) == n  # each nucleus once, where scipy puts it
     assert np.allclose(objects["centroid_x_um"], objects["centroid_x_px"] * 0.25, atol=0.01)
     check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.75, objects=objects)
+    # every nucleus's outline for QuPath, in level-0 px: drawn back, exactly its mask pixels
+    assert check_outlines(res / "example" / "outlines.geojson.gz", mask, ["background", "nucleus"], 0.5, 2.0,
+                          objects=objects) == n
 
 
 def check_synthetic_nuclei(wd, mask, n, min_dice, objects=None):
@@ -180,6 +183,22 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     jobs = job_counts(snakemake(wd, cfg3, "-n").stdout)
     print("new weights:", jobs)
     assert jobs.get("plan") == len(OK) and "inspect" not in jobs and "tissue" not in jobs
+    # outlines switched off: nothing to redo (the other outputs are all there)
+    cfg["model"]["weights"] = cfg["model"]["weights"][: -len(".new")]
+    cfg["stats"] = {"outlines": False}
+    cfg4 = tmp_path / "c4.yaml"
+    cfg4.write_text(yaml.safe_dump(cfg))
+    res = snakemake(wd, cfg4, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr
+    # and switched on where a slide has none: only that slide's stats step (and the summary) run
+    out = wd / "results" / MODEL / "cmu" / "outlines.geojson.gz"
+    out.rename(out.with_name("aside.gz"))
+    try:
+        jobs = job_counts(snakemake(wd, cfgfile, "-n").stdout)
+    finally:
+        out.with_name("aside.gz").rename(out)
+    print("outlines on:", jobs)
+    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {"stats": 1, "aggregate": 1}
 
 
 def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):

@@ -96,7 +96,8 @@ def array_tiles(arr: np.ndarray, tile: int) -> Iterator[tuple[int, int, np.ndarr
 OBJECT_FIELDS = ("area", "sum_x", "sum_y", "x0", "y0", "x1", "y1")
 
 
-def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_classes: int) -> dict:
+def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_classes: int,
+                  outlines=None) -> dict:
     """Per class k >= 1: pixel count, the pixel area of each object and its geometry.
 
     ``tiles`` must come in raster order (row of tiles by row of tiles, left to right),
@@ -105,7 +106,11 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
     ``out[k]["objects"]`` holds one entry per object of class k, in the order objects
     are first met in raster order: ``area`` (px), ``cx``/``cy`` (centroid, px; pixel i
     spans [i, i + 1), so a one-pixel object at column 0 has cx = 0.5) and the bounding
-    box ``x0``/``y0`` (first px) and ``x1``/``y1`` (one past the last), in mask px.
+    box ``x0``/``y0`` (first px) and ``x1``/``y1`` (one past the last), in mask px, and
+    ``root``, the object's id in the union-find.
+
+    ``outlines`` (a :class:`wsiseg.outlines.OutlineCollector`) is shown each tile with its
+    components' ids and is given the union-find's roots at the end.
     """
     uf = _UnionFind()
     cls = _Grow(np.int16)  # class of each component (id 0 = background)
@@ -118,6 +123,8 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
     for y, x, t in tiles:
         if y != row_y:  # new row of tiles
             if row_y is not None:
+                if outlines is not None:
+                    outlines.row_done(uf.roots(), cur_row)
                 prev_row, cur_row = cur_row, np.zeros(width, np.int64)
             row_y, left_col = y, None
         t = np.asarray(t)
@@ -171,9 +178,13 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
                 same = cls_arr[a] == cls_arr[b]
                 for u, v in set(zip(a[same].tolist(), b[same].tolist())):
                     uf.union(u, v)
+        if outlines is not None:
+            outlines.tile(y, x, lab)
         left_col = lab[:, -1]
         cur_row[x : x + w] = lab[-1, :]
     roots = uf.roots()
+    if outlines is not None:
+        outlines.roots = roots
     n = len(roots)
     c = {f: g.get() for f, g in comp.items()}
     total = np.bincount(roots, weights=c["area"], minlength=n).astype(np.int64)
@@ -191,17 +202,17 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
         sel = is_root & (cls_arr == k)
         area = total[sel]
         objects = dict(area=area, cx=sum_x[sel] / np.maximum(area, 1) + 0.5, cy=sum_y[sel] / np.maximum(area, 1) + 0.5,
-                       **{f: v[sel] for f, v in box.items()})
+                       **{f: v[sel] for f, v in box.items()}, root=np.flatnonzero(sel))
         out[k] = dict(pixels=int(pixels[k]), object_areas=area, objects=objects)
     out[0] = dict(pixels=int(pixels[0]), object_areas=np.zeros(0, np.int64))
     return out
 
 
-def measure(mask_path: str, classes: list, mpp: float) -> tuple[dict, dict]:
+def measure(mask_path: str, classes: list, mpp: float, outlines=None) -> tuple[dict, dict]:
     """(stats columns for each class, count_objects' result) of a mask OME-TIFF at ``mpp`` µm/px."""
     with tifffile.TiffFile(mask_path) as tif:
         h, w = tif.series[0].levels[0].shape[-2:]
-    counts = count_objects(mask_tiles(mask_path), w, len(classes))
+    counts = count_objects(mask_tiles(mask_path), w, len(classes), outlines=outlines)
     px_um2 = mpp * mpp
     row = {"mask_width_px": w, "mask_height_px": h}
     for k, name in enumerate(classes):
@@ -279,8 +290,9 @@ def write_objects(path: str, tables: Iterable[pd.DataFrame]) -> int:
 
 
 def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timing_jsons: list, classes: list,
-        out_csv: str, objects_csv: str | None = None, log=print) -> dict:
-    """Stats stage: one-row stats.csv for a slide, and (``objects_csv``) one row per object."""
+        out_csv: str, objects_csv: str | None = None, outlines_geojson: str | None = None, log=print) -> dict:
+    """Stats stage: one-row stats.csv for a slide, (``objects_csv``) one row per object and
+    (``outlines_geojson``) every object's outline for QuPath."""
     import time
 
     from .runner import read_json
@@ -297,26 +309,40 @@ def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timin
         level_read=geom["level"], tissue_method=ti["method"], tissue_area_mm2=ti["tissue_area_mm2"],
         n_tiles=pl["n_tiles"],
     )
-    cls_row, counts = measure(mask_path, classes, mpp)
-    if (cls_row["mask_width_px"], cls_row["mask_height_px"]) != (geom["width"], geom["height"]):
-        raise RuntimeError("mask size differs from the tile plan's target size")
-    row.update(cls_row)
-    tissue = row["tissue_area_mm2"]
-    for name in classes[1:]:
-        row[f"{name}_fraction_of_tissue"] = row[f"{name}_area_mm2"] / tissue if tissue > 0 else float("nan")
-    row["model"] = pl["model"]
-    row["model_sha256"] = pl["model_checksum"]
-    stage_info = [read_json(p) for p in timing_jsons]
-    row["tiles_unreadable"] = sum(int(i.get("tiles_unreadable", 0)) for i in stage_info)
-    timings = [i.get("elapsed_s", 0.0) for i in stage_info]
-    row["wall_time_s"] = round(sum(timings) + pl.get("elapsed_s", 0.0) + ti.get("elapsed_s", 0.0)
-                               + time.monotonic() - t0, 2)
-    # stable column order: identity, slide, tissue, per class, model, time
-    cols = list(row)
-    if objects_csv:
-        scale0 = mpp / geom["mpp0"]  # level-0 px per mask px, as the plan used it
-        n = write_objects(objects_csv, object_rows(counts, classes, mpp, scale0, row["slide_id"]))
-        log(f"{n} objects -> {objects_csv}")
-    pd.DataFrame([row], columns=cols).to_csv(out_csv, index=False)
-    log(f"{row['slide_id']}: " + ", ".join(f"{c}={row[c]}" for c in cols if c.endswith(("_count", "_area_mm2"))))
-    return row
+    scale0 = mpp / geom["mpp0"]  # level-0 px per mask px, as the plan used it
+    collector = None
+    if outlines_geojson:
+        from .outlines import OutlineCollector
+
+        collector = OutlineCollector(outlines_geojson + ".pieces", scale0)
+    try:
+        cls_row, counts = measure(mask_path, classes, mpp, outlines=collector)
+        if (cls_row["mask_width_px"], cls_row["mask_height_px"]) != (geom["width"], geom["height"]):
+            raise RuntimeError("mask size differs from the tile plan's target size")
+        row.update(cls_row)
+        tissue = row["tissue_area_mm2"]
+        for name in classes[1:]:
+            row[f"{name}_fraction_of_tissue"] = row[f"{name}_area_mm2"] / tissue if tissue > 0 else float("nan")
+        row["model"] = pl["model"]
+        row["model_sha256"] = pl["model_checksum"]
+        stage_info = [read_json(p) for p in timing_jsons]
+        row["tiles_unreadable"] = sum(int(i.get("tiles_unreadable", 0)) for i in stage_info)
+        timings = [i.get("elapsed_s", 0.0) for i in stage_info]
+        row["wall_time_s"] = round(sum(timings) + pl.get("elapsed_s", 0.0) + ti.get("elapsed_s", 0.0)
+                                   + time.monotonic() - t0, 2)
+        # stable column order: identity, slide, tissue, per class, model, time
+        cols = list(row)
+        if objects_csv:
+            n = write_objects(objects_csv, object_rows(counts, classes, mpp, scale0, row["slide_id"]))
+            log(f"{n} objects -> {objects_csv}")
+        if collector is not None:
+            from .outlines import write_geojson
+
+            n = write_geojson(outlines_geojson, collector, counts, classes, mpp, row["slide_id"])
+            log(f"{n} outlines -> {outlines_geojson}")
+        pd.DataFrame([row], columns=cols).to_csv(out_csv, index=False)
+        log(f"{row['slide_id']}: " + ", ".join(f"{c}={row[c]}" for c in cols if c.endswith(("_count", "_area_mm2"))))
+        return row
+    finally:
+        if collector is not None:
+            collector.discard()  # its temporary file, whether the outlines were written or not

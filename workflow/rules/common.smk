@@ -56,6 +56,17 @@ def get_slide_mpp(wildcards):
     return None if pd.isna(mpp) else float(mpp)
 
 
+OUTLINES = config.get("stats", {}).get("outlines", True)
+
+
+def stats_outputs():
+    """The stats rule's named outputs; outlines.geojson.gz only with stats.outlines."""
+    out = {"stats": f"{RESULTS}/{{slide}}/stats.csv", "objects": f"{RESULTS}/{{slide}}/objects.csv.gz"}
+    if OUTLINES:
+        out["outlines"] = f"{RESULTS}/{{slide}}/outlines.geojson.gz"
+    return out
+
+
 def is_classical_model():
     return config["model"].get("format") == "classical"
 
@@ -164,6 +175,8 @@ def get_failed(wildcards):
 def get_final_outputs(wildcards):
     ok = ok_slides()
     per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz"]
+    if OUTLINES:
+        per_slide.append("outlines.geojson.gz")
     return [f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
 
 

@@ -6,8 +6,7 @@ rule stats:
         plan_json=f"{RESULTS}/{{slide}}/plan.json",
         timings=[f"{RESULTS}/{{slide}}/work/segment.json", f"{RESULTS}/{{slide}}/work/stitch.json"],
     output:
-        stats=f"{RESULTS}/{{slide}}/stats.csv",
-        objects=f"{RESULTS}/{{slide}}/objects.csv.gz",
+        **stats_outputs(),
     params:
         classes=config["model"].get("classes", []),
     log:

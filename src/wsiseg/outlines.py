@@ -1,0 +1,371 @@
+"""Outlines: every object of a label mask as a polygon, for QuPath (GeoJSON), streamed tile by tile.
+
+Coordinate systems: *mask px* (the mask's level 0, at the model's mpp; vertex
+(x, y) is the corner between pixels, pixel (r, c) spans [c, c + 1) x [r, r + 1))
+and *level-0 px* of the slide (mask px x ``scale0``), which is what QuPath and
+OpenSlide use. Outlines follow pixel edges exactly, so a polygon's area is the
+object's pixel count and rasterising it (pixel centres inside) gives the mask back.
+
+Boundaries are directed unit edges with the object's pixel on their right
+(exterior rings have positive shoelace area in x/y, holes negative; this is
+RFC 7946's counter-clockwise exteriors). Rings are chained by turning right
+first, so 8-connected pixels that touch only at a corner give rings that touch
+at that point, never a self-crossing ring; an object whose parts touch only at
+corners becomes a MultiPolygon.
+
+Streaming: an object piece that does not touch its tile's edge is complete and
+is written at once (to a temporary file, since object ids are known only at the
+end). Pieces that touch a tile edge keep their unit edges; once a row of tiles is
+done, the objects that cannot grow any more (none of their pieces touches the
+row's bottom edge) have their pieces (the stats stage's union-find) merged by
+dropping the edges two pieces share, and are traced again and written. Memory:
+one tile plus the boundary edges of the objects open along one row of tiles.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import uuid
+from typing import Iterator
+
+import numpy as np
+
+# directions of a unit edge, turning right in this order (y points down)
+DX = np.array([1, 0, -1, 0], np.int64)  # 0 east, 1 south, 2 west, 3 north
+DY = np.array([0, 1, 0, -1], np.int64)
+
+
+def boundary_edges(lab: np.ndarray):
+    """Directed unit edges (x, y, d, label) of every region of ``lab`` (0 = none).
+
+    (x, y) is the start vertex in ``lab`` px, d the direction; the pixel on the
+    edge's right has ``label``, the one on its left does not. Work is proportional
+    to the labelled pixels, not the tile.
+    """
+    w2 = lab.shape[1] + 2
+    p = np.pad(lab, 1).ravel()
+    fg = np.flatnonzero(p)  # flat indices (padded) of labelled pixels
+    val = p[fg]
+    r, c = np.divmod(fg, w2)
+    r -= 1
+    c -= 1
+    xs, ys, ds, ls = [], [], [], []
+    # top edge heads east from (c, r); right edge south from (c+1, r); bottom west from
+    # (c+1, r+1); left north from (c, r+1)
+    for d, (step, sx, sy) in enumerate(((-w2, 0, 0), (1, 1, 0), (w2, 1, 1), (-1, 0, 1))):
+        m = p[fg + step] != val
+        xs.append(c[m] + sx)
+        ys.append(r[m] + sy)
+        ds.append(np.full(int(np.count_nonzero(m)), d, np.int8))
+        ls.append(val[m])
+    return (np.concatenate(xs).astype(np.int64), np.concatenate(ys).astype(np.int64),
+            np.concatenate(ds), np.concatenate(ls).astype(np.int64))
+
+
+def trace(x, y, d, label):
+    """Chain unit edges into rings of corner vertices.
+
+    Returns (ring_label, ring_area, offsets, corners, edge_ring): ring i's corners are
+    ``corners[offsets[i]:offsets[i + 1]]`` (k x 2, x/y, not closed), its signed
+    area is ``ring_area[i]`` (> 0 exterior, < 0 hole), and input edge e lies on ring
+    ``edge_ring[e]``.
+    """
+    n = len(x)
+    if n == 0:
+        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 2), np.int64),
+                np.zeros(0, np.int64))
+    x, y = np.asarray(x, np.int64), np.asarray(y, np.int64)
+    d = np.asarray(d, np.int64)
+    w1 = int(x.max()) + 2
+    key = (y * w1 + x) * 4 + d
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    assert not np.any(skey[1:] == skey[:-1]), "a directed edge occurs twice"
+    ex, ey = x + DX[d], y + DY[d]  # end vertex
+    succ = np.full(n, -1, np.int64)
+    for turn in (1, 0, 3):  # right, straight, left
+        todo = succ < 0
+        want = (ey[todo] * w1 + ex[todo]) * 4 + (d[todo] + turn) % 4
+        pos = np.minimum(np.searchsorted(skey, want), n - 1)
+        hit = skey[pos] == want
+        idx = np.flatnonzero(todo)
+        succ[idx[hit]] = order[pos[hit]]
+    assert (succ >= 0).all(), "an open boundary"
+    assert (np.bincount(succ, minlength=n) == 1).all(), "boundary edges do not form rings"
+    del key, skey, order, ex, ey, want, pos, hit, idx, todo
+    # ring id = smallest edge index on the ring (pointer jumping: after k rounds, the
+    # smallest over the next 2**k edges; once a round changes nothing, nothing will)
+    ring, j = np.arange(n), succ.copy()
+    steps = 1
+    while steps < n:
+        new = np.minimum(ring, ring[j])
+        if np.array_equal(new, ring):
+            break
+        ring, j = new, j[j]
+        steps *= 2
+    del j
+    # rank along the ring from its first edge: distance to the ring's last edge
+    is_first = ring == np.arange(n)
+    nxt = np.where(is_first[succ], np.arange(n), succ)
+    del is_first
+    dist = (nxt != np.arange(n)).astype(np.int64)
+    while True:  # until every pointer has reached its ring's last edge (which points at itself)
+        nn = nxt[nxt]
+        if np.array_equal(nn, nxt):
+            break
+        dist += dist[nxt]
+        nxt = nn
+    del nxt, nn, succ
+    o = np.lexsort((-dist, ring))  # ring by ring, from each ring's first edge
+    del dist
+    rid, od = ring[o], d[o]
+    start = np.r_[True, rid[1:] != rid[:-1]]
+    prev_d = np.r_[od[-1], od[:-1]]
+    first_idx = np.flatnonzero(start)
+    last_idx = np.r_[first_idx[1:], len(o)] - 1
+    prev_d[first_idx] = od[last_idx]  # cyclic within each ring
+    corner = od != prev_d
+    cx, cy = x[o][corner], y[o][corner]
+    ring_of_corner = np.cumsum(start)[corner] - 1
+    counts = np.bincount(ring_of_corner, minlength=len(first_idx))
+    offsets = np.r_[0, np.cumsum(counts)]
+    # signed area (shoelace) per ring
+    nx_ = np.empty_like(cx)
+    ny_ = np.empty_like(cy)
+    nx_[:-1], ny_[:-1] = cx[1:], cy[1:]
+    lastc = offsets[1:] - 1
+    nx_[lastc], ny_[lastc] = cx[offsets[:-1]], cy[offsets[:-1]]
+    area2 = np.bincount(ring_of_corner, weights=(cx * ny_ - nx_ * cy).astype(np.float64), minlength=len(first_idx))
+    ring_area = np.round(area2 / 2).astype(np.int64)
+    edge_ring = np.empty(n, np.int64)
+    edge_ring[o] = np.cumsum(start) - 1
+    return label[o][first_idx], ring_area, offsets, np.stack([cx, cy], 1), edge_ring
+
+
+def ring_components(x, y, d, label, edge_ring, ring_area) -> np.ndarray:
+    """Which 4-connected part of its object each ring bounds: an id per ring, shared by
+    the part's exterior ring and its holes (exactly one exterior per id).
+
+    A run of an object's pixels along a row starts at a north-going edge and ends at a
+    south-going one, and both bound the same part: pairing them, row by row, joins every
+    hole to the ring on its left, and so on out to the part's exterior. Linear in the
+    number of edges (after a sort), whatever the number of holes and parts.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_rings = len(ring_area)
+    v = np.flatnonzero(np.asarray(d) % 2 == 1)
+    row = np.where(d[v] == 1, y[v], y[v] - 1)  # south edge from (x, y) covers row y; north from (x, y) row y - 1
+    o = v[np.lexsort((x[v], row, label[v]))]
+    starts, ends = o[0::2], o[1::2]
+    assert len(starts) == len(ends) and (d[starts] == 3).all() and (d[ends] == 1).all(), "runs do not pair up"
+    assert (label[starts] == label[ends]).all()
+    g = coo_matrix((np.ones(len(starts), np.int8), (edge_ring[starts], edge_ring[ends])), shape=(n_rings, n_rings))
+    _, comp = connected_components(g, directed=False)
+    assert (np.bincount(comp, weights=(ring_area > 0), minlength=comp.max() + 1) == 1).all(), \
+        "a part without exactly one exterior ring"
+    return comp
+
+
+def geometries(ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scale: float, dx: int = 0,
+               dy: int = 0) -> Iterator[tuple[int, str]]:
+    """(label, GeoJSON geometry text) per label of :func:`trace`'s rings (``edge_ring``
+    and the edges ``x, y, d`` it traced); vertices (mask px, shifted by dx, dy) times
+    ``scale``. One ring (the usual nucleus) takes a fast path; otherwise each part of the
+    object is a polygon [exterior, holes...] (:func:`ring_components`), and several parts
+    a MultiPolygon."""
+    if not len(ring_label):
+        return
+    pts = (corners + (dx, dy)) * scale
+    pts = pts.astype(np.int64) if float(scale).is_integer() else np.round(pts, 2)
+
+    def ring_pts(i):
+        r = pts[int(offsets[i]) : int(offsets[i + 1])].tolist()
+        return r + r[:1]  # closed
+
+    comp = None
+    order = np.argsort(ring_label, kind="stable")
+    lab = ring_label[order]
+    cuts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1], True])
+    sep = (",", ":")
+    for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        if b - a == 1:
+            yield int(lab[a]), '{"type":"Polygon","coordinates":[' + json.dumps(ring_pts(order[a]), separators=sep) + "]}"
+            continue
+        if comp is None:
+            rl = ring_label[edge_ring]
+            comp = ring_components(x, y, d, rl, edge_ring, ring_area)
+        idx = order[a:b]
+        # one polygon per part: exterior first, then its holes
+        idx = idx[np.lexsort((ring_area[idx] < 0, comp[idx]))]
+        parts = np.flatnonzero(np.r_[True, comp[idx][1:] != comp[idx][:-1], True])
+        # text ring by ring: a big object's vertices never sit in memory as Python lists
+        polys = ["[" + ",".join(json.dumps(ring_pts(i), separators=sep) for i in idx[p0:p1]) + "]"
+                 for p0, p1 in zip(parts[:-1].tolist(), parts[1:].tolist())]
+        if len(polys) == 1:
+            yield int(lab[a]), '{"type":"Polygon","coordinates":' + polys[0] + "}"
+        else:
+            yield int(lab[a]), '{"type":"MultiPolygon","coordinates":[' + ",".join(polys) + "]}"
+
+
+class OutlineCollector:
+    """Keeps each object's outline while :func:`wsiseg.stats.count_objects` reads the
+    mask (its ``outlines`` argument); :func:`write_geojson` writes them once object ids
+    are known."""
+
+    def __init__(self, tmp_path: str, scale0: float):
+        self.tmp_path, self.scale0 = tmp_path, scale0
+        self._fh = open(tmp_path, "w")
+        self._border: list[tuple[np.ndarray, ...]] = []
+        self.roots: np.ndarray | None = None  # set by count_objects: the root id of every piece id
+
+    def tile(self, y: int, x: int, lab: np.ndarray) -> None:
+        """``lab``: the tile's components with global ids (0 = background), tile origin (y, x)."""
+        ex, ey, ed, el = boundary_edges(lab)
+        if not len(ex):
+            return
+        edge_ids = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        on_border = np.isin(el, edge_ids[edge_ids > 0])
+        b = on_border
+        if b.any():
+            # int32 coordinates and int8 directions: 13 bytes an edge while the object is open
+            self._border.append(((ex[b] + x).astype(np.int32), (ey[b] + y).astype(np.int32), ed[b], el[b]))
+        c = ~b
+        self._fh.writelines(f"{gid}\t{geom}\n" for gid, geom in
+                            geometries(*trace(ex[c], ey[c], ed[c], el[c]), ex[c], ey[c], ed[c], self.scale0, x, y))
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (the stage failed)."""
+        self.close()
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
+
+    def row_done(self, roots: np.ndarray, frontier: np.ndarray) -> None:
+        """A row of tiles is done: objects none of whose pieces touch ``frontier`` (the ids
+        of the row's last pixel row) can grow no more; merge, trace and write them now,
+        so what is kept is bounded by the objects along one row of tiles."""
+        if not self._border:
+            return
+        x, y, d, gid = (np.concatenate(a) for a in zip(*self._border))
+        root = roots[gid]
+        open_roots = np.unique(roots[frontier[frontier > 0]])
+        done = ~np.isin(root, open_roots)
+        self._border = [(x[~done], y[~done], d[~done], gid[~done])] if (~done).any() else []
+        if done.any():
+            self._fh.writelines(f"{r}\t{geom}\n" for r, geom in self._merge(x[done], y[done], d[done], root[done]))
+
+    def merged(self, roots: np.ndarray) -> Iterator[tuple[int, str]]:
+        """(root id, geometry) of the objects still open after the last tile."""
+        if not self._border:
+            return
+        x, y, d, gid = (np.concatenate(a) for a in zip(*self._border))
+        self._border = []
+        yield from self._merge(x, y, d, roots[gid])
+
+    def _merge(self, x, y, d, root) -> Iterator[tuple[int, str]]:
+        """Pieces of each object with the edges two pieces share removed (one segment walked
+        both ways), traced again."""
+        # a segment's key: its lower/left end and whether it is vertical
+        sx = np.where(d == 2, x - 1, x).astype(np.int64)
+        sy = np.where(d == 3, y - 1, y).astype(np.int64)
+        seg = (sy * (int(sx.max()) + 2) + sx) * 2 + (d % 2)
+        del sx, sy
+        o = np.lexsort((seg, root))
+        seg, ro = seg[o], root[o]
+        dup = (seg[1:] == seg[:-1]) & (ro[1:] == ro[:-1])
+        del seg, ro
+        drop = np.zeros(len(o), bool)
+        drop[1:] |= dup
+        drop[:-1] |= dup
+        keep = np.sort(o[~drop])
+        x, y, d, root = x[keep], y[keep], d[keep], root[keep]
+        yield from geometries(*trace(x, y, d, root), x, y, d, self.scale0)
+
+    def pieces(self) -> Iterator[tuple[int, str]]:
+        """(id, geometry) of the objects already written: pieces complete in their tile (piece
+        id) and objects merged at the end of a row of tiles (root id)."""
+        self.close()
+        with open(self.tmp_path) as fh:
+            for line in fh:
+                gid, geom = line.rstrip("\n").split("\t", 1)
+                yield int(gid), geom
+
+
+CLASS_COLOURS = [(0, 0, 0), (0, 150, 255), (255, 160, 0), (60, 200, 60), (220, 40, 40), (160, 80, 220),
+                 (240, 220, 0), (0, 200, 200)]
+
+
+def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes: list, mpp: float,
+                  slide_id: str) -> int:
+    """Write every object's outline as a QuPath-readable FeatureCollection (gzip when
+    ``path`` ends in .gz), atomically. Returns the number of features.
+
+    ``counts`` is :func:`wsiseg.stats.count_objects`' result, run with ``collector``;
+    object ids, classes and areas are those of objects.csv.gz. Each feature's id is a
+    UUID derived from slide and object id, so a rerun gives the same ids.
+    """
+    roots = collector.roots
+    root_l, oid_l, cls_l, area_l = [], [], [], []
+    next_id = 1
+    for k in range(1, len(classes)):
+        o = counts[k]["objects"]
+        n_k = len(o["area"])
+        root_l.append(o["root"])
+        oid_l.append(np.arange(next_id, next_id + n_k))
+        cls_l.append(np.full(n_k, k))
+        area_l.append(o["area"] * mpp * mpp)
+        next_id += n_k
+    all_roots = np.concatenate(root_l) if root_l else np.zeros(0, np.int64)
+    order = np.argsort(all_roots)
+    sorted_roots = all_roots[order]
+    oid, cls, area = (np.concatenate(a)[order] if a else np.zeros(0) for a in (oid_l, cls_l, area_l))
+
+    tmp = path + ".part"
+    ns = uuid.uuid5(uuid.NAMESPACE_URL, "wsiseg:" + slide_id)
+    try:
+        n = _write_features(tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, classes, ns)
+        if n != len(all_roots):
+            raise AssertionError(f"{n} outlines for {len(all_roots)} objects")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        collector.discard()
+    return n
+
+
+def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, classes, ns) -> int:
+    n = 0
+    with (gzip.open(tmp, "wt", compresslevel=6, encoding="utf-8") if gz else open(tmp, "w", encoding="utf-8")) as fh:
+        fh.write('{"type":"FeatureCollection","features":[\n')
+
+        def emit(root: int, geom: str) -> None:
+            nonlocal n
+            i = int(np.searchsorted(sorted_roots, root))
+            assert i < len(sorted_roots) and sorted_roots[i] == root, "an outline without its object"
+            k, object_id = int(cls[i]), int(oid[i])
+            props = {
+                "objectType": "detection",
+                "name": f"{classes[k]} {object_id}",
+                "classification": {"name": classes[k], "color": list(CLASS_COLOURS[k % len(CLASS_COLOURS)])},
+                "measurements": {"object_id": object_id, "area_um2": round(float(area[i]), 2)},
+            }
+            fh.write((",\n" if n else "") + '{"type":"Feature","id":"' + str(uuid.uuid5(ns, str(object_id)))
+                     + '","geometry":' + geom + ',"properties":' + json.dumps(props, separators=(",", ":")) + "}")
+            n += 1
+
+        for gid, geom in collector.pieces():
+            emit(int(roots[gid]), geom)
+        for r, geom in collector.merged(roots):
+            emit(r, geom)
+        fh.write("\n]}\n")
+    return n
