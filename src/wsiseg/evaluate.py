@@ -181,7 +181,8 @@ def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None 
     elif method != "baseline":
         raise ValueError(f"unknown method {method!r}; use 'unet' or 'baseline'")
     rows = []
-    for s in L.load_set(sheet, spec.mpp if spec else 0.5, keep_native=True):
+    # the baseline works at each image's own resolution: nothing to resample for it
+    for s in L.load_set(sheet, spec.mpp if spec else None, keep_native=True):
         t0 = time.monotonic()
         img, gt = s.native_image, s.native_instances
         if method == "unet":

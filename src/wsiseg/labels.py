@@ -218,16 +218,21 @@ def is_tile_image(path: str) -> bool:
     return False
 
 
-def load_samples(row, model_mpp: float, keep_native: bool = False) -> list[Sample]:
-    """Samples of one sheet row: the tile itself, or the annotated regions of a slide."""
+SLIDE_REGION_MPP = 0.5  # µm/px at which annotated slide regions are read when no model mpp is given
+
+
+def load_samples(row, model_mpp: float | None, keep_native: bool = False) -> list[Sample]:
+    """Samples of one sheet row: the tile itself, or the annotated regions of a slide.
+    ``model_mpp`` None: tiles at their own resolution (nothing resampled), slide regions
+    at :data:`SLIDE_REGION_MPP`."""
     img_path, lab_path = row["image"], row["labels"]
     if os.path.exists(img_path) and os.path.splitext(lab_path)[1].lower() in POLYGON_EXTS and not is_tile_image(img_path):
-        return slide_samples(row, model_mpp, keep_native)
+        return slide_samples(row, model_mpp or SLIDE_REGION_MPP, keep_native)
     return [load_sample(row, model_mpp, keep_native)]
 
 
-def load_sample(row, model_mpp: float, keep_native: bool = False) -> Sample:
-    """One sheet row at the model's mpp. Image/label size mismatches are errors."""
+def load_sample(row, model_mpp: float | None, keep_native: bool = False) -> Sample:
+    """One sheet row at the model's mpp (None: at its own). Image/label size mismatches are errors."""
     name, img_path, lab_path = row["name"], row["image"], row["labels"]
     for p in (img_path, lab_path):
         if not os.path.exists(p):
@@ -249,8 +254,10 @@ def load_sample(row, model_mpp: float, keep_native: bool = False) -> Sample:
             )
     if not mpp:
         raise ConfigError(f"labeled image '{name}': no mpp; add it to the sheet's mpp column")
-    shape = target_shape(img.shape[:2], mpp, model_mpp)
-    if ext in (".xml", ".geojson", ".json"):  # rasterise at the model's mpp directly
+    shape = target_shape(img.shape[:2], mpp, model_mpp or mpp)
+    if shape == img.shape[:2]:
+        inst = native
+    elif ext in (".xml", ".geojson", ".json"):  # rasterise at the model's mpp directly
         scale = shape[1] / img.shape[1]
         polys = (_xml_polygons if ext == ".xml" else _geojson_polygons)(lab_path)[0]
         inst = rasterise(polys, shape, scale)
@@ -331,7 +338,7 @@ def slide_samples(row, model_mpp: float, keep_native: bool = False, margin_um: f
         raise ConfigError(str(exc)) from None
 
 
-def load_set(sheet: str, model_mpp: float, keep_native: bool = False) -> list[Sample]:
+def load_set(sheet: str, model_mpp: float | None, keep_native: bool = False) -> list[Sample]:
     return [s for _, r in read_sheet(sheet).iterrows() for s in load_samples(r, model_mpp, keep_native)]
 
 
