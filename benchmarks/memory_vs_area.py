@@ -2,9 +2,15 @@
 
 Builds label stores of growing size (random blobs), then in a fresh process
 for each size: writes the pyramidal OME-TIFF (stitch) and counts objects over
-it, writing the per-object table objects.csv.gz (stats). Prints peak RSS per stage. The promise: flat in slide area.
+it, writing the per-object table objects.csv.gz and the outlines outlines.geojson.gz
+(stats; "stats-no-outlines" is the same without the outlines). Prints peak RSS per
+stage. The promise: flat in slide area.
 
-    python benchmarks/memory_vs_area.py [side_px ...]      (default 4096 8192 16384 32768)
+``--speckle`` draws the worst case for the outlines instead of blobs: one object over
+most of the mask, riddled with one-pixel holes (what an untrained model makes), whose
+whole boundary is held until its last row of tiles.
+
+    python benchmarks/memory_vs_area.py [--speckle] [side_px ...]      (default 4096 8192 16384 32768)
 """
 
 import json
@@ -29,9 +35,14 @@ if stage == "stitch":
     out = {{}}
 else:
     from wsiseg.stats import measure, object_rows, write_objects  # only here: the stitch child stays as lean as the rule
+    from wsiseg.outlines import OutlineCollector, write_geojson
     classes = ["background", "a", "b"]
-    out, counts = measure(mask, classes, 0.5)  # as the stats rule: the stats row and objects.csv.gz
+    # as the stats rule with its defaults: the stats row, objects.csv.gz and outlines.geojson.gz
+    col = OutlineCollector(mask + ".pieces", 2.0) if stage == "stats" else None
+    out, counts = measure(mask, classes, 0.5, outlines=col)
     write_objects(mask + ".objects.csv.gz", object_rows(counts, classes, 0.5, 2.0, "bench"))
+    if col is not None:
+        write_geojson(mask + ".outlines.geojson.gz", col, counts, classes, 0.5, "bench")
 print(json.dumps(dict(s=time.monotonic() - t0, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       count=out.get("a_count"))))
 """
@@ -55,16 +66,31 @@ def make_store(path, side, tile=512, seed=0):
     st.close()
 
 
+def make_speckled_store(path, side, tile=512, seed=0):
+    """One class-a object over 80% of the pixels, the rest one-pixel holes and gaps."""
+    import numpy as np
+
+    from wsiseg.store import TileStore
+
+    rng = np.random.default_rng(seed)
+    st = TileStore.create(path, side, side, tile)
+    for r in range(st.rows):
+        for c in range(st.cols):
+            st.write_chunk(r, c, (rng.random((tile, tile)) < 0.8).astype(np.uint8))
+    st.close()
+
+
 def main():
-    sides = [int(a) for a in sys.argv[1:]] or [4096, 8192, 16384, 32768]
+    speckle = "--speckle" in sys.argv[1:]
+    sides = [int(a) for a in sys.argv[1:] if a != "--speckle"] or [4096, 8192, 16384, 32768]
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     code = CHILD.format(src=os.path.abspath(src))
     rows = []
     for side in sides:
         tmp = tempfile.mkdtemp(prefix="bench-mem-")
         try:
-            make_store(os.path.join(tmp, "store"), side)
-            for stage in ("stitch", "stats"):
+            (make_speckled_store if speckle else make_store)(os.path.join(tmp, "store"), side)
+            for stage in ("stitch", "stats-no-outlines", "stats"):
                 res = subprocess.run([sys.executable, "-c", code, stage, os.path.join(tmp, "store"),
                                       os.path.join(tmp, "mask.ome.tif")], capture_output=True, text=True, check=True)
                 r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -72,9 +98,9 @@ def main():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"{'mask side px':>12} {'Mpx':>8} {'stage':>7} {'seconds':>8} {'peak RSS MB':>12} {'objects':>9}")
+    print(f"{'mask side px':>12} {'Mpx':>8} {'stage':>17} {'seconds':>8} {'peak RSS MB':>12} {'objects':>9}")
     for side, stage, s, rss, count in rows:
-        print(f"{side:>12} {side * side / 1e6:>8.0f} {stage:>7} {s:>8.1f} {rss:>12.0f} {count if count is not None else '':>9}")
+        print(f"{side:>12} {side * side / 1e6:>8.0f} {stage:>17} {s:>8.1f} {rss:>12.0f} {count if count is not None else '':>9}")
 
 
 if __name__ == "__main__":

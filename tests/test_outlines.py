@@ -16,8 +16,8 @@ from wsiseg.outlines import OutlineCollector, boundary_edges, trace, write_geojs
 from wsiseg.stats import array_tiles, count_objects, object_rows, write_objects
 
 
-def outlines_of(tmp_path, a, tile, classes, mpp=0.5, scale0=1.0):
-    col = OutlineCollector(str(tmp_path / "pieces.tmp"), scale0)
+def outlines_of(tmp_path, a, tile, classes, mpp=0.5, scale0=1.0, **kw):
+    col = OutlineCollector(str(tmp_path / "pieces.tmp"), scale0, **kw)
     counts = count_objects(array_tiles(a, tile), a.shape[1], len(classes), outlines=col)
     path = tmp_path / "outlines.geojson.gz"
     n = write_geojson(str(path), col, counts, classes, mpp, "s1")
@@ -127,7 +127,7 @@ def test_a_failed_write_leaves_no_partial_files(tmp_path):
     b = np.zeros_like(a)
     b[2:5, 2:5] = 1  # one object, not two
     counts = count_objects(array_tiles(b, 8), 16, 2)
-    with pytest.raises(AssertionError, match="2 outlines for 1 objects|an outline without its object"):
+    with pytest.raises(AssertionError, match="outlines for 2 of 1 objects|an outline without its object"):
         write_geojson(str(tmp_path / "o.geojson.gz"), col, counts, ["background", "nucleus"], 0.5, "s1")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -145,3 +145,28 @@ def test_a_large_speckled_object_with_thousands_of_holes(tmp_path):
     big = max(features(path), key=lambda f: f["properties"]["measurements"]["area_um2"])
     polys = big["geometry"]["coordinates"] if big["geometry"]["type"] == "MultiPolygon" else [big["geometry"]["coordinates"]]
     assert sum(len(p) - 1 for p in polys) > 10000  # holes
+
+
+@pytest.mark.parametrize("tile", [64, 128])
+def test_objects_beyond_the_memory_budget_are_written_in_parts(tmp_path, tile):
+    """With a budget of 20,000 open boundary edges, the speckled object is written tile
+    piece by tile piece (parts 1..k, same object_id, together exactly its pixels), the
+    small objects whole as usual; the counts do not change."""
+    rng = np.random.default_rng(8)
+    a = (rng.random((500, 600)) < 0.8).astype(np.uint8)
+    a[:, 300:310] = 0  # two big objects, left and right
+    a[:40, 350:] = 0
+    a[10:14, 360:364] = 1  # a small one, whole in one tile
+    classes = ["background", "tissue"]
+    path, n, objects = outlines_of(tmp_path, a, tile, classes, max_open_edges=20_000)
+    assert check_outlines(path, a, classes, 0.5, 1.0, objects=objects) == len(objects)
+    feats = features(path)
+    by_object = pd.Series([f["properties"]["measurements"]["object_id"] for f in feats]).value_counts()
+    assert n == len(feats) > len(objects) and by_object.max() > 10  # the big ones in parts
+    parts = [f["properties"] for f in feats if "part" in f["properties"]["measurements"]]
+    assert parts and all(p["name"].endswith(f"part {p['measurements']['part']}") for p in parts)
+    assert len({f["id"] for f in feats}) == n
+    # the same mask with the default budget: one feature per object
+    (tmp_path / "whole").mkdir()
+    _, n_whole, _ = outlines_of(tmp_path / "whole", a, tile, classes)
+    assert n_whole == len(objects)

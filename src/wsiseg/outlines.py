@@ -19,7 +19,8 @@ end). Pieces that touch a tile edge keep their unit edges; once a row of tiles i
 done, the objects that cannot grow any more (none of their pieces touches the
 row's bottom edge) have their pieces (the stats stage's union-find) merged by
 dropping the edges two pieces share, and are traced again and written. Memory:
-one tile plus the boundary edges of the objects open along one row of tiles.
+one tile plus the boundary edges of the objects open along one row of tiles, at
+most ``MAX_OPEN_EDGES`` (objects beyond it are written tile piece by tile piece).
 """
 
 from __future__ import annotations
@@ -211,31 +212,101 @@ def geometries(ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scal
             yield int(lab[a]), '{"type":"MultiPolygon","coordinates":[' + ",".join(polys) + "]}"
 
 
+MAX_OPEN_EDGES = 1_000_000  # boundary edges kept for objects still open (13 bytes each; tracing them: 250)
+MERGE_BATCH_EDGES = 500_000  # edges traced at once when merging (about 250 bytes each at the peak)
+
+
+def _batches(x, y, d, key, limit: int = MERGE_BATCH_EDGES):
+    """The edges grouped by ``key``, in batches of about ``limit`` edges that never split a key."""
+    if not len(x):
+        return
+    o = np.argsort(key, kind="stable")
+    x, y, d, key = x[o], y[o], d[o], key[o]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # each key's first edge
+    cuts = [0]
+    for s0 in starts[np.searchsorted(starts, np.arange(limit, len(x), limit)).clip(max=len(starts) - 1)].tolist():
+        if s0 > cuts[-1]:
+            cuts.append(s0)
+    cuts.append(len(x))
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        yield x[a:b], y[a:b], d[a:b], key[a:b]
+
+
 class OutlineCollector:
     """Keeps each object's outline while :func:`wsiseg.stats.count_objects` reads the
     mask (its ``outlines`` argument); :func:`write_geojson` writes them once object ids
-    are known."""
+    are known.
 
-    def __init__(self, tmp_path: str, scale0: float):
-        self.tmp_path, self.scale0 = tmp_path, scale0
+    Memory is bounded: when the boundaries kept for open objects (those that may still
+    grow into the next tiles) exceed ``max_open_edges``, the largest open objects are
+    written as they are, one feature per tile piece (``part`` 1, 2, ... with the same
+    object_id), and so are their later pieces. No nucleus comes near the default (a
+    million px of boundary, 500 mm at 0.5 µm/px; a 20 x 15 mm tissue region has about
+    140,000 px); the speckled blob of an untrained model does.
+    """
+
+    def __init__(self, tmp_path: str, scale0: float, max_open_edges: int = MAX_OPEN_EDGES):
+        self.tmp_path, self.scale0, self.max_open_edges = tmp_path, scale0, max_open_edges
         self._fh = open(tmp_path, "w")
         self._border: list[tuple[np.ndarray, ...]] = []
+        self._n_open = 0
+        self._split_gids = np.zeros(0, np.int64)  # pieces of objects written piece by piece
         self.roots: np.ndarray | None = None  # set by count_objects: the root id of every piece id
 
-    def tile(self, y: int, x: int, lab: np.ndarray) -> None:
-        """``lab``: the tile's components with global ids (0 = background), tile origin (y, x)."""
+    def tile(self, y: int, x: int, lab: np.ndarray, roots=None) -> None:
+        """``lab``: the tile's components with global ids (0 = background), tile origin (y, x).
+        ``roots``: a callable giving the union-find's current root of every id (called only
+        when the open boundaries exceed the budget)."""
         ex, ey, ed, el = boundary_edges(lab)
         if not len(ex):
             return
         edge_ids = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        on_border = np.isin(el, edge_ids[edge_ids > 0])
-        b = on_border
+        b = np.isin(el, edge_ids[edge_ids > 0])  # pieces touching the tile's edge: may grow
         if b.any():
             # int32 coordinates and int8 directions: 13 bytes an edge while the object is open
             self._border.append(((ex[b] + x).astype(np.int32), (ey[b] + y).astype(np.int32), ed[b], el[b]))
+            self._n_open += int(np.count_nonzero(b))
         c = ~b
-        self._fh.writelines(f"{gid}\t{geom}\n" for gid, geom in
-                            geometries(*trace(ex[c], ey[c], ed[c], el[c]), ex[c], ey[c], ed[c], self.scale0, x, y))
+        self._write(geometries(*trace(ex[c], ey[c], ed[c], el[c]), ex[c], ey[c], ed[c], self.scale0, x, y))
+        if self._n_open > self.max_open_edges and roots is not None:
+            self._split(roots())
+
+    def _write(self, items, kind: str = "o") -> None:
+        """Lines 'kind id geometry': 'o' a whole object or tile-local piece id, 'p' one part of a split object."""
+        self._fh.writelines(f"{kind}\t{gid}\t{geom}\n" for gid, geom in items)
+
+    def _open(self):
+        x, y, d, gid = (np.concatenate(a) for a in zip(*self._border))
+        self._border, self._n_open = [], 0
+        return x, y, d, gid
+
+    def _keep(self, x, y, d, gid) -> None:
+        if len(x):
+            self._border = [(x, y, d, gid)]
+            self._n_open = len(x)
+
+    def _write_parts(self, x, y, d, gid) -> None:
+        """Pieces as they are (one feature each), traced by piece id; their objects stay split."""
+        if len(x):
+            self._split_gids = np.union1d(self._split_gids, np.unique(gid))
+            for x, y, d, gid in _batches(x, y, d, gid):
+                self._write(geometries(*trace(x, y, d, gid), x, y, d, self.scale0), "p")
+
+    def _split(self, roots: np.ndarray) -> None:
+        """Over budget: write the largest open objects piece by piece until half the budget is left."""
+        x, y, d, gid = self._open()
+        root = roots[gid]
+        u, inv, cnt = np.unique(root, return_inverse=True, return_counts=True)
+        order = np.argsort(-cnt, kind="stable")
+        left = len(x) - np.cumsum(cnt[order])
+        n_split = int(np.searchsorted(-left, -self.max_open_edges // 2)) + 1  # largest first, until under half
+        split = np.zeros(len(u), bool)
+        split[order[:n_split]] = True
+        if len(self._split_gids):
+            split |= np.isin(u, roots[self._split_gids])
+        s = split[inv]
+        self._write_parts(x[s], y[s], d[s], gid[s])
+        self._keep(x[~s], y[~s], d[~s], gid[~s])
 
     def close(self) -> None:
         if not self._fh.closed:
@@ -253,25 +324,35 @@ class OutlineCollector:
         so what is kept is bounded by the objects along one row of tiles."""
         if not self._border:
             return
-        x, y, d, gid = (np.concatenate(a) for a in zip(*self._border))
+        x, y, d, gid = self._open()
         root = roots[gid]
+        split = np.isin(root, roots[self._split_gids]) if len(self._split_gids) else np.zeros(len(x), bool)
+        self._write_parts(x[split], y[split], d[split], gid[split])
         open_roots = np.unique(roots[frontier[frontier > 0]])
-        done = ~np.isin(root, open_roots)
-        self._border = [(x[~done], y[~done], d[~done], gid[~done])] if (~done).any() else []
+        done = ~split & ~np.isin(root, open_roots)
+        keep = ~split & ~done
+        self._keep(x[keep], y[keep], d[keep], gid[keep])
         if done.any():
-            self._fh.writelines(f"{r}\t{geom}\n" for r, geom in self._merge(x[done], y[done], d[done], root[done]))
+            self._write(self._merge(x[done], y[done], d[done], root[done]))
 
-    def merged(self, roots: np.ndarray) -> Iterator[tuple[int, str]]:
-        """(root id, geometry) of the objects still open after the last tile."""
-        if not self._border:
-            return
-        x, y, d, gid = (np.concatenate(a) for a in zip(*self._border))
-        self._border = []
-        yield from self._merge(x, y, d, roots[gid])
+    def finish(self, roots: np.ndarray) -> None:
+        """After the last tile: write every object still open."""
+        self.roots = roots
+        if self._border:
+            x, y, d, gid = self._open()
+            root = roots[gid]
+            split = np.isin(root, roots[self._split_gids]) if len(self._split_gids) else np.zeros(len(x), bool)
+            self._write_parts(x[split], y[split], d[split], gid[split])
+            self._write(self._merge(x[~split], y[~split], d[~split], root[~split]))
+        self.close()
 
     def _merge(self, x, y, d, root) -> Iterator[tuple[int, str]]:
         """Pieces of each object with the edges two pieces share removed (one segment walked
-        both ways), traced again."""
+        both ways), traced again; objects in batches of about ``MERGE_BATCH_EDGES`` edges."""
+        for batch in _batches(x, y, d, root):
+            yield from self._merge_batch(*batch)
+
+    def _merge_batch(self, x, y, d, root) -> Iterator[tuple[int, str]]:
         # a segment's key: its lower/left end and whether it is vertical
         sx = np.where(d == 2, x - 1, x).astype(np.int64)
         sy = np.where(d == 3, y - 1, y).astype(np.int64)
@@ -288,14 +369,14 @@ class OutlineCollector:
         x, y, d, root = x[keep], y[keep], d[keep], root[keep]
         yield from geometries(*trace(x, y, d, root), x, y, d, self.scale0)
 
-    def pieces(self) -> Iterator[tuple[int, str]]:
-        """(id, geometry) of the objects already written: pieces complete in their tile (piece
-        id) and objects merged at the end of a row of tiles (root id)."""
+    def outlines(self) -> Iterator[tuple[int, bool, str]]:
+        """(id, is a part of a split object, geometry) of everything written; ids are piece
+        ids or union-find roots (map them with ``roots``)."""
         self.close()
         with open(self.tmp_path) as fh:
             for line in fh:
-                gid, geom = line.rstrip("\n").split("\t", 1)
-                yield int(gid), geom
+                kind, gid, geom = line.rstrip("\n").split("\t", 2)
+                yield int(gid), kind == "p", geom
 
 
 CLASS_COLOURS = [(0, 0, 0), (0, 150, 255), (255, 160, 0), (60, 200, 60), (220, 40, 40), (160, 80, 220),
@@ -309,7 +390,7 @@ def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes:
 
     ``counts`` is :func:`wsiseg.stats.count_objects`' result, run with ``collector``;
     object ids, classes and areas are those of objects.csv.gz. Each feature's id is a
-    UUID derived from slide and object id, so a rerun gives the same ids.
+    UUID derived from slide and object id (and part), so a rerun gives the same ids.
     """
     roots = collector.roots
     root_l, oid_l, cls_l, area_l = [], [], [], []
@@ -330,9 +411,9 @@ def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes:
     tmp = path + ".part"
     ns = uuid.uuid5(uuid.NAMESPACE_URL, "wsiseg:" + slide_id)
     try:
-        n = _write_features(tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, classes, ns)
-        if n != len(all_roots):
-            raise AssertionError(f"{n} outlines for {len(all_roots)} objects")
+        n, seen = _write_features(tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, classes, ns)
+        if seen != len(all_roots):
+            raise AssertionError(f"outlines for {seen} of {len(all_roots)} objects")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -343,29 +424,30 @@ def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes:
     return n
 
 
-def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, classes, ns) -> int:
+def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, classes, ns) -> tuple[int, int]:
+    """(features written, objects that have one or more)."""
     n = 0
+    parts = np.zeros(len(sorted_roots), np.int64)  # features so far per object
     with (gzip.open(tmp, "wt", compresslevel=6, encoding="utf-8") if gz else open(tmp, "w", encoding="utf-8")) as fh:
         fh.write('{"type":"FeatureCollection","features":[\n')
-
-        def emit(root: int, geom: str) -> None:
-            nonlocal n
+        for gid, is_part, geom in collector.outlines():
+            root = int(roots[gid])
             i = int(np.searchsorted(sorted_roots, root))
             assert i < len(sorted_roots) and sorted_roots[i] == root, "an outline without its object"
+            parts[i] += 1
+            assert is_part or parts[i] == 1, "an object outlined twice"
             k, object_id = int(cls[i]), int(oid[i])
             props = {
                 "objectType": "detection",
-                "name": f"{classes[k]} {object_id}",
+                "name": f"{classes[k]} {object_id}" + (f" part {parts[i]}" if is_part else ""),
                 "classification": {"name": classes[k], "color": list(CLASS_COLOURS[k % len(CLASS_COLOURS)])},
                 "measurements": {"object_id": object_id, "area_um2": round(float(area[i]), 2)},
             }
-            fh.write((",\n" if n else "") + '{"type":"Feature","id":"' + str(uuid.uuid5(ns, str(object_id)))
+            if is_part:
+                props["measurements"]["part"] = int(parts[i])
+            fid = uuid.uuid5(ns, f"{object_id}/{parts[i]}" if is_part else str(object_id))
+            fh.write((",\n" if n else "") + '{"type":"Feature","id":"' + str(fid)
                      + '","geometry":' + geom + ',"properties":' + json.dumps(props, separators=(",", ":")) + "}")
             n += 1
-
-        for gid, geom in collector.pieces():
-            emit(int(roots[gid]), geom)
-        for r, geom in collector.merged(roots):
-            emit(r, geom)
         fh.write("\n]}\n")
-    return n
+    return n, int(np.count_nonzero(parts))

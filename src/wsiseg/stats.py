@@ -110,7 +110,7 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
     ``root``, the object's id in the union-find.
 
     ``outlines`` (a :class:`wsiseg.outlines.OutlineCollector`) is shown each tile with its
-    components' ids and is given the union-find's roots at the end.
+    components' ids and is given the union-find's roots after each row of tiles and at the end.
     """
     uf = _UnionFind()
     cls = _Grow(np.int16)  # class of each component (id 0 = background)
@@ -179,12 +179,12 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
                 for u, v in set(zip(a[same].tolist(), b[same].tolist())):
                     uf.union(u, v)
         if outlines is not None:
-            outlines.tile(y, x, lab)
+            outlines.tile(y, x, lab, roots=uf.roots)
         left_col = lab[:, -1]
         cur_row[x : x + w] = lab[-1, :]
     roots = uf.roots()
     if outlines is not None:
-        outlines.roots = roots
+        outlines.finish(roots)
     n = len(roots)
     c = {f: g.get() for f, g in comp.items()}
     total = np.bincount(roots, weights=c["area"], minlength=n).astype(np.int64)
