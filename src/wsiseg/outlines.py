@@ -182,19 +182,23 @@ def geometries(ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scal
         return
     pts = (corners + (dx, dy)) * scale
     pts = pts.astype(np.int64) if float(scale).is_integer() else np.round(pts, 2)
+    # every vertex as text once ("[x,y]", as json.dumps writes it), then rings are joins
+    # of slices: no per-ring encoder, which dominated with millions of tiny hole rings
+    vtx = [f"[{a},{b}]" for a, b in pts.tolist()]
+    off = offsets.tolist()
 
-    def ring_pts(i):
-        r = pts[int(offsets[i]) : int(offsets[i + 1])].tolist()
-        return r + r[:1]  # closed
+    def ring_text(i):
+        o0, o1 = off[i], off[i + 1]
+        return "[" + ",".join(vtx[o0:o1]) + "," + vtx[o0] + "]"  # closed
 
     comp = None
     order = np.argsort(ring_label, kind="stable")
     lab = ring_label[order]
     cuts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1], True])
-    sep = (",", ":")
+    order_l, lab_l = order.tolist(), lab.tolist()
     for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
         if b - a == 1:
-            yield int(lab[a]), '{"type":"Polygon","coordinates":[' + json.dumps(ring_pts(order[a]), separators=sep) + "]}"
+            yield lab_l[a], '{"type":"Polygon","coordinates":[' + ring_text(order_l[a]) + "]}"
             continue
         if comp is None:
             rl = ring_label[edge_ring]
@@ -203,13 +207,13 @@ def geometries(ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scal
         # one polygon per part: exterior first, then its holes
         idx = idx[np.lexsort((ring_area[idx] < 0, comp[idx]))]
         parts = np.flatnonzero(np.r_[True, comp[idx][1:] != comp[idx][:-1], True])
-        # text ring by ring: a big object's vertices never sit in memory as Python lists
-        polys = ["[" + ",".join(json.dumps(ring_pts(i), separators=sep) for i in idx[p0:p1]) + "]"
+        idx_l = idx.tolist()
+        polys = ["[" + ",".join(ring_text(i) for i in idx_l[p0:p1]) + "]"
                  for p0, p1 in zip(parts[:-1].tolist(), parts[1:].tolist())]
         if len(polys) == 1:
-            yield int(lab[a]), '{"type":"Polygon","coordinates":' + polys[0] + "}"
+            yield lab_l[a], '{"type":"Polygon","coordinates":' + polys[0] + "}"
         else:
-            yield int(lab[a]), '{"type":"MultiPolygon","coordinates":[' + ",".join(polys) + "]}"
+            yield lab_l[a], '{"type":"MultiPolygon","coordinates":[' + ",".join(polys) + "]}"
 
 
 MAX_OPEN_EDGES = 1_000_000  # boundary edges kept for objects still open (13 bytes each; tracing them: 250)
