@@ -110,6 +110,7 @@ def segment_resources_gpu(wildcards):
 # Override any of them per rule with set-resources in a profile.
 SEGMENT_S_PER_TILE = 1.0  # wall-clock budget per tile (reading + inference), seconds
 MASK_MPX_PER_MIN = 100  # stitch/stats budget: mask megapixels per minute
+OUTLINES_MPX_PER_MIN = 25  # stats with outlines: its worst case (benchmarks/memory_vs_area.py --speckle) is 30
 
 
 def _slide_info(wildcards):
@@ -149,6 +150,11 @@ def segment_runtime(wildcards, attempt):
 
 def mask_runtime(wildcards, attempt):
     return int(10 + _slide_mpx(wildcards, config["model"]["mpp"]) / MASK_MPX_PER_MIN) * attempt
+
+
+def stats_runtime(wildcards, attempt):
+    rate = OUTLINES_MPX_PER_MIN if OUTLINES else MASK_MPX_PER_MIN
+    return int(10 + _slide_mpx(wildcards, config["model"]["mpp"]) / rate) * attempt
 
 
 def triaged():

@@ -17,7 +17,7 @@ rule stats:
         "post"
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=mask_runtime,
+        runtime=stats_runtime,  # minutes, from the mask's size (the outlines' worst case)
     conda:
         "../../envs/wsi.yaml"
     script:
