@@ -33,6 +33,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .stitch import PALETTE  # the overlay's class colours, so QuPath shows the same
+
 # directions of a unit edge, turning right in this order (y points down)
 DX = np.array([1, 0, -1, 0], np.int64)  # 0 east, 1 south, 2 west, 3 north
 DY = np.array([0, 1, 0, -1], np.int64)
@@ -255,7 +257,7 @@ class OutlineCollector:
         self._border: list[tuple[np.ndarray, ...]] = []
         self._n_open = 0
         self._split_gids = np.zeros(0, np.int64)  # pieces of objects written piece by piece
-        self.roots: np.ndarray | None = None  # set by count_objects: the root id of every piece id
+        self.roots: np.ndarray | None = None  # set by finish(): the root id of every piece id
 
     def tile(self, y: int, x: int, lab: np.ndarray, roots=None) -> None:
         """``lab``: the tile's components with global ids (0 = background), tile origin (y, x).
@@ -328,27 +330,27 @@ class OutlineCollector:
         so what is kept is bounded by the objects along one row of tiles."""
         if not self._border:
             return
-        x, y, d, gid = self._open()
-        root = roots[gid]
-        split = np.isin(root, roots[self._split_gids]) if len(self._split_gids) else np.zeros(len(x), bool)
-        self._write_parts(x[split], y[split], d[split], gid[split])
-        open_roots = np.unique(roots[frontier[frontier > 0]])
-        done = ~split & ~np.isin(root, open_roots)
-        keep = ~split & ~done
-        self._keep(x[keep], y[keep], d[keep], gid[keep])
-        if done.any():
-            self._write(self._merge(x[done], y[done], d[done], root[done]))
+        self._close_objects(roots, np.unique(roots[frontier[frontier > 0]]))
 
     def finish(self, roots: np.ndarray) -> None:
         """After the last tile: write every object still open."""
         self.roots = roots
         if self._border:
-            x, y, d, gid = self._open()
-            root = roots[gid]
-            split = np.isin(root, roots[self._split_gids]) if len(self._split_gids) else np.zeros(len(x), bool)
-            self._write_parts(x[split], y[split], d[split], gid[split])
-            self._write(self._merge(x[~split], y[~split], d[~split], root[~split]))
+            self._close_objects(roots, np.zeros(0, np.int64))
         self.close()
+
+    def _close_objects(self, roots: np.ndarray, open_roots: np.ndarray) -> None:
+        """Write the pieces of split objects, merge and write the objects not in
+        ``open_roots``, keep the rest."""
+        x, y, d, gid = self._open()
+        root = roots[gid]
+        split = np.isin(root, roots[self._split_gids]) if len(self._split_gids) else np.zeros(len(x), bool)
+        self._write_parts(x[split], y[split], d[split], gid[split])
+        done = ~split & ~np.isin(root, open_roots)
+        keep = ~split & ~done
+        self._keep(x[keep], y[keep], d[keep], gid[keep])
+        if done.any():
+            self._write(self._merge(x[done], y[done], d[done], root[done]))
 
     def _merge(self, x, y, d, root) -> Iterator[tuple[int, str]]:
         """Pieces of each object with the edges two pieces share removed (one segment walked
@@ -383,10 +385,6 @@ class OutlineCollector:
                 yield int(gid), kind == "p", geom
 
 
-CLASS_COLOURS = [(0, 0, 0), (0, 150, 255), (255, 160, 0), (60, 200, 60), (220, 40, 40), (160, 80, 220),
-                 (240, 220, 0), (0, 200, 200)]
-
-
 def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes: list, mpp: float,
                   slide_id: str) -> int:
     """Write every object's outline as a QuPath-readable FeatureCollection (gzip when
@@ -396,17 +394,18 @@ def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes:
     object ids, classes and areas are those of objects.csv.gz. Each feature's id is a
     UUID derived from slide and object id (and part), so a rerun gives the same ids.
     """
+    from .stats import first_object_ids
+
     roots = collector.roots
     root_l, oid_l, cls_l, area_l = [], [], [], []
-    next_id = 1
+    first = first_object_ids(counts, len(classes))  # the ids of objects.csv.gz
     for k in range(1, len(classes)):
         o = counts[k]["objects"]
         n_k = len(o["area"])
         root_l.append(o["root"])
-        oid_l.append(np.arange(next_id, next_id + n_k))
+        oid_l.append(np.arange(first[k], first[k] + n_k))
         cls_l.append(np.full(n_k, k))
         area_l.append(o["area"] * mpp * mpp)
-        next_id += n_k
     all_roots = np.concatenate(root_l) if root_l else np.zeros(0, np.int64)
     order = np.argsort(all_roots)
     sorted_roots = all_roots[order]
@@ -444,7 +443,7 @@ def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, cla
             props = {
                 "objectType": "detection",
                 "name": f"{classes[k]} {object_id}" + (f" part {parts[i]}" if is_part else ""),
-                "classification": {"name": classes[k], "color": list(CLASS_COLOURS[k % len(CLASS_COLOURS)])},
+                "classification": {"name": classes[k], "color": PALETTE[k % len(PALETTE)].tolist()},
                 "measurements": {"object_id": object_id, "area_um2": round(float(area[i]), 2)},
             }
             if is_part:

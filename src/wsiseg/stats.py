@@ -240,20 +240,30 @@ OBJECT_COLUMNS = [
 ]
 
 
+def first_object_ids(counts: dict, n_classes: int) -> dict:
+    """object_id of each class's first object: ids count from 1 over all classes >= 1,
+    class by class, each in the order objects are first met in raster order."""
+    first, next_id = {}, 1
+    for k in range(1, n_classes):
+        first[k] = next_id
+        next_id += len(counts[k]["objects"]["area"])
+    return first
+
+
 def object_rows(counts: dict, classes: list, mpp: float, scale0: float, slide_id: str,
                 chunk: int = 100_000) -> Iterator[pd.DataFrame]:
     """The objects of every class >= 1 as tables of ``OBJECT_COLUMNS``, ``chunk`` rows at a time.
 
     Positions are on the slide: µm from its top-left corner, and level-0 px (the
     coordinates QuPath and OpenSlide use); ``scale0`` = level-0 px per mask px.
-    object_id counts from 1 over all classes, in the order objects are first met in
-    raster order.
+    object_id as :func:`first_object_ids` numbers them.
     """
-    next_id = 1
+    first = first_object_ids(counts, len(classes))
     for k, name in enumerate(classes):
         if k == 0:
             continue
         o = counts[k]["objects"]
+        next_id = first[k]
         for i in range(0, len(o["area"]), chunk):
             c = {f: v[i : i + chunk] for f, v in o.items()}
             n = len(c["area"])
