@@ -154,6 +154,52 @@ def test_stain_jitter_changes_colour_not_geometry():
     assert 1 < diff < 40
 
 
+def test_blur_and_noise_change_the_image_only_and_keep_it_aligned():
+    """Optics/sensor augmentation: targets untouched, nuclei stay where their labels are."""
+    s = L.load_set(str(REPO / "config/labeled/miccai2015-train.tsv"), 0.5)[13]
+    h, w = s.image.shape[:2]
+    y0, x0 = h // 2 - 64, w // 2 - 64
+    crop_ids = s.instances[y0 : y0 + 128, x0 : x0 + 128]
+    crop_img = s.image[y0 : y0 + 128, x0 : x0 + 128]
+    plain = AugmentConfig(scale=0, elastic_sigma=0, rot90=False, flips=False, hed_sigma=0, hed_bias=0,
+                          brightness=0, contrast=0)
+    # with blur and noise off, the crop is the image itself (no colour drift from the HED round trip >1 level)
+    img0, (ids0,), _ = augment(s.image, [s.instances], 128, plain, np.random.default_rng(0), centre=(y0 + 63.5, x0 + 63.5))
+    assert (ids0 == crop_ids).all() and np.abs(img0.astype(int) - crop_img).max() <= 1
+    grey = lambda im: im.astype(np.float32).mean(-1)  # noqa: E731
+    for kw in ({"blur": 2.0}, {"noise": 0.05}, {"blur": 1.5, "noise": 0.03}):
+        cfg = AugmentConfig(**{**plain.__dict__, **kw})
+        changed = []
+        for seed in range(6):  # strengths are drawn from [0, max]: look at several draws
+            img, (ids,), _ = augment(s.image, [s.instances], 128, cfg, np.random.default_rng(seed),
+                                     centre=(y0 + 63.5, x0 + 63.5))
+            assert (ids == crop_ids).all(), kw  # targets never change
+            assert img.dtype == np.uint8 and img.shape == crop_img.shape
+            changed.append(np.abs(img.astype(int) - crop_img).mean())
+            # nuclei stay darker than background by about as much as before: nothing shifted
+            nuc, bg = ids > 0, ids == 0
+            before = grey(crop_img)[bg].mean() - grey(crop_img)[nuc].mean()
+            after = grey(img)[bg].mean() - grey(img)[nuc].mean()
+            assert 0.75 * before < after <= 1.05 * before, (kw, seed, before, after)
+            if "noise" not in kw:  # blur alone keeps the mean intensity
+                assert abs(grey(img).mean() - grey(crop_img).mean()) < 1.0
+        assert max(changed) > 2, (kw, changed)  # it does something
+        assert len(set(np.round(changed, 3))) > 1, (kw, changed)  # with a random strength
+    # a fixed blur lowers the gradient energy; noise is zero-mean with the std asked for
+    g = lambda im: np.abs(np.diff(grey(im), axis=1)).mean()  # noqa: E731
+    from wsiseg.augment import add_noise, blur_image
+    assert g(blur_image(crop_img, 1.5)) < 0.7 * g(crop_img)
+    resid = add_noise(crop_img, 0.05, np.random.default_rng(0)).astype(float) - crop_img
+    inside = (crop_img > 40) & (crop_img < 215)  # not clipped at 0 or 255
+    assert abs(resid[inside].mean()) < 0.3 and abs(resid[inside].std() - 0.05 * 255) < 0.3
+    # blur is centred: a single bright pixel spreads symmetrically around itself
+    dot = np.zeros((33, 33, 3), np.uint8)
+    dot[16, 16] = 255
+    b = blur_image(dot, 1.5)[..., 0].astype(float)
+    yy, xx = np.mgrid[:33, :33]
+    assert abs((b * yy).sum() / b.sum() - 16) < 1e-6 and abs((b * xx).sum() / b.sum() - 16) < 1e-6
+
+
 def test_qupath_geojson_on_a_slide_gives_one_sample_per_annotated_region(tmp_path):
     """Annotations exported from a slide (level-0 px) are read at the model's mpp, region by region."""
     from conftest import CMU

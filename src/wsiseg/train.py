@@ -4,7 +4,8 @@
 * Target: 3 classes, background / interior / boundary, so that touching objects come
   apart (``target: three_class``); or 2 classes with the paper's border weight map
   (``target: weight_map``, w0 = 10, sigma = 5 px at the training resolution).
-* Augmentation: ``augment`` (flips, 90° rotations, elastic, scale, HED jitter).
+* Augmentation: ``augment`` (flips, 90° rotations, elastic, scale, HED jitter;
+  optionally blur and noise).
 * Loss: pixel-wise (weighted) cross-entropy, plus soft Dice on the object classes
   (``dice_weight``). Adam. He initialisation (``unet.UNet``). Optional dropout at the
   bottleneck.
