@@ -16,3 +16,4 @@ with stage("train", cfg.get("name", "unet"), sm.log[0]) as log:
     summary = train.run(cfg, resume=bool(sm.params.resume), log=log.info)
     shutil.copyfile(summary["best"], sm.output.best)
     shutil.copyfile(summary["metrics"], sm.output.metrics)
+    shutil.copyfile(summary["validation"], sm.output.validation)

@@ -50,6 +50,32 @@ def test_best_checkpoint_is_ready_for_inference(full_run):
         load_model({"name": "trained", "weights": str(out / "best.pt"), "mpp": 0.25})
 
 
+def test_validation_scores_are_the_evaluate_targets_on_the_validation_images(full_run, tmp_path):
+    """validation.csv: the same per-image metrics the evaluate target gives for those images."""
+    from wsiseg import labels as L
+    from wsiseg.evaluate import evaluate_set
+
+    out, summary = full_run
+    got = pd.read_csv(summary["validation"])
+    assert got["image"].tolist() == ["image03", "image10", "image14", "mean"]
+    # the nuclei counted are the annotated ones, at each image's own resolution
+    val = {s.name: s for s in L.load_set(SHEET, 0.5, keep_native=True) if s.split == "val"}
+    for _, r in got.iloc[:3].iterrows():
+        s = val[r["image"]]
+        assert r["mpp"] == s.mpp and r["n_true"] == len(np.unique(s.native_instances)) - 1
+    assert np.allclose(got.iloc[3, 1:].astype(float), got.iloc[:3, 1:].astype(float).mean(), atol=1e-4)
+    assert ((got["dice"] > 0) & (got["dice"] <= 1) & (got["aji"] >= 0) & (got["aji"] <= got["dice"])).all()
+    # the evaluate target, given a sheet of the validation rows and no TTA, agrees to the 4th decimal
+    lines = [ln for ln in open(SHEET) if not ln.startswith("#")]
+    sheet = tmp_path / "val.tsv"
+    sheet.write_text(lines[0] + "".join(ln for ln in lines[1:] if ln.rstrip("\n").endswith("\tval")))
+    sheet_dir = (REPO / "config/labeled").resolve()
+    sheet.write_text(sheet.read_text().replace("../../../", str(sheet_dir.parents[2]) + "/"))
+    want = evaluate_set(str(sheet), "unet", str(tmp_path / "m.csv"), weights=str(out / "best.pt"), tta=False)
+    cols = ["dice", "iou", "aji", "object_f1", "precision", "recall", "n_pred"]
+    assert np.allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), atol=1e-4)
+
+
 def test_resume_continues_exactly_where_it_stopped(full_run, tmp_path):
     """2 epochs, stop, resume to 4: same weights and metrics as the uninterrupted run."""
     out, _ = full_run
@@ -69,6 +95,7 @@ def test_weight_map_target_trains_two_classes(tmp_path):
     s = train.run(tiny(tmp_path, target="weight_map", max_epochs=1, steps_per_epoch=2))
     spec = load_model({"name": "wm", "weights": s["best"]})
     assert spec.classes == ["background", "nucleus"] and spec.postprocess is None
+    assert len(pd.read_csv(s["validation"])) == 4  # scored with the default post-processing
 
 
 def test_unknown_setting_is_a_clear_error(tmp_path):

@@ -242,6 +242,9 @@ def test_train_then_evaluate_targets(tmp_path):
     assert (tmp_path / "results/training/tiny/best.pt").exists()
     assert len(pd.read_csv(tmp_path / "results/training/tiny/metrics.csv")) == 2
     assert "epoch 2: train loss" in (tmp_path / "logs/training/tiny.log").read_text()
+    val = pd.read_csv(tmp_path / "results/training/tiny/validation.csv")
+    assert val["image"].tolist() == ["image03", "image10", "image14", "mean"]  # the sheet's val rows
+    assert val["n_true"].iloc[2] == 139  # image14's annotated nuclei
     comp = pd.read_csv(tmp_path / "results/evaluation/comparison.csv")
     assert sorted(comp["method"]) == ["classical-baseline", "tiny"] and (comp["images"] == 2).all()
     base = pd.read_csv(tmp_path / "results/evaluation/small/classical-baseline/metrics.csv")

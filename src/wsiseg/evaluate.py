@@ -195,10 +195,17 @@ def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None 
         log(f"{s.name}: dice {m['dice']:.3f} aji {m['aji']:.3f} object_f1 {m['object_f1']:.3f}")
         if overlay_dir:
             overlay_png(os.path.join(overlay_dir, f"{s.name}.png"), img, gt, pred)
+    return write_metrics(rows, out_csv, log)
+
+
+def write_metrics(rows: list, out_csv: str, log=print) -> pd.DataFrame:
+    """Per-image metric rows plus a ``mean`` row, to ``out_csv`` (the evaluate target's format)."""
     df = pd.DataFrame(rows)
     mean = df.drop(columns=["image"]).mean(numeric_only=True)
     df = pd.concat([df, pd.DataFrame([{"image": "mean", **mean.to_dict()}])], ignore_index=True)
-    df.to_csv(out_csv, index=False, float_format="%.4f")
+    tmp = f"{out_csv}.tmp"
+    df.to_csv(tmp, index=False, float_format="%.4f")
+    os.replace(tmp, out_csv)
     log(f"mean over {len(rows)} images: dice {mean['dice']:.4f} aji {mean['aji']:.4f} object_f1 {mean['object_f1']:.4f}")
     return df
 

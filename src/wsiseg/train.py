@@ -274,6 +274,8 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
                    best_val_loss=best_loss, stop=stop_reason)
     if cfg.tune_postprocess and cfg.target == "three_class" and os.path.exists(best_path):
         summary["postprocess"] = tune_postprocess(best_path, val_s, device, log)
+    if os.path.exists(best_path):
+        summary["validation"] = score_validation(best_path, val_s, device, os.path.join(cfg.out_dir, "validation.csv"), log)
     return summary
 
 
@@ -306,3 +308,25 @@ def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
     extra["val_aji"] = best_aji
     save_checkpoint(best_path, model.cpu(), ck["classes"], ck["mpp"], ck["name"], extra=extra)
     return dict(best.as_dict(), val_aji=best_aji)
+
+
+def score_validation(best_path: str, val_s, device, out_csv: str, log=print) -> str:
+    """The evaluate target's metrics for ``best.pt`` on the validation images, to ``out_csv``.
+
+    Per image and mean: pixel accuracy, precision, recall, Dice, IoU, AJI, object F1,
+    with the post-processing stored in ``best.pt``, at each image's own resolution,
+    predicted as the workflow predicts slides (no flip/rotation averaging). This is
+    how good the model is on the user's own held-out images; scoring other labeled
+    sets is the evaluate target's job.
+    """
+    from .evaluate import all_metrics, predict_probs, resize_probs, write_metrics
+    from .postprocess import InstanceParams, instances_from_probs
+
+    spec = load_model({"weights": best_path, "name": "validation"}, device=str(device), geometry=False)
+    params = InstanceParams(**(spec.postprocess or {}))
+    rows = []
+    for s in val_s:
+        prob = resize_probs(predict_probs(spec.module, s.image, spec.align, tta=False, device=device), s.native_shape)
+        rows.append(dict(image=s.name, mpp=s.mpp, **all_metrics(s.native_instances, instances_from_probs(prob, s.mpp, params))))
+    write_metrics(rows, out_csv, log=lambda m: log(f"validation images ({params.as_dict()}): {m}"))
+    return out_csv

@@ -1,5 +1,5 @@
 # Training and evaluation targets (not part of `all`):
-#   snakemake train --cores 2        -> results/training/<train.name>/best.pt, metrics.csv (work/: last.pt)
+#   snakemake train --cores 2        -> results/training/<train.name>/best.pt, metrics.csv, validation.csv (work/: last.pt)
 #   snakemake evaluate --cores 2     -> results/evaluation/<set>/<method>/metrics.csv + overlays, comparison.csv
 TRAIN = config.get("train", {})
 EVAL = config.get("evaluate", {})
@@ -35,6 +35,7 @@ rule train:
     output:
         best=f"{TRAIN_DIR}/best.pt",
         metrics=report(f"{TRAIN_DIR}/metrics.csv", caption="../report/train.rst", category="Training"),
+        validation=report(f"{TRAIN_DIR}/validation.csv", caption="../report/validation.rst", category="Training"),
     params:
         cfg={k: v for k, v in TRAIN.items() if k != "sheet"},
         # best.pt, last.pt and metrics.csv are written here while training runs; Snakemake
