@@ -72,6 +72,41 @@ def test_stitched_equals_one_pass(padding, target_mpp, tmp_path):
     assert (labels != logits.argmax(0)).sum() == 0
 
 
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_tta_stitched_equals_tta_over_the_whole_image(padding):
+    """model.tta: every tile averaged over its 8 flips/rotations is still seam-free: the
+    stitched probabilities equal the same averaging over the whole mirror-padded image."""
+    from wsiseg.unet import softmax_tta
+
+    spec = _model(padding)
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.499 * 3.3)
+        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    margin = plan_margin(spec, "auto", False)
+    tiles = tile_spec_for(spec, 64, margin)
+    plan = plan_tiles(geom, tiles, None, 1)
+    logp = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
+                            torch.device("cpu"), batch_size=4, tta=True)
+    assert not np.isnan(logp).any()
+    prob = np.exp(logp)
+    assert np.allclose(prob.sum(0), 1, atol=1e-5)
+    h, w = img.shape[:2]
+    grid_w, grid_h = -(-geom.width // 64) * 64, -(-geom.height // 64) * 64
+    right = spec.legal_input(grid_w + 2 * margin) - grid_w - margin
+    bottom = spec.legal_input(grid_h + 2 * margin) - grid_h - margin
+    padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
+    with torch.inference_mode():
+        ref = softmax_tta(spec.module, torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0)[0].numpy()
+    o = margin - spec.border
+    ref = ref[:, o : o + h, o : o + w]
+    assert np.abs(ref - prob).max() < 1e-5
+    # and it is not the plain prediction: the 8 views really are averaged
+    plain = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
+                             torch.device("cpu"), batch_size=4)
+    plain = torch.softmax(torch.from_numpy(plain), 0).numpy()
+    assert np.abs(plain - prob).max() > 1e-3
+
+
 def test_small_margin_shows_seams():
     """Sanity check of the test itself: with margin 0 the 'same' network does show seams."""
     spec = _model("same")

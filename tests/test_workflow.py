@@ -201,6 +201,41 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {"stats": 1, "aggregate": 1}
 
 
+def test_tta_reruns_segmentation_only_and_averages_eight_views(archive, tmp_path):
+    """model.tta: off (or absent) changes nothing; on, every slide is re-segmented (not
+    re-planned), and a slide run with it gives valid outputs from 8 averaged views."""
+    wd, cfgfile, _ = archive
+    cfg = yaml.safe_load(open(cfgfile))
+    cfg["model"]["tta"] = False
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump(cfg))
+    res = snakemake(wd, off, "-n")
+    assert "Nothing to be done" in res.stdout + res.stderr
+    cfg["model"]["tta"] = True
+    on = tmp_path / "on.yaml"
+    on.write_text(yaml.safe_dump(cfg))
+    jobs = job_counts(snakemake(wd, on, "-n").stdout)
+    assert jobs.get("segment") == len(OK) and jobs.get("stitch") == len(OK), jobs
+    assert "plan" not in jobs and "inspect" not in jobs and "tissue" not in jobs
+    # one slide for real, in its own working directory
+    wd2 = tmp_path / "tta run"
+    wd2.mkdir()
+    sheet = wd2 / "slides.tsv"
+    sheet.write_text(f"slide_id\tpath\tmpp\ncmu\t{CMU}\t\n")
+    cfg["slides"] = str(sheet)
+    cfg2 = wd2 / "config.yaml"
+    cfg2.write_text(yaml.safe_dump(cfg))
+    snakemake(wd2, cfg2)
+    check_slide_outputs(wd2, "cmu", CMU)
+    seg = json.load(open(wd2 / "results" / MODEL / "cmu" / "work" / "segment.json"))
+    plain = json.load(open(wd / "results" / MODEL / "cmu" / "work" / "segment.json"))
+    assert seg["tta"] is True and plain["tta"] is False and seg["n_tiles"] == plain["n_tiles"]
+    assert "tta=8 flips/rotations" in (wd2 / "logs" / MODEL / "cmu" / "segment.log").read_text()
+    a = tifffile.imread(wd2 / "results" / MODEL / "cmu" / "mask.ome.tif", level=0)
+    b = tifffile.imread(wd / "results" / MODEL / "cmu" / "mask.ome.tif", level=0)
+    assert a.shape == b.shape and (a != b).any()  # the same slide and model, other predictions
+
+
 def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
     """device: cuda -> the segment rule asks for gpu=1 (what a cluster executor schedules on);
     device: cpu -> no GPU is asked for; device: auto on a workstation -> none either (the

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import labels as L
 from .postprocess import BaselineParams, InstanceParams, classical_instances, instances_from_probs
+from .unet import softmax_tta
 
 
 # ------------------------------------------------------------------ metrics
@@ -124,17 +125,7 @@ def predict_probs(module, image: np.ndarray, align: int = 16, margin: int = 32, 
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(255).unsqueeze(0).to(device)
     h, w = image.shape[:2]
     x, (top, left) = pad_to(x, align, margin)
-    outs = []
-    variants = [(k, f) for k in range(4) for f in (False, True)] if tta else [(0, False)]
-    for k, f in variants:
-        xi = torch.rot90(x, k, (2, 3))
-        if f:
-            xi = torch.flip(xi, (3,))
-        p = torch.softmax(module(xi).float(), 1)
-        if f:
-            p = torch.flip(p, (3,))
-        outs.append(torch.rot90(p, -k, (2, 3)))
-    p = torch.stack(outs).mean(0)[0, :, top : top + h, left : left + w]
+    p = softmax_tta(module, x, tta)[0, :, top : top + h, left : left + w]
     return p.cpu().numpy()
 
 

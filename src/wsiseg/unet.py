@@ -132,6 +132,30 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------- model spec
+# the 8 flips/rotations of a square (dihedral group D4): (quarter turns, mirror)
+DIHEDRAL = [(k, f) for k in range(4) for f in (False, True)]
+
+
+def softmax_tta(module: nn.Module, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
+    """Class probabilities (B, K, h, w) of ``module`` on ``x`` (B, C, H, W).
+
+    With ``tta`` the input is flipped/rotated 8 ways, each output turned back
+    exactly and the probabilities averaged; otherwise one softmax. For a 'valid'
+    network the output stays centred on the input, so every transform maps the
+    output grid onto itself.
+    """
+    outs = []
+    for k, f in DIHEDRAL if tta else [(0, False)]:
+        xi = torch.rot90(x, k, (2, 3))
+        if f:
+            xi = torch.flip(xi, (3,))
+        p = torch.softmax(module(xi).float(), 1)
+        if f:
+            p = torch.flip(p, (3,))
+        outs.append(torch.rot90(p, -k, (2, 3)))
+    return torch.stack(outs).mean(0)
+
+
 @dataclass
 class ModelSpec:
     """A loaded model plus what the tiler needs to know about it."""

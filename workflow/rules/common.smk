@@ -76,8 +76,14 @@ def get_model_weights(wildcards=None):
     return [] if is_classical_model() else config["model"]["weights"]
 
 
-def model_cfg():
-    return dict(config["model"])
+def model_cfg(tta=True):
+    """The model block as rule params. `tta` only where it matters (segment) and only
+    while it is on, so that switching it reruns segmentation, not tile plans, and
+    configs written before it existed keep their params: nothing reruns."""
+    cfg = dict(config["model"])
+    if not (tta and cfg.get("tta")):
+        cfg.pop("tta", None)
+    return cfg
 
 
 def gpu_request(device):
@@ -109,6 +115,7 @@ def segment_resources_gpu(wildcards):
 # these jobs are scheduled. Local runs only use mem_mb/gpu if --resources limits them.
 # Override any of them per rule with set-resources in a profile.
 SEGMENT_S_PER_TILE = 1.0  # wall-clock budget per tile (reading + inference), seconds
+SEGMENT_TTA_FACTOR = 8  # model.tta: 8 passes of the network per tile
 MASK_MPX_PER_MIN = 100  # stitch/stats budget: mask megapixels per minute
 OUTLINES_MPX_PER_MIN = 25  # stats with outlines: its worst case (benchmarks/memory_vs_area.py --speckle) is 30
 
@@ -145,7 +152,8 @@ def tissue_mem_mb(wildcards, attempt):
 
 
 def segment_runtime(wildcards, attempt):
-    return int(15 + _n_tiles(wildcards) * SEGMENT_S_PER_TILE / 60) * attempt
+    per_tile = SEGMENT_S_PER_TILE * (SEGMENT_TTA_FACTOR if config["model"].get("tta") else 1)
+    return int(15 + _n_tiles(wildcards) * per_tile / 60) * attempt
 
 
 def mask_runtime(wildcards, attempt):

@@ -10,7 +10,7 @@ rule plan:
         json=f"{RESULTS}/{{slide}}/plan.json",
     params:
         mpp=get_slide_mpp,
-        model=model_cfg(),
+        model=model_cfg(tta=False),
         tiling=config["tiling"],
     log:
         f"{LOGS}/{{slide}}/plan.log",

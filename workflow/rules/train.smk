@@ -66,7 +66,7 @@ rule evaluate_set:
     params:
         tta=EVAL.get("tta", True),
         device=config.get("device", "auto"),
-        model=lambda w: {} if w.method == "classical-baseline" else model_cfg(),
+        model=lambda w: {} if w.method == "classical-baseline" else model_cfg(tta=False),  # evaluate.tta decides
     resources:
         gpu=lambda w: 0 if w.method == "classical-baseline" else segment_resources_gpu(w),
     log:
