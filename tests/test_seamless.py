@@ -29,14 +29,18 @@ def _model(padding, depth=2):
     return ModelSpec(m, ["bg", "a", "b"], 1.0, f"t-{padding}", "", "unet", 2**depth, border, halo)
 
 
-def one_pass(spec, img, margin, grid_w, grid_h):
-    """The network once over the whole image, mirror-padded like the tiles."""
+def one_pass(spec, img, margin, grid_w, grid_h, tta=False):
+    """The network once over the whole image, mirror-padded like the tiles: logits, or
+    with ``tta`` the probabilities averaged over the 8 flips/rotations."""
+    from wsiseg.unet import softmax_tta
+
     h, w = img.shape[:2]
     right = spec.legal_input(grid_w + 2 * margin) - grid_w - margin
     bottom = spec.legal_input(grid_h + 2 * margin) - grid_h - margin
     padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0
     with torch.inference_mode():
-        out = spec.module(torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0)[0].numpy()
+        out = (softmax_tta(spec.module, x) if tta else spec.module(x))[0].numpy()
     o = margin - spec.border
     return out[:, o : o + h, o : o + w]
 
@@ -76,8 +80,6 @@ def test_stitched_equals_one_pass(padding, target_mpp, tmp_path):
 def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     """model.tta: every tile averaged over its 8 flips/rotations is still seam-free: the
     stitched probabilities equal the same averaging over the whole mirror-padded image."""
-    from wsiseg.unet import softmax_tta
-
     spec = _model(padding)
     with open_slide(str(CMU)) as s:
         geom = Geometry.for_slide(s, 0.499 * 3.3)
@@ -90,15 +92,8 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     assert not np.isnan(logp).any()
     prob = np.exp(logp)
     assert np.allclose(prob.sum(0), 1, atol=1e-5)
-    h, w = img.shape[:2]
     grid_w, grid_h = -(-geom.width // 64) * 64, -(-geom.height // 64) * 64
-    right = spec.legal_input(grid_w + 2 * margin) - grid_w - margin
-    bottom = spec.legal_input(grid_h + 2 * margin) - grid_h - margin
-    padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
-    with torch.inference_mode():
-        ref = softmax_tta(spec.module, torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0)[0].numpy()
-    o = margin - spec.border
-    ref = ref[:, o : o + h, o : o + w]
+    ref = one_pass(spec, img, margin, grid_w, grid_h, tta=True)
     assert np.abs(ref - prob).max() < 1e-5
     # and it is not the plain prediction: the 8 views really are averaged
     plain = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
