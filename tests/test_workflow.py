@@ -230,6 +230,8 @@ def test_tta_reruns_segmentation_only_and_averages_eight_views(archive, tmp_path
     seg = json.load(open(wd2 / "results" / MODEL / "cmu" / "work" / "segment.json"))
     plain = json.load(open(wd / "results" / MODEL / "cmu" / "work" / "segment.json"))
     assert seg["tta"] is True and plain["tta"] is False and seg["n_tiles"] == plain["n_tiles"]
+    st = pd.read_csv(wd2 / "results" / MODEL / "cmu" / "stats.csv").iloc[0]
+    assert bool(st.model_tta) and not pd.read_csv(wd / "results" / MODEL / "summary.csv").model_tta.any()
     assert "tta=8 flips/rotations" in (wd2 / "logs" / MODEL / "cmu" / "segment.log").read_text()
     a = tifffile.imread(wd2 / "results" / MODEL / "cmu" / "mask.ome.tif", level=0)
     b = tifffile.imread(wd / "results" / MODEL / "cmu" / "mask.ome.tif", level=0)

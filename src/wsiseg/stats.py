@@ -336,6 +336,7 @@ def run(mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timin
         row["model"] = pl["model"]
         row["model_sha256"] = pl["model_checksum"]
         stage_info = [read_json(p) for p in timing_jsons]
+        row["model_tta"] = any(bool(i.get("tta", False)) for i in stage_info)
         row["tiles_unreadable"] = sum(int(i.get("tiles_unreadable", 0)) for i in stage_info)
         timings = [i.get("elapsed_s", 0.0) for i in stage_info]
         row["wall_time_s"] = round(sum(timings) + pl.get("elapsed_s", 0.0) + ti.get("elapsed_s", 0.0)
