@@ -4,8 +4,9 @@ Runs the shipped nuclei U-Net (with its per-tile instance post-processing) over
 every tile of a slide (tissue ignored) with the workflow's own splitter/merger,
 and prints a table. On a CUDA machine it also runs with autocast (AMP).
 ``--weights classical`` measures the classical nuclei model instead (CPU).
+``--tta`` adds runs with ``model.tta`` (8 flips/rotations per tile).
 
-    python benchmarks/segment_throughput.py [slide] [--tile 512] [--weights classical]
+    python benchmarks/segment_throughput.py [slide] [--tile 512] [--weights classical] [--tta]
     (default slide: the synthetic example, generated if missing)
 """
 
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--weights", default=os.path.join(HERE, "..", "models", "nuclei-unet.pt"))
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--tta", action="store_true", help="also run with model.tta (U-Net only)")
     args = ap.parse_args()
     slide = args.slide
     if slide is None:
@@ -58,25 +60,28 @@ def main():
             model.module.threshold = thr["classical_threshold"]
     rows = []
     amps = [False, True] if dev.type == "cuda" else [False]
-    for amp in amps:
-        for workers in args.workers:
-            for batch in args.batch:
-                with tempfile.TemporaryDirectory() as tmp:
-                    merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, postprocess=model.postprocess)
-                    t0 = time.monotonic()
-                    run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
-                                     batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None)
-                    dt = time.monotonic() - t0
-                    merger.store.close()
-                rows.append((dev.type, amp, workers, batch, len(plan), dt))
+    ttas = [False, True] if args.tta and model.kind != "classical" else [False]
+    for tta in ttas:
+        for amp in amps:
+            for workers in args.workers:
+                for batch in args.batch:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, postprocess=model.postprocess)
+                        t0 = time.monotonic()
+                        run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
+                                         batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None, tta=tta)
+                        dt = time.monotonic() - t0
+                        merger.store.close()
+                    rows.append((dev.type, amp, tta, workers, batch, len(plan), dt))
     print(f"command: python {' '.join(sys.argv)}")
     shown = "classical nuclei model" if model.kind == "classical" else os.path.relpath(args.weights, os.path.join(HERE, ".."))
     print(f"model: {shown} ({model.kind})")
     print(f"slide {os.path.basename(slide)}: {geom.width}x{geom.height} target px at {model.mpp} µm/px; "
           f"tile {spec.tile_size}, window {spec.window}; torch threads {torch.get_num_threads()}")
-    print(f"{'device':>6} {'amp':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>7}")
-    for d, amp, w, b, n, dt in rows:
-        print(f"{d:>6} {str(amp):>5} {w:>7} {b:>5} {n:>5} {dt:>8.1f} {n / dt:>8.2f} {n * spec.tile_size**2 / dt / 1e6:>7.2f}")
+    print(f"{'device':>6} {'amp':>5} {'tta':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>7}")
+    for d, amp, tta, w, b, n, dt in rows:
+        print(f"{d:>6} {str(amp):>5} {str(tta):>5} {w:>7} {b:>5} {n:>5} {dt:>8.1f} {n / dt:>8.2f} "
+              f"{n * spec.tile_size**2 / dt / 1e6:>7.2f}")
 
 
 if __name__ == "__main__":
