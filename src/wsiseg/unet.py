@@ -131,7 +131,7 @@ class UNet(nn.Module):
         return n if n > 0 else None
 
 
-# ----------------------------------------------------------------- model spec
+# ----------------------------------------------------- test-time augmentation
 # the 8 flips/rotations of a square (dihedral group D4): (quarter turns, mirror)
 DIHEDRAL = [(k, f) for k in range(4) for f in (False, True)]
 
@@ -144,18 +144,21 @@ def softmax_tta(module: nn.Module, x: torch.Tensor, tta: bool = True) -> torch.T
     network the output stays centred on the input, so every transform maps the
     output grid onto itself.
     """
-    outs = []
-    for k, f in DIHEDRAL if tta else [(0, False)]:
+    views = DIHEDRAL if tta else [(0, False)]
+    total = None
+    for k, f in views:  # a running sum: one view's probabilities in memory at a time
         xi = torch.rot90(x, k, (2, 3))
         if f:
             xi = torch.flip(xi, (3,))
         p = torch.softmax(module(xi).float(), 1)
         if f:
             p = torch.flip(p, (3,))
-        outs.append(torch.rot90(p, -k, (2, 3)))
-    return torch.stack(outs).mean(0)
+        p = torch.rot90(p, -k, (2, 3))
+        total = p if total is None else total + p
+    return total / len(views)
 
 
+# ----------------------------------------------------------------- model spec
 @dataclass
 class ModelSpec:
     """A loaded model plus what the tiler needs to know about it."""
