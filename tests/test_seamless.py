@@ -91,10 +91,12 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
                             torch.device("cpu"), batch_size=4, tta=True)
     assert not np.isnan(logp).any()
     prob = np.exp(logp)
-    assert np.allclose(prob.sum(0), 1, atol=1e-5)
+    # float32 throughout; the plain test above allows 1e-4 on logits, the same here on
+    # probabilities (a seam would be far larger); one CI run saw 1.8e-5 on the sum
+    assert np.abs(prob.sum(0) - 1).max() < 1e-4, np.abs(prob.sum(0) - 1).max()
     grid_w, grid_h = -(-geom.width // 64) * 64, -(-geom.height // 64) * 64
     ref = one_pass(spec, img, margin, grid_w, grid_h, tta=True)
-    assert np.abs(ref - prob).max() < 1e-5
+    assert np.abs(ref - prob).max() < 1e-4, np.abs(ref - prob).max()
     # and it is not the plain prediction: the 8 views really are averaged
     plain = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
                              torch.device("cpu"), batch_size=4)
