@@ -45,17 +45,22 @@ def one_pass(spec, img, margin, grid_w, grid_h, tta=False):
     return out[:, o : o + h, o : o + w]
 
 
+def cmu_plan(spec, target_mpp, tile=64):
+    """CMU-1 at ``target_mpp``: geometry, the whole image, margin, tile spec and the full tile plan."""
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, target_mpp)
+        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    margin = plan_margin(spec, "auto", False)
+    tiles = tile_spec_for(spec, tile, margin)
+    return geom, img, margin, tiles, plan_tiles(geom, tiles, None, 1)
+
+
 @pytest.mark.parametrize("padding", ["valid", "same"])
 @pytest.mark.parametrize("target_mpp", [0.499 * 3.3, 0.499 * 4])  # resampled, and an exact level factor
 def test_stitched_equals_one_pass(padding, target_mpp, tmp_path):
     spec = _model(padding)
-    with open_slide(str(CMU)) as s:
-        geom = Geometry.for_slide(s, target_mpp)
-        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    geom, img, margin, tiles, plan = cmu_plan(spec, target_mpp)
     assert geom.width % 64 and geom.height % 64  # edge tiles are partial
-    margin = plan_margin(spec, "auto", False)
-    tiles = tile_spec_for(spec, 64, margin)
-    plan = plan_tiles(geom, tiles, None, 1)
     logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
                               torch.device("cpu"), batch_size=4)
     assert not np.isnan(logits).any()  # every pixel written once
@@ -81,12 +86,7 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     """model.tta: every tile averaged over its 8 flips/rotations is still seam-free: the
     stitched probabilities equal the same averaging over the whole mirror-padded image."""
     spec = _model(padding)
-    with open_slide(str(CMU)) as s:
-        geom = Geometry.for_slide(s, 0.499 * 3.3)
-        img = read_target(s, geom, 0, 0, geom.width, geom.height)
-    margin = plan_margin(spec, "auto", False)
-    tiles = tile_spec_for(spec, 64, margin)
-    plan = plan_tiles(geom, tiles, None, 1)
+    geom, img, margin, tiles, plan = cmu_plan(spec, 0.499 * 3.3)
     logp = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
                             torch.device("cpu"), batch_size=4, tta=True)
     assert not np.isnan(logp).any()
@@ -158,12 +158,7 @@ def test_torchscript_model_is_seam_free_with_measured_halo(tmp_path):
     torch.jit.save(torch.jit.script(spec0.module), str(path))
     spec = load_model(dict(name="ts", weights=str(path), classes=["bg", "a", "b"], mpp=1.0, depth=2))
     assert spec.kind == "torchscript" and spec.halo == spec0.halo
-    with open_slide(str(CMU)) as s:
-        geom = Geometry.for_slide(s, 0.499 * 3.3)
-        img = read_target(s, geom, 0, 0, geom.width, geom.height)
-    margin = plan_margin(spec, "auto", False)
-    tiles = tile_spec_for(spec, 64, margin)
-    plan = plan_tiles(geom, tiles, None, 1)
+    geom, img, margin, tiles, plan = cmu_plan(spec, 0.499 * 3.3)
     logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
                               torch.device("cpu"), batch_size=4)
     ref = one_pass(spec, img, margin, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)

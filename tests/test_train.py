@@ -67,10 +67,9 @@ def test_validation_scores_are_the_evaluate_targets_on_the_validation_images(ful
     assert ((got["dice"] > 0) & (got["dice"] <= 1) & (got["aji"] >= 0) & (got["aji"] <= got["dice"])).all()
     # the evaluate target, given a sheet of the validation rows and no TTA, agrees to the 4th decimal
     lines = [ln for ln in open(SHEET) if not ln.startswith("#")]
-    sheet = tmp_path / "val.tsv"
-    sheet.write_text(lines[0] + "".join(ln for ln in lines[1:] if ln.rstrip("\n").endswith("\tval")))
-    sheet_dir = (REPO / "config/labeled").resolve()
-    sheet.write_text(sheet.read_text().replace("../../../", str(sheet_dir.parents[2]) + "/"))
+    rows = lines[0] + "".join(ln for ln in lines[1:] if ln.rstrip("\n").endswith("\tval"))
+    sheet = tmp_path / "val.tsv"  # paths in the sheet are relative to its folder: make them absolute
+    sheet.write_text(rows.replace("../../../", str(REPO.resolve().parent) + "/"))
     want = evaluate_set(str(sheet), "unet", str(tmp_path / "m.csv"), weights=str(out / "best.pt"), tta=False)
     cols = ["dice", "iou", "aji", "object_f1", "precision", "recall", "n_pred"]
     assert np.allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), atol=1e-4)
