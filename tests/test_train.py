@@ -107,3 +107,66 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path):
     rows = len(pd.read_csv(tmp_path / "metrics.csv"))
     again = train.run(tiny(tmp_path, max_epochs=2, patience=1, lr=0.5), resume=True)
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == rows and again["epochs"] == s["epochs"]
+
+
+# ------------------------------------------------------------------ fine-tuning
+SHIPPED = str(REPO / "models/nuclei-unet.pt")
+
+
+def finetune(out_dir, **kw):
+    """One step from the shipped nuclei model, at its architecture; dropout 0 where it had 0.1."""
+    return tiny(out_dir, **{**dict(init=SHIPPED, depth=4, base_width=16, dropout=0.0, max_epochs=1,
+                                   steps_per_epoch=1, lr=1e-5, tune_postprocess=False), **kw})
+
+
+def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
+    from wsiseg import labels as L
+    from wsiseg.unet import sha256
+
+    s = train.run(finetune(tmp_path))
+    m = pd.read_csv(s["metrics"])
+    # the shipped model's own validation loss on these images, computed directly
+    cfg = train.TrainConfig.from_dict(finetune(tmp_path))
+    val = [x for x in L.load_set(SHEET, 0.5, keep_native=True) if x.split == "val"]
+    shipped = load_model({"name": "shipped", "weights": SHIPPED}, geometry=False).module
+    shipped_loss = train.validate(shipped, train.val_batches(val, cfg, 16), cfg, "cpu")
+    assert m["val_loss"].iloc[0] == pytest.approx(shipped_loss, abs=0.02)  # one tiny step away from it
+    scratch = pd.read_csv(full_run[0] / "metrics.csv")["val_loss"].iloc[0]
+    assert m["val_loss"].iloc[0] < 0.6 * scratch
+    # and it still segments nuclei as the shipped model does, measured on the validation images
+    got = pd.read_csv(s["validation"]).set_index("image")
+    assert got.loc["mean", "dice"] > 0.85 and got.loc["mean", "aji"] > 0.6
+    info = torch.load(s["best"], weights_only=True)["extra"]["train"]
+    assert info["init_sha256"] == sha256(SHIPPED) and info["config"]["init"] == SHIPPED
+
+
+def test_fine_tuning_resumes_only_from_the_same_starting_weights(tmp_path):
+    from wsiseg.unet import save_checkpoint
+
+    first = pd.read_csv(train.run(finetune(tmp_path))["metrics"])
+    again = pd.read_csv(train.run(finetune(tmp_path, max_epochs=2), resume=True)["metrics"])
+    assert again["epoch"].tolist() == [1, 2] and again["val_loss"].iloc[0] == first["val_loss"].iloc[0]
+    # other starting weights (the shipped model with its head zeroed): last.pt is not resumed
+    other = tmp_path / "other.pt"
+    model = load_model({"name": "shipped", "weights": SHIPPED}, geometry=False).module
+    with torch.no_grad():
+        model.head.weight.zero_()
+    save_checkpoint(str(other), model, ["background", "nucleus", "boundary"], 0.5, "other")
+    cfg = finetune(tmp_path, max_epochs=2)
+    cfg["init"] = str(other)
+    restarted = pd.read_csv(train.run(cfg, resume=True)["metrics"])
+    assert restarted["epoch"].tolist() == [1, 2]
+    assert restarted["val_loss"].iloc[0] > first["val_loss"].iloc[0] + 0.1  # a zeroed head predicts nothing
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(depth=3), "depth=4, but train.depth is 3: set train.depth: 4"),
+    (dict(base_width=32), "set train.base_width: 16"),
+    (dict(target="weight_map"), "set train.target"),
+    (dict(mpp=0.25), "set train.mpp: 0.5"),
+    (dict(init="models/no-such.pt"), "no such file"),
+])
+def test_fine_tuning_a_mismatched_checkpoint_is_a_clear_error(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        train.run(finetune(tmp_path, **change))
+    assert not (tmp_path / "metrics.csv").exists()

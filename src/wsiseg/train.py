@@ -9,6 +9,8 @@
 * Loss: pixel-wise (weighted) cross-entropy, plus soft Dice on the object classes
   (``dice_weight``). Adam. He initialisation (``unet.UNet``). Optional dropout at the
   bottleneck.
+* Initialisation: He (``unet.UNet``), or the weights of a trained checkpoint
+  (``init``, e.g. the shipped nuclei model) to fine-tune it on the user's own images.
 * Validation: images of the sheet's ``split`` = val, or a seeded fraction of the
   images; early stopping on the validation loss. ``best.pt`` (lowest validation loss)
   and ``last.pt`` (with optimizer and RNG state, for ``resume``) are written
@@ -63,6 +65,7 @@ class TrainConfig:
     threads: int = 0  # 0: all cores
     augment: dict = field(default_factory=dict)
     tune_postprocess: bool = True
+    init: str = ""  # start from this wsiseg checkpoint's weights (fine-tuning); "" = He initialisation
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit); for tests
 
     @classmethod
@@ -193,6 +196,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device, log)
+    init = read_init(cfg, classes) if cfg.init else None  # checked before any image is read
 
     samples = L.load_set(cfg.sheet, cfg.mpp, keep_native=True)
     train_s, val_s = split_samples(samples, cfg.val_fraction, cfg.seed)
@@ -200,10 +204,14 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         f"validating on {len(val_s)} ({', '.join(s.name for s in val_s)}); mpp {cfg.mpp}; device {device}")
 
     model = UNet(n_classes=len(classes), depth=cfg.depth, base_width=cfg.base_width, padding="same",
-                 batch_norm=cfg.batch_norm, dropout=cfg.dropout).to(device)
+                 batch_norm=cfg.batch_norm, dropout=cfg.dropout, **(init["norm"] if init else {})).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience)
     start_epoch, best_loss, bad_epochs, steps = 0, float("inf"), 0, 0
+    if resume and os.path.exists(last_path) and not _same_init(last_path, init):
+        log(f"not resuming from {last_path}: it was started from other weights than train.init now names; "
+            "training starts over")
+        resume = False
     if resume and os.path.exists(last_path):
         ck = torch.load(last_path, map_location=device, weights_only=True)
         model.load_state_dict(ck["state_dict"])
@@ -214,8 +222,13 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         torch.set_rng_state(st["torch_rng"])
         _set_rng_state(rng, st["numpy_rng"])
         log(f"resumed from {last_path} after epoch {start_epoch} (best validation loss {best_loss:.4f})")
-    elif os.path.exists(csv_path):
-        os.remove(csv_path)
+    else:
+        if os.path.exists(csv_path):
+            os.remove(csv_path)
+        if init:
+            load_in_order(model, init["state_dict"], cfg.init)
+            log(f"starting from the weights of {cfg.init} (sha256 {init['sha256'][:12]}…, "
+                f"model '{init['name']}'), not from He initialisation")
 
     sampler = CropSampler(train_s, cfg, rng)
     vb = val_batches(val_s, cfg, 2**cfg.depth)
@@ -280,9 +293,74 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
 
 
 def _train_info(cfg, epoch, steps, vloss, train_s, val_s) -> dict:
-    return dict(config=asdict(cfg), epoch=epoch, steps=steps, val_loss=vloss,
+    info = dict(config=asdict(cfg), epoch=epoch, steps=steps, val_loss=vloss,
                 train_images=[s.name for s in train_s], val_images=[s.name for s in val_s],
                 torch=str(torch.__version__))
+    if cfg.init:
+        from .unet import sha256
+
+        info["init_sha256"] = sha256(cfg.init)
+    return info
+
+
+# ------------------------------------------------------------------ fine-tuning
+def read_init(cfg: TrainConfig, classes: list) -> dict:
+    """The checkpoint named by ``train.init``, checked against the training settings.
+
+    Its architecture, classes and mpp must be those being trained: a mismatch is an
+    error that names the setting to change. Dropout may differ (it has no weights).
+    """
+    from .unet import is_torchscript, sha256
+
+    path = cfg.init
+    if not os.path.isfile(path):
+        raise ConfigError(f"train.init={path!r}: no such file; name a checkpoint written by `snakemake train` "
+                          "(e.g. models/nuclei-unet.pt) or remove train.init to train from scratch")
+    if is_torchscript(path):
+        raise ConfigError(f"train.init={path!r} is TorchScript; fine-tuning needs a wsiseg checkpoint "
+                          "(written by `snakemake train` or wsiseg.unet.save_checkpoint)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or "state_dict" not in ck:
+        raise ConfigError(f"train.init={path!r} is not a wsiseg checkpoint (written by `snakemake train` "
+                          "or wsiseg.unet.save_checkpoint)")
+    arch = ck.get("config", {})
+    wanted = dict(depth=cfg.depth, base_width=cfg.base_width, batch_norm=cfg.batch_norm, padding="same")
+    for key, val in wanted.items():
+        if key in arch and arch[key] != val:
+            fix = (f"set train.{key}: {arch[key]!r}" if key != "padding"
+                   else "train makes 'same' U-Nets only; train from scratch")
+            raise ConfigError(f"train.init={path!r} is a U-Net with {key}={arch[key]!r}, but train.{key} is "
+                              f"{val!r}: {fix}")
+    if list(ck.get("classes", classes)) != list(classes):
+        raise ConfigError(f"train.init={path!r} has classes {ck['classes']}, but train.target={cfg.target!r} "
+                          f"trains {classes}: set train.target to the one the checkpoint was trained with")
+    if ck.get("mpp") and abs(float(ck["mpp"]) / cfg.mpp - 1) > 0.01:
+        raise ConfigError(f"train.init={path!r} was trained at {ck['mpp']} µm/px, but train.mpp is {cfg.mpp}: "
+                          f"set train.mpp: {ck['mpp']}")
+    norm = {k: arch[k] for k in ("mean", "std") if k in arch}
+    return dict(state_dict=ck["state_dict"], name=ck.get("name", "?"), sha256=sha256(path), norm=norm)
+
+
+def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
+    """Copy ``state_dict`` into ``model`` tensor by tensor, in order.
+
+    The order of a U-Net's tensors does not depend on dropout (which has none), but
+    the names do (the bottleneck's layer indices shift), so a checkpoint trained with
+    or without dropout loads into a model with the other setting.
+    """
+    own = model.state_dict()
+    theirs = list(state_dict.values())
+    if len(own) != len(theirs) or any(a.shape != b.shape for a, b in zip(own.values(), theirs)):
+        raise ConfigError(f"train.init={source!r}: its tensors do not fit the U-Net being trained "
+                          "(depth, base_width, batch_norm or classes differ); use a matching checkpoint")
+    model.load_state_dict(dict(zip(own.keys(), theirs)))
+
+
+def _same_init(last_path: str, init: dict | None) -> bool:
+    """Whether ``last.pt`` was started from the weights ``init`` names (both none counts)."""
+    ck = torch.load(last_path, map_location="cpu", weights_only=True)
+    started = ((ck.get("extra") or {}).get("train") or {}).get("init_sha256")
+    return started == (init["sha256"] if init else None)
 
 
 def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:

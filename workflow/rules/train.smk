@@ -32,6 +32,7 @@ def get_eval_sheet(wildcards):
 rule train:
     input:
         sheet=get_train_sheet,
+        init=lambda w: [TRAIN["init"]] if TRAIN.get("init") else [],  # fine-tuning: new weights retrain
     output:
         best=f"{TRAIN_DIR}/best.pt",
         metrics=report(f"{TRAIN_DIR}/metrics.csv", caption="../report/train.rst", category="Training"),
