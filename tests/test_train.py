@@ -97,6 +97,17 @@ def test_weight_map_target_trains_two_classes(tmp_path):
     assert len(pd.read_csv(s["validation"])) == 4  # scored with the default post-processing
 
 
+def test_object_class_names_the_models_objects(tmp_path):
+    """A gland (or any) model: its class name is in the checkpoint, so slides' stats are named by it."""
+    s = train.run(tiny(tmp_path, object_class="gland", max_epochs=1, steps_per_epoch=2, tune_postprocess=False))
+    spec = load_model({"name": "glands", "weights": s["best"]})
+    assert spec.classes == ["background", "gland", "boundary"] and spec.mask_classes == ["background", "gland"]
+    assert spec.postprocess is not None  # still an instance model: touching glands come apart
+    for bad in ("boundary", "gland cells"):
+        with pytest.raises(ConfigError, match="object_class"):
+            train.run(tiny(tmp_path / "bad", object_class=bad))
+
+
 def test_unknown_setting_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown train setting"):
         train.run(tiny(tmp_path, learning_rate=0.1))
@@ -163,6 +174,7 @@ def test_fine_tuning_resumes_only_from_the_same_starting_weights(tmp_path):
     (dict(depth=3), "depth=4, but train.depth is 3: set train.depth: 4"),
     (dict(base_width=32), "set train.base_width: 16"),
     (dict(target="weight_map"), "set train.target"),
+    (dict(object_class="gland"), "set train.target and train.object_class"),
     (dict(mpp=0.25), "set train.mpp: 0.5"),
     (dict(init="models/no-such.pt"), "no such file"),
 ])

@@ -37,10 +37,6 @@ from scipy import ndimage as ndi
 
 from .errors import ConfigError
 
-# classes of the 3-class target (touching objects come apart at the boundary class)
-TARGET_CLASSES = ["background", "nucleus", "boundary"]
-
-
 @dataclass
 class Sample:
     """One annotated image at the model's mpp."""

@@ -45,6 +45,7 @@ class TrainConfig:
     name: str = "nuclei-unet"
     mpp: float = 0.5
     target: str = "three_class"  # or weight_map
+    object_class: str = "nucleus"  # name of the annotated objects' class (stats.csv column prefix)
     depth: int = 4
     base_width: int = 16
     batch_norm: bool = True
@@ -77,11 +78,17 @@ class TrainConfig:
         return cls(**d)
 
 
-def classes_for(target: str) -> list:
+def classes_for(target: str, object_class: str = "nucleus") -> list:
+    """Class names of the model: background, the objects, and the boundary of the 3-class target."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_]+", object_class or "") or object_class in ("background", "boundary"):
+        raise ConfigError(f"train.object_class={object_class!r}: name the annotated objects with letters, digits "
+                          "and _ (e.g. nucleus, gland), other than 'background' and 'boundary'")
     if target == "three_class":
-        return list(L.TARGET_CLASSES)
+        return ["background", object_class, "boundary"]
     if target == "weight_map":
-        return ["background", "nucleus"]
+        return ["background", object_class]
     raise ConfigError(f"train.target must be 'three_class' or 'weight_map', not {target!r}")
 
 
@@ -186,7 +193,7 @@ def _set_rng_state(rng: np.random.Generator, d: dict) -> None:
 def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     """Train; returns a summary dict (paths, epochs, best validation loss)."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
-    classes = classes_for(cfg.target)
+    classes = classes_for(cfg.target, cfg.object_class)
     os.makedirs(cfg.out_dir, exist_ok=True)
     best_path = os.path.join(cfg.out_dir, "best.pt")
     last_path = os.path.join(cfg.out_dir, "last.pt")
@@ -333,7 +340,7 @@ def read_init(cfg: TrainConfig, classes: list) -> dict:
                               f"{val!r}: {fix}")
     if list(ck.get("classes", classes)) != list(classes):
         raise ConfigError(f"train.init={path!r} has classes {ck['classes']}, but train.target={cfg.target!r} "
-                          f"trains {classes}: set train.target to the one the checkpoint was trained with")
+                          f"trains {classes}: set train.target and train.object_class to the checkpoint's")
     if ck.get("mpp") and abs(float(ck["mpp"]) / cfg.mpp - 1) > 0.01:
         raise ConfigError(f"train.init={path!r} was trained at {ck['mpp']} µm/px, but train.mpp is {cfg.mpp}: "
                           f"set train.mpp: {ck['mpp']}")
