@@ -30,7 +30,8 @@ def test_loss_goes_down_and_metrics_are_logged(full_run):
     out, summary = full_run
     m = pd.read_csv(out / "metrics.csv")
     assert m["epoch"].tolist() == [1, 2, 3, 4]
-    assert list(m.columns) == ["epoch", "steps", "train_loss", "val_loss", "lr", "seconds", "best"]
+    assert list(m.columns) == ["epoch", "steps", "train_loss", "val_loss", "val_dice", "lr", "seconds", "best"]
+    assert m["val_dice"].between(0, 1).all() and m["val_dice"].max() > m["val_dice"].iloc[0]
     assert m["train_loss"].iloc[-1] < 0.8 * m["train_loss"].iloc[0]
     assert m["val_loss"].min() < m["val_loss"].iloc[0]
     assert summary["best_val_loss"] == pytest.approx(m["val_loss"].min())
@@ -90,6 +91,16 @@ def test_resume_continues_exactly_where_it_stopped(full_run, tmp_path):
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
 
 
+def test_resuming_a_run_from_before_val_dice_keeps_its_columns(tmp_path):
+    """A metrics.csv written before the val_dice column existed goes on with its own header."""
+    train.run(tiny(tmp_path, max_epochs=1, steps_per_epoch=2, tune_postprocess=False))
+    old = pd.read_csv(tmp_path / "metrics.csv").drop(columns="val_dice")
+    old.to_csv(tmp_path / "metrics.csv", index=False)
+    train.run(tiny(tmp_path, max_epochs=2, steps_per_epoch=2, tune_postprocess=False), resume=True)
+    m = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(m.columns) == list(old.columns) and m["epoch"].tolist() == [1, 2]
+
+
 def test_weight_map_target_trains_two_classes(tmp_path):
     s = train.run(tiny(tmp_path, target="weight_map", max_epochs=1, steps_per_epoch=2))
     spec = load_model({"name": "wm", "weights": s["best"]})
@@ -140,8 +151,16 @@ def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
     cfg = train.TrainConfig.from_dict(finetune(tmp_path))
     val = [x for x in L.load_set(SHEET, 0.5, keep_native=True) if x.split == "val"]
     shipped = load_model({"name": "shipped", "weights": SHIPPED}, geometry=False).module
-    shipped_loss = train.validate(shipped, train.val_batches(val, cfg, 16), cfg, "cpu")
+    shipped_loss, shipped_dice = train.validate(shipped, train.val_batches(val, cfg, 16), cfg, "cpu")
     assert m["val_loss"].iloc[0] == pytest.approx(shipped_loss, abs=0.02)  # one tiny step away from it
+    assert m["val_dice"].iloc[0] == pytest.approx(shipped_dice, abs=0.01)
+    # the per-epoch Dice is the evaluate target's pixel Dice of the unprocessed argmax, image by image
+    # (padded as validation pads: a 'same' U-Net's edge pixels depend on the padding)
+    from wsiseg.evaluate import pixel_metrics, predict_probs
+
+    dice = [pixel_metrics(x.instances > 0, predict_probs(shipped, x.image, 16, margin=16, tta=False).argmax(0) > 0)["dice"]
+            for x in val]
+    assert shipped_dice == pytest.approx(np.mean(dice), abs=1e-3) and shipped_dice > 0.85
     scratch = pd.read_csv(full_run[0] / "metrics.csv")["val_loss"].iloc[0]
     assert m["val_loss"].iloc[0] < 0.6 * scratch
     # and it still segments nuclei as the shipped model does, measured on the validation images

@@ -167,14 +167,25 @@ def val_batches(samples, cfg: TrainConfig, align: int):
 
 
 @torch.no_grad()
-def validate(model, batches, cfg: TrainConfig, device) -> float:
+def validate(model, batches, cfg: TrainConfig, device) -> tuple[float, float]:
+    """Mean validation loss and mean object Dice over the validation images.
+
+    The Dice compares the pixels whose most likely class is not background with the
+    annotated objects, before any post-processing: a per-epoch figure that reads
+    like Dice, where the loss does not.
+    """
+    was_training = model.training
     model.eval()
-    tot = 0.0
+    tot, dice = 0.0, 0.0
     for x, y, w, (top, left, h, wd) in batches:
         logits = model(x.to(device))[:, :, top : top + h, left : left + wd]
-        tot += float(loss_fn(logits, y.to(device), w.to(device), cfg.class_weights, cfg.dice_weight))
-    model.train()
-    return tot / len(batches)
+        y = y.to(device)
+        tot += float(loss_fn(logits, y, w.to(device), cfg.class_weights, cfg.dice_weight))
+        pred, true = logits.argmax(1) > 0, y > 0
+        denom = int(pred.sum() + true.sum())
+        dice += 2 * int((pred & true).sum()) / denom if denom else 1.0
+    model.train(was_training)
+    return tot / len(batches), dice / len(batches)
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -239,7 +250,10 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
 
     sampler = CropSampler(train_s, cfg, rng)
     vb = val_batches(val_s, cfg, 2**cfg.depth)
-    fields = ["epoch", "steps", "train_loss", "val_loss", "lr", "seconds", "best"]
+    fields = ["epoch", "steps", "train_loss", "val_loss", "val_dice", "lr", "seconds", "best"]
+    if os.path.exists(csv_path):  # resuming a run whose metrics.csv has other columns: keep them
+        with open(csv_path, newline="") as fh:
+            fields = next(csv.reader(fh), fields) or fields
     model.train()
     stop_reason = "max_epochs"
     epoch = start_epoch
@@ -259,7 +273,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
             steps += 1
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
-        vloss = validate(model, vb, cfg, device)
+        vloss, vdice = validate(model, vb, cfg, device)
         lr_used = opt.param_groups[0]["lr"]
         sched.step(vloss)
         improved = vloss < best_loss
@@ -269,16 +283,16 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
                             extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s)))
         else:
             bad_epochs += 1
-        row = dict(epoch=epoch, steps=steps, train_loss=float(np.mean(losses)), val_loss=vloss,
+        row = dict(epoch=epoch, steps=steps, train_loss=float(np.mean(losses)), val_loss=vloss, val_dice=round(vdice, 4),
                    lr=lr_used, seconds=round(time.monotonic() - t0, 1), best=int(improved))
         new = not os.path.exists(csv_path)
         with open(csv_path, "a", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=fields)
+            wr = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if new:
                 wr.writeheader()
             wr.writerow(row)
         log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {vloss:.4f}"
-            f"{' (best)' if improved else ''}, {row['seconds']} s")
+            f"{' (best)' if improved else ''}, validation Dice {vdice:.3f}, {row['seconds']} s")
         resume_state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best_loss=best_loss, bad_epochs=bad_epochs,
                             steps=steps, torch_rng=torch.get_rng_state(), numpy_rng=_rng_state(rng))
         save_checkpoint(last_path, model, classes, cfg.mpp, cfg.name,
