@@ -1,7 +1,7 @@
 """Training throughput of `snakemake train`: seconds per optimizer step, split into
 building the augmented crops (CPU) and the network's forward/backward/Adam step.
 
-Uses the training code itself (wsiseg.train.CropSampler, loss_fn, UNet) on the
+Uses the training code itself (wsiseg.train.CropSampler, train_step, UNet) on the
 MICCAI 2015 training tiles of the shipped model's sheet, for a list of U-Net
 widths, and projects the time of the shipped model's schedule (24 epochs of 40
 steps). Validation and threshold search are not included (a few seconds per
@@ -57,12 +57,9 @@ def main():
         t_crop = t_net = 0.0
         for i in range(args.steps + 1):
             t0 = time.perf_counter()
-            x, y, w = sampler.batch()
+            batch = sampler.batch()
             t1 = time.perf_counter()
-            loss = train.loss_fn(model(x.to(device)), y.to(device), w.to(device), cfg.class_weights, cfg.dice_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train.train_step(model, opt, batch, cfg, device)  # float(loss) waits for the GPU
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()

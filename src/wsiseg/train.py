@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -80,8 +81,6 @@ class TrainConfig:
 
 def classes_for(target: str, object_class: str = "nucleus") -> list:
     """Class names of the model: background, the objects, and the boundary of the 3-class target."""
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9_]+", object_class or "") or object_class in ("background", "boundary"):
         raise ConfigError(f"train.object_class={object_class!r}: name the annotated objects with letters, digits "
                           "and _ (e.g. nucleus, gland), other than 'background' and 'boundary'")
@@ -166,6 +165,16 @@ def val_batches(samples, cfg: TrainConfig, align: int):
     return out
 
 
+def train_step(model, opt, batch, cfg: TrainConfig, device) -> float:
+    """One optimizer step on a batch (x, y, w) of augmented crops; returns its loss."""
+    x, y, w = batch
+    loss = loss_fn(model(x.to(device)), y.to(device), w.to(device), cfg.class_weights, cfg.dice_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 @torch.no_grad()
 def validate(model, batches, cfg: TrainConfig, device) -> tuple[float, float]:
     """Mean validation loss and mean object Dice over the validation images.
@@ -226,12 +235,13 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience)
     start_epoch, best_loss, bad_epochs, steps = 0, float("inf"), 0, 0
-    if resume and os.path.exists(last_path) and not _same_init(last_path, init):
+    init_sha = init["sha256"] if init else None
+    ck = torch.load(last_path, map_location=device, weights_only=True) if resume and os.path.exists(last_path) else None
+    if ck is not None and ck["extra"]["train"].get("init_sha256") != init_sha:
         log(f"not resuming from {last_path}: it was started from other weights than train.init now names; "
             "training starts over")
-        resume = False
-    if resume and os.path.exists(last_path):
-        ck = torch.load(last_path, map_location=device, weights_only=True)
+        ck = None
+    if ck is not None:
         model.load_state_dict(ck["state_dict"])
         st = ck["extra"]["resume"]
         opt.load_state_dict(st["optimizer"])
@@ -245,8 +255,8 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
             os.remove(csv_path)
         if init:
             load_in_order(model, init["state_dict"], cfg.init)
-            log(f"starting from the weights of {cfg.init} (sha256 {init['sha256'][:12]}…, "
-                f"model '{init['name']}'), not from He initialisation")
+            log(f"starting from the weights of {cfg.init} (sha256 {init['sha256'][:12]}…), "
+                "not from He initialisation")
 
     sampler = CropSampler(train_s, cfg, rng)
     vb = val_batches(val_s, cfg, 2**cfg.depth)
@@ -264,12 +274,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         t0 = time.monotonic()
         losses = []
         for _ in range(cfg.steps_per_epoch):
-            x, y, w = sampler.batch()
-            loss = loss_fn(model(x.to(device)), y.to(device), w.to(device), cfg.class_weights, cfg.dice_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(model, opt, sampler.batch(), cfg, device))
             steps += 1
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
@@ -280,7 +285,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         if improved:
             best_loss, bad_epochs = vloss, 0
             save_checkpoint(best_path, model, classes, cfg.mpp, cfg.name,
-                            extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s)))
+                            extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)))
         else:
             bad_epochs += 1
         row = dict(epoch=epoch, steps=steps, train_loss=float(np.mean(losses)), val_loss=vloss, val_dice=round(vdice, 4),
@@ -296,7 +301,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         resume_state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best_loss=best_loss, bad_epochs=bad_epochs,
                             steps=steps, torch_rng=torch.get_rng_state(), numpy_rng=_rng_state(rng))
         save_checkpoint(last_path, model, classes, cfg.mpp, cfg.name,
-                        extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s)))
+                        extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)))
         if bad_epochs >= cfg.patience:
             stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
             break
@@ -313,25 +318,24 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     return summary
 
 
-def _train_info(cfg, epoch, steps, vloss, train_s, val_s) -> dict:
+def _train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha: str | None) -> dict:
     info = dict(config=asdict(cfg), epoch=epoch, steps=steps, val_loss=vloss,
                 train_images=[s.name for s in train_s], val_images=[s.name for s in val_s],
                 torch=str(torch.__version__))
-    if cfg.init:
-        from .unet import sha256
-
-        info["init_sha256"] = sha256(cfg.init)
+    if init_sha:
+        info["init_sha256"] = init_sha  # the weights training started from (train.init)
     return info
 
 
 # ------------------------------------------------------------------ fine-tuning
 def read_init(cfg: TrainConfig, classes: list) -> dict:
-    """The checkpoint named by ``train.init``, checked against the training settings.
+    """The checkpoint named by ``train.init``, read as inference reads it (``unet.load_model``)
+    and checked against the training settings.
 
     Its architecture, classes and mpp must be those being trained: a mismatch is an
     error that names the setting to change. Dropout may differ (it has no weights).
     """
-    from .unet import is_torchscript, sha256
+    from .unet import is_torchscript
 
     path = cfg.init
     if not os.path.isfile(path):
@@ -340,26 +344,23 @@ def read_init(cfg: TrainConfig, classes: list) -> dict:
     if is_torchscript(path):
         raise ConfigError(f"train.init={path!r} is TorchScript; fine-tuning needs a wsiseg checkpoint "
                           "(written by `snakemake train` or wsiseg.unet.save_checkpoint)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or "state_dict" not in ck:
-        raise ConfigError(f"train.init={path!r} is not a wsiseg checkpoint (written by `snakemake train` "
-                          "or wsiseg.unet.save_checkpoint)")
-    arch = ck.get("config", {})
+    spec = load_model({"weights": path, "name": "init"}, geometry=False)
+    arch = spec.module.config
     wanted = dict(depth=cfg.depth, base_width=cfg.base_width, batch_norm=cfg.batch_norm, padding="same")
     for key, val in wanted.items():
-        if key in arch and arch[key] != val:
+        if arch[key] != val:
             fix = (f"set train.{key}: {arch[key]!r}" if key != "padding"
                    else "train makes 'same' U-Nets only; train from scratch")
             raise ConfigError(f"train.init={path!r} is a U-Net with {key}={arch[key]!r}, but train.{key} is "
                               f"{val!r}: {fix}")
-    if list(ck.get("classes", classes)) != list(classes):
-        raise ConfigError(f"train.init={path!r} has classes {ck['classes']}, but train.target={cfg.target!r} "
+    if spec.classes != list(classes):
+        raise ConfigError(f"train.init={path!r} has classes {spec.classes}, but train.target={cfg.target!r} "
                           f"trains {classes}: set train.target and train.object_class to the checkpoint's")
-    if ck.get("mpp") and abs(float(ck["mpp"]) / cfg.mpp - 1) > 0.01:
-        raise ConfigError(f"train.init={path!r} was trained at {ck['mpp']} µm/px, but train.mpp is {cfg.mpp}: "
-                          f"set train.mpp: {ck['mpp']}")
-    norm = {k: arch[k] for k in ("mean", "std") if k in arch}
-    return dict(state_dict=ck["state_dict"], name=ck.get("name", "?"), sha256=sha256(path), norm=norm)
+    if abs(spec.mpp / cfg.mpp - 1) > 0.01:
+        raise ConfigError(f"train.init={path!r} was trained at {spec.mpp} µm/px, but train.mpp is {cfg.mpp}: "
+                          f"set train.mpp: {spec.mpp}")
+    return dict(state_dict=spec.module.state_dict(), sha256=spec.checksum,
+                norm=dict(mean=arch["mean"], std=arch["std"]))
 
 
 def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
@@ -375,13 +376,6 @@ def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
         raise ConfigError(f"train.init={source!r}: its tensors do not fit the U-Net being trained "
                           "(depth, base_width, batch_norm or classes differ); use a matching checkpoint")
     model.load_state_dict(dict(zip(own.keys(), theirs)))
-
-
-def _same_init(last_path: str, init: dict | None) -> bool:
-    """Whether ``last.pt`` was started from the weights ``init`` names (both none counts)."""
-    ck = torch.load(last_path, map_location="cpu", weights_only=True)
-    started = ((ck.get("extra") or {}).get("train") or {}).get("init_sha256")
-    return started == (init["sha256"] if init else None)
 
 
 def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
