@@ -87,7 +87,8 @@ def main():
     import torch
     import yaml
 
-    from wsiseg.unet import UNet, save_checkpoint
+    from wsiseg.models.checkpoint import save_checkpoint
+    from wsiseg.unet import UNet
 
     wd = args.workdir or tempfile.mkdtemp(prefix="wsiseg-large-")
     os.makedirs(wd, exist_ok=True)

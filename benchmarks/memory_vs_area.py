@@ -26,7 +26,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {src!r})
 from wsiseg.store import TileStore
-from wsiseg.stitch import write_ome_tiff
+from wsiseg.mask import write_ome_tiff
 stage, store, mask = sys.argv[1:4]
 t0 = time.monotonic()
 if stage == "stitch":
@@ -34,7 +34,8 @@ if stage == "stitch":
         write_ome_tiff(st, mask, 0.5, tile=512)
     out = {{}}
 else:
-    from wsiseg.stats import measure, object_rows, write_objects  # only here: the stitch child stays as lean as the rule
+    from wsiseg.objects import object_rows, write_objects  # only here: the stitch child stays as lean as the rule
+    from wsiseg.stats import measure
     from wsiseg.outlines import OutlineCollector, write_geojson
     classes = ["background", "a", "b"]
     # as the stats rule with its defaults: the stats row, objects.csv.gz and outlines.geojson.gz

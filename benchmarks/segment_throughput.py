@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 import torch  # noqa: E402
 
+from wsiseg.geometry import Geometry  # noqa: E402
+from wsiseg.models import load_model  # noqa: E402
 from wsiseg.segment import StoreMerger, pick_device, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
-from wsiseg.tiling import Geometry, plan_tiles, tile_spec_for  # noqa: E402
-from wsiseg.tiling import classical_threshold_for  # noqa: E402
-from wsiseg.unet import load_model, plan_margin  # noqa: E402
+from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
 
 def main():
@@ -49,24 +49,24 @@ def main():
     else:
         cfg = dict(name="bench", weights=args.weights)
     model = load_model(cfg)
-    dev = torch.device("cpu") if model.kind == "classical" else pick_device("auto")
+    dev = pick_device("auto") if model.wants_gpu else torch.device("cpu")
     margin = plan_margin(model, "auto", False)
     spec = tile_spec_for(model, args.tile, margin)
     with open_slide(slide) as s:
         geom = Geometry.for_slide(s, model.mpp)
         plan = plan_tiles(geom, spec, None, 1)
-        if model.kind == "classical":  # the plan stage's one threshold for the slide
-            thr = classical_threshold_for(lambda: open_slide(slide), geom, spec, plan, cfg, lambda m: None)
-            model.module.threshold = thr["classical_threshold"]
+        # the plan stage's per-slide calibration (the classical model's threshold), as the workflow runs it
+        model.apply_calibration(model.calibrate(lambda: open_slide(slide), geom, spec, plan, lambda m: None),
+                                lambda m: None)
     rows = []
     amps = [False, True] if dev.type == "cuda" else [False]
-    ttas = [False, True] if args.tta and model.kind != "classical" else [False]
+    ttas = [False, True] if args.tta and model.supports_tta else [False]
     for tta in ttas:
         for amp in amps:
             for workers in args.workers:
                 for batch in args.batch:
                     with tempfile.TemporaryDirectory() as tmp:
-                        merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, postprocess=model.postprocess)
+                        merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, labels=model.tile_labels)
                         t0 = time.monotonic()
                         run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
                                          batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None, tta=tta)

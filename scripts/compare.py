@@ -4,9 +4,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wsiseg import evaluate  # noqa: E402
+from wsiseg import metrics  # noqa: E402
 from wsiseg.runner import stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
 with stage("evaluate", "comparison", sm.log[0]) as log:
-    evaluate.compare(list(sm.input), sm.output[0], log=log.info)
+    metrics.compare(list(sm.input), sm.output[0], log=log.info)

@@ -1,13 +1,14 @@
-"""Rule 'plan': thin entry point; logic in wsiseg.tiling."""
+"""Rule 'plan': thin entry point; logic in wsiseg.plan."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wsiseg import tiling  # noqa: E402
+from wsiseg import plan  # noqa: E402
 from wsiseg.runner import stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
 with stage("plan", sm.wildcards.slide, sm.log[0]) as log:
-    tiling.run(sm.input.slide, sm.wildcards.slide, sm.params.mpp, sm.input.tissue, sm.input.tissue_json,
-               dict(sm.params.model), dict(sm.params.tiling), sm.output.tsv, sm.output.json, log=log.info)
+    plan.run(slide_path=sm.input.slide, slide_id=sm.wildcards.slide, mpp=sm.params.mpp, tissue_png=sm.input.tissue,
+             tissue_json=sm.input.tissue_json, model_cfg=dict(sm.params.model), tiling_cfg=dict(sm.params.tiling),
+             out_tsv=sm.output.tsv, out_json=sm.output.json, log=log.info)

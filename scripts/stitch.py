@@ -10,6 +10,7 @@ from wsiseg.runner import stage  # noqa: E402
 sm = snakemake  # noqa: F821
 with stage("stitch", sm.wildcards.slide, sm.log[0]) as log:
     c = sm.params.cfg
-    stitch.run(sm.input.store, sm.input.plan_json, sm.input.thumb, sm.input.tissue, sm.wildcards.slide,
-               sm.output.mask, sm.output.overlay, sm.output.json, tiff_tile=c["tiff_tile"],
+    stitch.run(store_path=sm.input.store, plan_json=sm.input.plan_json, thumb_png=sm.input.thumb,
+               tissue_png=sm.input.tissue, slide_id=sm.wildcards.slide, out_mask=sm.output.mask,
+               out_overlay=sm.output.overlay, out_json=sm.output.json, tiff_tile=c["tiff_tile"],
                compression=c["compression"], log=log.info)

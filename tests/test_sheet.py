@@ -1,8 +1,10 @@
 import pandas as pd
 import pytest
-from conftest import SLIDES
+from conftest import SLIDES, needs_data
 
 from wsiseg.sheet import SheetError, check_sheet, sanitise_slide_id, slides_from_dir
+
+pytestmark = needs_data  # reads ../shared/data
 
 
 def test_sanitise_real_ndpi_names():

@@ -2,10 +2,12 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-from conftest import BAD, CMU, DICOM, KIDNEY, NDPI, TCGA
+from conftest import BAD, CMU, DICOM, KIDNEY, NDPI, TCGA, needs_data
 
 from wsiseg.errors import SlideError
 from wsiseg.slide import composite_on_white, inspect_slide, open_slide
+
+pytestmark = needs_data  # reads ../shared/data
 
 
 def test_openslide_read_matches_openslide():

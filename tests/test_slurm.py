@@ -17,10 +17,11 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import CMU, REPO, corrupt_slide
+from conftest import CMU, REPO, corrupt_slide, needs_data
 from e2e import CLASSES, MODEL, check_slide_outputs, tiny_model
 
-pytestmark = pytest.mark.slurm
+
+pytestmark = [pytest.mark.slurm, needs_data]  # reads ../shared/data
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 CLUSTER = os.environ.get("LOCAL_SLURM_DIR", "/tmp/wsiseg-local-slurm")
 RUN_LIMIT_S = 900  # one run of the workflow on the cluster

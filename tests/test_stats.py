@@ -1,13 +1,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA, needs_data
+from helpers import array_tiles, slide_stats
 from scipy import ndimage as ndi
 
-from conftest import DATA
-
 from wsiseg.labels import read_text_mask
-from wsiseg.stats import OBJECT_COLUMNS, array_tiles, count_objects, object_rows, slide_stats, write_objects
-from wsiseg.stitch import write_ome_tiff
+from wsiseg.mask import write_ome_tiff
+from wsiseg.objects import OBJECT_COLUMNS, count_objects, object_rows, write_objects
 from wsiseg.store import TileStore
 
 
@@ -65,6 +65,7 @@ def test_slide_stats_areas_from_pixel_counts(tmp_path):
     assert row["stroma_area_mm2"] == pytest.approx(600 * 0.25 / 1e6)
 
 
+@needs_data
 @pytest.mark.parametrize("tile", [37, 128, 4096])
 def test_object_geometry_matches_whole_image_labelling(tile):
     """Area, centroid and bounding box of each object, tiled, equal scipy's on the whole
@@ -83,7 +84,7 @@ def test_object_geometry_matches_whole_image_labelling(tile):
                           [b[1].stop for b in boxes], [b[0].stop for b in boxes]))
         o = res[k]["objects"]
         got = sorted(zip(o["area"].tolist(), np.round(o["cx"], 6), np.round(o["cy"], 6),
-                         o["x0"].tolist(), o["y0"].tolist(), o["x1"].tolist(), o["y1"].tolist()))
+                         o["mx0"].tolist(), o["my0"].tolist(), o["mx1"].tolist(), o["my1"].tolist()))
         assert n > 20 and got == want
 
 

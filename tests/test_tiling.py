@@ -1,59 +1,22 @@
+import json
+
 import numpy as np
 import pytest
-from conftest import CMU, NDPI
+from conftest import CMU, needs_data
 
+from wsiseg.geometry import Geometry
 from wsiseg.slide import open_slide
-from wsiseg.tiling import Geometry, TileSpec, plan_tiles, read_target, read_window
+from wsiseg.tiling import Plan, TileSpec, plan_tiles
 
 
-def test_geometry_reads_level_at_or_above_target():
-    with open_slide(str(NDPI)) as s:
-        g = Geometry.for_slide(s, 0.5)
-    assert g.level == 1 and g.level_downsample == 2
-    assert g.width == round(3968 * s.mpp / 0.5) and g.height == round(4864 * s.mpp / 0.5)
-    assert 1.0 < g.scale < 1.2 and g.needs_resampling
-
-
-def test_resampling_is_window_independent():
-    """A target pixel has the same value in every window containing it (no seams)."""
-    with open_slide(str(CMU)) as s:
-        g = Geometry.for_slide(s, 1.3)  # x2.6 downsampling from level 0
-        big = read_target(s, g, 100, 200, 300, 250)
-        small = read_target(s, g, 217, 301, 45, 66)
-        assert np.allclose(big[101:167, 117:162], small, atol=1e-3)
-
-
-def test_no_resampling_when_level_matches():
-    with open_slide(str(CMU)) as s:
-        g = Geometry.for_slide(s, s.mpp)
-        assert not g.needs_resampling
-        assert np.array_equal(read_target(s, g, 10, 20, 30, 40), s.read_level(0, 10, 20, 30, 40).astype(np.float32))
-
-
-def test_window_mirrors_at_slide_edges():
-    with open_slide(str(CMU)) as s:
-        g = Geometry.for_slide(s, 2.0)
-        inside = read_target(s, g, 0, 0, 40, 40)
-        win = read_window(s, g, -16, -16, 56)
-        # reflect, without repeating the edge pixel (U-Net overlap-tile)
-        assert np.array_equal(win[16:, 16:], inside)
-        assert np.array_equal(win[16 - 5, 16:], inside[5])
-        assert np.array_equal(win[16:, 16 - 3], inside[:, 3])
-        # and at the right/bottom edge
-        W, H = g.width, g.height
-        edge = read_target(s, g, W - 30, H - 30, 30, 30)
-        win = read_window(s, g, W - 30, H - 30, 50)
-        assert np.array_equal(win[:30, :30], edge)
-        assert np.array_equal(win[:30, 30 + 4], edge[:, 30 - 2 - 4])
-
-
+@needs_data
 def test_plan_keeps_only_tissue_tiles_and_names_both_regions():
     with open_slide(str(CMU)) as s:
         g = Geometry.for_slide(s, 0.998)  # 2x: 1110 x 1484 target px
     spec = TileSpec(tile_size=256, margin=32, window=320, out_offset=0, align=16)
     tissue = np.zeros((100, 100), bool)
     tissue[0:10, 0:10] = True  # tissue only in the top-left corner
-    plan = plan_tiles(g, spec, tissue, tissue_ds0=g.width0 / 100)
+    plan = plan_tiles(g, spec, tissue, tissue_downsample=g.width0 / 100)
     assert list(zip(plan.row, plan.col)) == [(0, 0)]
     full = plan_tiles(g, spec, None, 1)
     assert len(full) == 5 * 6
@@ -67,3 +30,27 @@ def test_plan_keeps_only_tissue_tiles_and_names_both_regions():
 def test_tile_size_must_align_with_depth():
     with pytest.raises(AssertionError):
         TileSpec(tile_size=250, margin=8, window=266, out_offset=0, align=16)
+
+
+def test_plan_artefact_roundtrip(tmp_path):
+    """plan.tsv + plan.json through their one writer and reader: the same plan, the same
+    keys in the same order as the workflow has always written them, calibration kept."""
+    g = Geometry(width0=2000, height0=1000, mpp0=0.25, target_mpp=0.5, level=1, level_downsample=2.0,
+                 level_width=1000, level_height=500, width=1000, height=500)
+    spec = TileSpec(tile_size=256, margin=32, window=320, out_offset=0, align=16)
+    tiles = plan_tiles(g, spec, None, 1)
+    plan = Plan(tiles=tiles, geometry=g, spec=spec, slide_id="s", model="m", model_checksum="abc", halo=30,
+                grid_rows=2, grid_cols=4, tissue_downsample=32.0, model_classes=["background", "nucleus", "boundary"],
+                mask_classes=["background", "nucleus"], postprocess={"fg_threshold": 0.7},
+                calibration={"classical_threshold": 0.06}, elapsed_s=1.5)
+    plan.write(str(tmp_path / "p.tsv"), str(tmp_path / "p.json"))
+    meta = json.load(open(tmp_path / "p.json"))
+    assert list(meta) == ["geometry", "tiles", "n_tiles", "slide_id", "model", "model_checksum", "halo", "grid_rows",
+                          "grid_cols", "elapsed_s", "tissue_downsample", "model_classes", "mask_classes",
+                          "postprocess", "classical_threshold"]
+    back = Plan.read(str(tmp_path / "p.tsv"), str(tmp_path / "p.json"))
+    assert back.geometry == g and back.spec == spec and back.n_tiles == len(tiles) == 8
+    assert back.calibration == {"classical_threshold": 0.06} and back.geometry.scale0 == 2.0
+    assert back.tiles.equals(tiles)
+    only_meta = Plan.read_meta(str(tmp_path / "p.json"))
+    assert only_meta.n_tiles == 8 and only_meta.tiles.empty and only_meta.mask_classes == ["background", "nucleus"]

@@ -1,5 +1,5 @@
 import numpy as np
-from conftest import CMU, NDPI
+from conftest import CMU, NDPI, needs_data
 
 from wsiseg.slide import open_slide
 from wsiseg.tissue import detect_tissue, otsu_threshold
@@ -11,6 +11,7 @@ def test_otsu_splits_bimodal_sample():
     assert 0.3 < otsu_threshold(v) < 0.6
 
 
+@needs_data
 def test_he_slide_tissue_fraction_and_white_glass():
     with open_slide(str(CMU)) as s:
         thumb, ds = s.thumbnail(8.0)
@@ -27,6 +28,7 @@ def test_blank_glass_has_no_tissue():
     assert not mask.any()
 
 
+@needs_data
 def test_fluorescence_uses_brightness():
     with open_slide(str(NDPI)) as s:
         thumb, ds = s.thumbnail(16 / 0.228)

@@ -4,11 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, needs_data
 
 from wsiseg import train
 from wsiseg.errors import ConfigError
-from wsiseg.unet import load_model
+from wsiseg.models import load_model
+
+pytestmark = needs_data  # reads ../shared/data
 
 SHEET = str(REPO / "config/labeled/miccai2015-train.tsv")
 
@@ -71,7 +73,7 @@ def test_validation_scores_are_the_evaluate_targets_on_the_validation_images(ful
     rows = lines[0] + "".join(ln for ln in lines[1:] if ln.rstrip("\n").endswith("\tval"))
     sheet = tmp_path / "val.tsv"  # paths in the sheet are relative to its folder: make them absolute
     sheet.write_text(rows.replace("../../../", str(REPO.resolve().parent) + "/"))
-    want = evaluate_set(str(sheet), "unet", str(tmp_path / "m.csv"), weights=str(out / "best.pt"), tta=False)
+    want = evaluate_set(str(sheet), {"weights": str(out / "best.pt"), "name": "best"}, str(tmp_path / "m.csv"), tta=False)
     cols = ["dice", "iou", "aji", "object_f1", "precision", "recall", "n_pred"]
     assert np.allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), atol=1e-4)
 
@@ -143,7 +145,7 @@ def finetune(out_dir, **kw):
 
 def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
     from wsiseg import labels as L
-    from wsiseg.unet import sha256
+    from wsiseg.models.checkpoint import sha256
 
     s = train.run(finetune(tmp_path))
     m = pd.read_csv(s["metrics"])
@@ -156,7 +158,8 @@ def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
     assert m["val_dice"].iloc[0] == pytest.approx(shipped_dice, abs=0.01)
     # the per-epoch Dice is the evaluate target's pixel Dice of the unprocessed argmax, image by image
     # (padded as validation pads: a 'same' U-Net's edge pixels depend on the padding)
-    from wsiseg.evaluate import pixel_metrics, predict_probs
+    from wsiseg.metrics import pixel_metrics
+    from wsiseg.predict import predict_probs
 
     dice = [pixel_metrics(x.instances > 0, predict_probs(shipped, x.image, 16, margin=16, tta=False).argmax(0) > 0)["dice"]
             for x in val]
@@ -171,7 +174,7 @@ def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
 
 
 def test_fine_tuning_resumes_only_from_the_same_starting_weights(tmp_path):
-    from wsiseg.unet import save_checkpoint
+    from wsiseg.models.checkpoint import save_checkpoint
 
     first = pd.read_csv(train.run(finetune(tmp_path))["metrics"])
     again = pd.read_csv(train.run(finetune(tmp_path, max_epochs=2), resume=True)["metrics"])
@@ -201,3 +204,20 @@ def test_fine_tuning_a_mismatched_checkpoint_is_a_clear_error(tmp_path, change, 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         train.run(finetune(tmp_path, **change))
     assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_train_defaults_are_the_schemas():
+    """Defaults live in the schema; TrainConfig's must not diverge from it."""
+    import dataclasses
+
+    import yaml
+
+    schema = yaml.safe_load(open(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    props = schema["properties"]["train"]["properties"]
+    fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
+    checked = 0
+    for key, spec in props.items():
+        if "default" in spec and key in fields:
+            assert fields[key].default == spec["default"], (key, fields[key].default, spec["default"])
+            checked += 1
+    assert checked >= 20

@@ -11,13 +11,16 @@ import pytest
 import tifffile
 import torch
 import yaml
-from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide
+from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide, needs_data
 from e2e import CLASSES, MODEL, check_outlines, check_slide_outputs, snakemake, tiny_model
 from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from wsiseg.unet import UNet, save_checkpoint
+from wsiseg.models.checkpoint import save_checkpoint
+from wsiseg.unet import UNet
+
+pytestmark = needs_data  # reads ../shared/data
 
 
 def job_counts(dry_run_output: str) -> dict:
@@ -74,8 +77,8 @@ def check_synthetic_nuclei(wd, mask, n, min_dice, objects=None):
     """The example's mask and nucleus count against the synthetic slide's own nuclei
     (the generator returns their labels); ``objects`` (objects.csv.gz): the level-0
     centroids fall on the generator's nuclei."""
-    from wsiseg.evaluate import pixel_metrics
     from wsiseg.labels import resize_labels
+    from wsiseg.metrics import pixel_metrics
     from wsiseg.synthetic import make_he_image
 
     with openslide.OpenSlide(str(wd / "resources/example/synthetic_he.tif")) as s:

@@ -1,18 +1,9 @@
-"""Evaluate a model (or the classical baseline) on a labeled set.
+"""Evaluate a model (or the classical baseline) on a labeled set (rule 'evaluate_set').
 
-Pixel metrics compare the object (foreground) masks; instance metrics compare the
-object instances:
-
-* AJI, aggregated Jaccard index (Kumar et al. 2017): each ground-truth object is
-  paired with the predicted object of highest IoU; intersections and unions of
-  the pairs are summed, and the areas of predicted objects never paired are added
-  to the union.
-* object F1 at IoU 0.5: a predicted object is a true positive when its IoU with a
-  ground-truth object exceeds 0.5 (such a match is necessarily unique).
-
-Predictions are made at the model's mpp; the class probabilities are resized to
-the image's own resolution and post-processed there, so metrics are computed
-against the annotations as drawn.
+Each image is predicted as :meth:`wsiseg.models.ModelSpec.predict_instances` does it (the
+U-Net at the model's mpp, its class probabilities resized to the image's own resolution
+and post-processed there), so the metrics (:mod:`wsiseg.metrics`: Dice, IoU, AJI, object
+F1) are computed against the annotations as drawn.
 """
 
 from __future__ import annotations
@@ -22,118 +13,9 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 from . import labels as L
-from .postprocess import BaselineParams, InstanceParams, classical_instances, instances_from_probs
-from .unet import softmax_tta
-
-
-# ------------------------------------------------------------------ metrics
-def pixel_metrics(gt_fg: np.ndarray, pred_fg: np.ndarray) -> dict:
-    gt_fg, pred_fg = np.asarray(gt_fg, bool), np.asarray(pred_fg, bool)
-    tp = int(np.sum(gt_fg & pred_fg))
-    fp = int(np.sum(~gt_fg & pred_fg))
-    fn = int(np.sum(gt_fg & ~pred_fg))
-    tn = int(gt_fg.size - tp - fp - fn)
-
-    def div(a, b):
-        return a / b if b else float("nan")
-
-    return dict(
-        pixel_accuracy=div(tp + tn, gt_fg.size),
-        precision=div(tp, tp + fp),
-        recall=div(tp, tp + fn),
-        dice=div(2 * tp, 2 * tp + fp + fn),
-        iou=div(tp, tp + fp + fn),
-    )
-
-
-def _overlaps(gt: np.ndarray, pred: np.ndarray):
-    """Areas of gt and pred objects and the intersection table (sparse, as arrays)."""
-    gt = np.asarray(gt, np.int64)
-    pred = np.asarray(pred, np.int64)
-    ng, npred = int(gt.max()), int(pred.max())
-    ga = np.bincount(gt.ravel(), minlength=ng + 1)
-    pa = np.bincount(pred.ravel(), minlength=npred + 1)
-    both = (gt > 0) & (pred > 0)
-    pair = gt[both] * (npred + 1) + pred[both]
-    keys, inter = np.unique(pair, return_counts=True)
-    return ga, pa, keys // (npred + 1), keys % (npred + 1), inter
-
-
-def aji(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Aggregated Jaccard index of two instance label images (0 = background)."""
-    ga, pa, gi, pi, inter = _overlaps(gt, pred)
-    ng = len(ga) - 1
-    if ng == 0:
-        return float("nan")
-    union = ga[gi] + pa[pi] - inter
-    iou = inter / union
-    # best predicted partner of each gt object (highest IoU)
-    order = np.lexsort((-iou, gi))
-    first = np.ones(len(order), bool)
-    first[1:] = gi[order][1:] != gi[order][:-1]
-    best = order[first]
-    c = int(inter[best].sum())
-    u = int(union[best].sum())
-    matched_gt = np.zeros(ng + 1, bool)
-    matched_gt[gi[best]] = True
-    u += int(ga[1:][~matched_gt[1:]].sum())  # gt objects with no overlap at all
-    used = np.zeros(len(pa), bool)
-    used[pi[best]] = True
-    u += int(pa[1:][~used[1:]].sum())
-    return c / u if u else float("nan")
-
-
-def object_f1(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
-    ga, pa, gi, pi, inter = _overlaps(gt, pred)
-    ng, npred = len(ga) - 1, len(pa) - 1
-    iou = inter / (ga[gi] + pa[pi] - inter) if len(inter) else np.zeros(0)
-    tp = int(np.sum(iou > iou_threshold))
-    prec = tp / npred if npred else float("nan")
-    rec = tp / ng if ng else float("nan")
-    f1 = 2 * tp / (ng + npred) if ng + npred else float("nan")
-    return dict(object_tp=tp, object_precision=prec, object_recall=rec, object_f1=f1, n_true=ng, n_pred=npred)
-
-
-def all_metrics(gt: np.ndarray, pred: np.ndarray) -> dict:
-    m = pixel_metrics(gt > 0, pred > 0)
-    m["aji"] = aji(gt, pred)
-    m.update(object_f1(gt, pred))
-    return m
-
-
-# ------------------------------------------------------------------ prediction
-def pad_to(x: torch.Tensor, multiple: int, margin: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    h, w = x.shape[-2:]
-    H = -(-(h + 2 * margin) // multiple) * multiple
-    W = -(-(w + 2 * margin) // multiple) * multiple
-    top, left = (H - h) // 2, (W - w) // 2
-    x = F.pad(x, (left, W - w - left, top, H - h - top), mode="reflect")
-    return x, (top, left)
-
-
-@torch.no_grad()
-def predict_probs(module, image: np.ndarray, align: int = 16, margin: int = 32, tta: bool = True,
-                  device="cpu") -> np.ndarray:
-    """Softmax probabilities (K, H, W) for a whole (small) RGB image, mirror-padded.
-
-    ``tta`` averages the 8 flips/rotations (dihedral group), undone exactly.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div(255).unsqueeze(0).to(device)
-    h, w = image.shape[:2]
-    x, (top, left) = pad_to(x, align, margin)
-    p = softmax_tta(module, x, tta)[0, :, top : top + h, left : left + w]
-    return p.cpu().numpy()
-
-
-def resize_probs(prob: np.ndarray, shape) -> np.ndarray:
-    if prob.shape[1:] == tuple(shape):
-        return prob
-    t = torch.from_numpy(prob).unsqueeze(0)
-    return F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0].numpy()
+from .metrics import all_metrics, write_metrics
 
 
 # ------------------------------------------------------------------ overlays
@@ -151,69 +33,32 @@ def overlay_png(path: str, image: np.ndarray, gt: np.ndarray, pred: np.ndarray) 
 
 
 # ------------------------------------------------------------------ runner
-def evaluate_set(sheet: str, method: str, out_csv: str, overlay_dir: str | None = None, weights: str | None = None,
-                 device: str = "cpu", tta: bool = True, log=print,
-                 baseline_params: BaselineParams | None = None) -> pd.DataFrame:
-    """Per-image metrics CSV (plus a ``mean`` row) for ``method`` 'unet' or 'baseline'.
+BASELINE = {"format": "classical", "name": "classical-baseline", "mpp": 0.5}  # the classical model's defaults
 
-    The baseline uses ``baseline_params`` (default: :class:`BaselineParams`) and
-    Otsu's threshold of each labeled image.
+
+def evaluate_set(sheet: str, model_cfg: dict, out_csv: str, overlay_dir: str | None = None, device: str = "cpu",
+                 tta: bool = True, log=print) -> pd.DataFrame:
+    """Per-image metrics CSV (plus a ``mean`` row) of the model of ``model_cfg`` (a ``model:``
+    block; :data:`BASELINE` is the classical baseline) on a labeled-set sheet.
+
+    Each image is predicted as :meth:`wsiseg.models.ModelSpec.predict_instances` does (the
+    U-Net at its mpp, resized back; the classical model at the image's own resolution with
+    Otsu's threshold of the image) and scored against its annotations as drawn.
     """
-    from .unet import load_model
+    from .models import load_model
 
     if overlay_dir:
         os.makedirs(overlay_dir, exist_ok=True)
-    spec = None
-    params = None
-    if method == "unet":
-        spec = load_model({"weights": weights, "name": os.path.basename(weights)}, device=device, geometry=False)
-        params = InstanceParams(**(spec.postprocess or {}))
-        log(f"model {weights}: mpp {spec.mpp}, classes {spec.classes}, post-processing {params.as_dict()}")
-    elif method != "baseline":
-        raise ValueError(f"unknown method {method!r}; use 'unet' or 'baseline'")
+    spec = load_model(model_cfg, device=device, geometry=False)
+    log(spec.describe())
     rows = []
-    # the baseline works at each image's own resolution: nothing to resample for it
-    for s in L.load_set(sheet, spec.mpp if spec else None, keep_native=True):
+    for s in L.load_set(sheet, spec.evaluate_mpp, keep_native=True):
         t0 = time.monotonic()
         img, gt = s.native_image, s.native_instances
-        if method == "unet":
-            prob = predict_probs(spec.module, s.image, align=spec.align, tta=tta, device=device)
-            pred = instances_from_probs(resize_probs(prob, img.shape[:2]), s.mpp, params)
-        else:
-            pred = classical_instances(img, s.mpp, baseline_params or BaselineParams())
+        pred = spec.predict_instances(s, tta=tta, device=device)
         m = dict(image=s.name, mpp=s.mpp, **all_metrics(gt, pred), seconds=round(time.monotonic() - t0, 2))
         rows.append(m)
         log(f"{s.name}: dice {m['dice']:.3f} aji {m['aji']:.3f} object_f1 {m['object_f1']:.3f}")
         if overlay_dir:
             overlay_png(os.path.join(overlay_dir, f"{s.name}.png"), img, gt, pred)
     return write_metrics(rows, out_csv, log)
-
-
-def write_metrics(rows: list, out_csv: str, log=print) -> pd.DataFrame:
-    """Per-image metric rows plus a ``mean`` row, to ``out_csv`` (the evaluate target's format)."""
-    df = pd.DataFrame(rows)
-    mean = df.drop(columns=["image"]).mean(numeric_only=True)
-    df = pd.concat([df, pd.DataFrame([{"image": "mean", **mean.to_dict()}])], ignore_index=True)
-    tmp = f"{out_csv}.tmp"
-    df.to_csv(tmp, index=False, float_format="%.4f")
-    os.replace(tmp, out_csv)
-    log(f"mean over {len(rows)} images: dice {mean['dice']:.4f} aji {mean['aji']:.4f} object_f1 {mean['object_f1']:.4f}")
-    return df
-
-
-def compare(metric_csvs: list, out_csv: str, log=print) -> pd.DataFrame:
-    """Mean rows of ``<set>/<method>/metrics.csv`` files side by side."""
-    rows = []
-    for p in metric_csvs:
-        df = pd.read_csv(p)
-        mean = df[df["image"] == "mean"].iloc[0].to_dict()
-        method = os.path.basename(os.path.dirname(p))
-        eval_set = os.path.basename(os.path.dirname(os.path.dirname(p)))
-        keep = ["dice", "aji", "object_f1", "pixel_accuracy", "precision", "recall", "iou",
-                "object_precision", "object_recall"]
-        rows.append(dict(set=eval_set, method=method, images=int((df["image"] != "mean").sum()),
-                         **{k: mean[k] for k in keep}))
-    out = pd.DataFrame(rows)
-    out.to_csv(out_csv, index=False, float_format="%.4f")
-    log("\n" + out.to_string(index=False))
-    return out

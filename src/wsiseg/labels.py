@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 
 from .errors import ConfigError
 
+
 @dataclass
 class Sample:
     """One annotated image at the model's mpp."""
@@ -294,8 +295,8 @@ def slide_samples(row, model_mpp: float, keep_native: bool = False, margin_um: f
     same resampling as inference, and its polygons are rasterised there.
     """
     from .errors import SlideError
+    from .geometry import Geometry, read_target
     from .slide import open_slide
-    from .tiling import Geometry, read_target
 
     name, lab_path = row["name"], row["labels"]
     ext = os.path.splitext(lab_path)[1].lower()

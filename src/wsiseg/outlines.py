@@ -33,6 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .objects import first_object_ids
 from .stitch import PALETTE  # the overlay's class colours, so QuPath shows the same
 
 # directions of a unit edge, turning right in this order (y points down)
@@ -239,7 +240,7 @@ def _batches(x, y, d, key, limit: int = MERGE_BATCH_EDGES):
 
 
 class OutlineCollector:
-    """Keeps each object's outline while :func:`wsiseg.stats.count_objects` reads the
+    """Keeps each object's outline while :func:`wsiseg.objects.count_objects` reads the
     mask (its ``outlines`` argument); :func:`write_geojson` writes them once object ids
     are known.
 
@@ -259,8 +260,8 @@ class OutlineCollector:
         self._split_gids = np.zeros(0, np.int64)  # pieces of objects written piece by piece
         self.roots: np.ndarray | None = None  # set by finish(): the root id of every piece id
 
-    def tile(self, y: int, x: int, lab: np.ndarray, roots=None) -> None:
-        """``lab``: the tile's components with global ids (0 = background), tile origin (y, x).
+    def tile(self, x: int, y: int, lab: np.ndarray, roots=None) -> None:
+        """``lab``: the tile's components with global ids (0 = background), tile origin (x, y) in mask px.
         ``roots``: a callable giving the union-find's current root of every id (called only
         when the open boundaries exceed the budget)."""
         ex, ey, ed, el = boundary_edges(lab)
@@ -390,12 +391,10 @@ def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes:
     """Write every object's outline as a QuPath-readable FeatureCollection (gzip when
     ``path`` ends in .gz), atomically. Returns the number of features.
 
-    ``counts`` is :func:`wsiseg.stats.count_objects`' result, run with ``collector``;
+    ``counts`` is :func:`wsiseg.objects.count_objects`' result, run with ``collector``;
     object ids, classes and areas are those of objects.csv.gz. Each feature's id is a
     UUID derived from slide and object id (and part), so a rerun gives the same ids.
     """
-    from .stats import first_object_ids
-
     roots = collector.roots
     root_l, oid_l, cls_l, area_l = [], [], [], []
     first = first_object_ids(counts, len(classes))  # the ids of objects.csv.gz

@@ -3,10 +3,10 @@
 Splitter/merger split as in MONAI: :class:`TileDataset` yields (window, tile
 index); a merger has ``aggregate(tile, output, keep)`` and ``finalize()``, where
 ``output`` is the network's output over the whole read window and ``keep`` the
-slice of it that is the tile's write region.
-:class:`StoreMerger` writes argmax labels into a :class:`TileStore` (the
-workflow's intermediate); :class:`ArrayMerger` keeps logits in memory (tests
-and small images only).
+slice of it that is the tile's write region. :class:`StoreMerger` writes each
+tile's labels (the model's per-tile post-processing,
+:meth:`wsiseg.models.ModelSpec.tile_labels`) into a :class:`TileStore`, the
+workflow's intermediate.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import SlideError
-from .postprocess import InstanceParams, instances_from_probs, separated_mask
+from .geometry import Geometry, read_window
 from .slide import open_slide
 from .store import TileStore
-from .tiling import Geometry, TileSpec, read_window
+from .tiling import TileSpec
 from .unet import softmax_tta
 
 log = logging.getLogger("wsiseg.segment")
@@ -67,53 +67,41 @@ class TileDataset(Dataset):
         return x, i, ""
 
 
-class StoreMerger:
-    """argmax labels of each write region into a chunked store (chunk = tile)."""
+def argmax_labels(out: torch.Tensor, keep: slice, th: int, tw: int) -> np.ndarray:
+    """The class of highest score over a tile's write region (no post-processing)."""
+    return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
 
-    def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_ds0: float = 1.0,
-                 postprocess: dict | None = None):
+
+class StoreMerger:
+    """Labels of each write region into a chunked store (chunk = tile).
+
+    ``labels(out, keep, th, tw)`` turns a window's output into the write region's uint8
+    labels (the model's :meth:`~wsiseg.models.ModelSpec.tile_labels`; default: argmax).
+    ``tissue`` (a boolean mask, one px per ``tissue_downsample`` level-0 px) clips them.
+    """
+
+    def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_downsample: float = 1.0,
+                 labels=argmax_labels):
         self.store = TileStore.create(path, geom.height, geom.width, spec.tile_size)
         self.geom, self.spec = geom, spec
-        self.tissue, self.tissue_ds0 = tissue, tissue_ds0
-        self.postprocess = InstanceParams(**postprocess) if postprocess else None
+        self.tissue, self.tissue_downsample = tissue, tissue_downsample
+        self.labels = labels
 
     def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
-        if self.postprocess is not None:  # background/object/boundary -> separated objects
-            # over the whole window, then cropped: a clump of nuclei on a tile border is seen
-            # whole from both sides, so both tiles draw the same dividing lines
-            prob = torch.softmax(out.float(), 0).cpu().numpy()
-            ids = instances_from_probs(prob, self.geom.target_mpp, self.postprocess)
-            labels = separated_mask(ids)[keep, keep][: tile.th, : tile.tw]
-        else:
-            labels = out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[: tile.th, : tile.tw]
+        labels = self.labels(out, keep, int(tile.th), int(tile.tw))
         if self.tissue is not None:
             labels = labels * self._tissue_in(tile)
         self.store.write_chunk(int(tile.row), int(tile.col), labels)
 
     def _tissue_in(self, tile) -> np.ndarray:
         """Tissue mask (nearest) over the write region, in target px."""
-        s = self.geom.scale0 / self.tissue_ds0  # tissue px per target px
+        s = self.geom.scale0 / self.tissue_downsample  # tissue px per target px
         ys = np.minimum(((np.arange(tile.ty, tile.ty + tile.th) + 0.5) * s).astype(np.int64), self.tissue.shape[0] - 1)
         xs = np.minimum(((np.arange(tile.tx, tile.tx + tile.tw) + 0.5) * s).astype(np.int64), self.tissue.shape[1] - 1)
         return self.tissue[np.ix_(ys, xs)].astype(np.uint8)
 
     def finalize(self) -> TileStore:
         return self.store
-
-
-class ArrayMerger:
-    """Full logits array in memory (K, H, W): for tests on small images only."""
-
-    def __init__(self, geom: Geometry, n_classes: int):
-        self.logits = np.full((n_classes, geom.height, geom.width), np.nan, np.float32)
-
-    def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
-        self.logits[:, tile.ty : tile.ty + tile.th, tile.tx : tile.tx + tile.tw] = (
-            out[:, keep, keep][:, : tile.th, : tile.tw].float().cpu().numpy()
-        )
-
-    def finalize(self) -> np.ndarray:
-        return self.logits
 
 
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
@@ -207,46 +195,42 @@ def run_segmentation(
     return merger.finalize()
 
 
-def run(slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tissue_png: str, model_cfg: dict,
+def run(*, slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tissue_png: str, model_cfg: dict,
         tiling_cfg: dict, device: str, clip_to_tissue: bool, out_store: str, out_json: str, threads: int = 1,
         log=log.info) -> dict:
     """Segment stage: labels of every planned tile into a chunked store."""
+    from .models import load_model
     from .runner import write_json
-    from .tiling import read_plan
+    from .tiling import Plan
     from .tissue import load_mask
-    from .unet import load_model
 
     t0 = time.monotonic()
     torch.set_num_threads(max(1, int(threads)))
     model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
-    dev = torch.device("cpu") if model.kind == "classical" else pick_device(device, log)
-    plan, geom, spec, meta = read_plan(plan_tsv, plan_json)
-    if meta.get("model_checksum") != model.checksum:
+    dev = pick_device(device, log) if model.wants_gpu else torch.device("cpu")
+    plan = Plan.read(plan_tsv, plan_json)
+    if plan.model_checksum != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
-    if model.kind == "classical":  # numpy on the CPU; one haematoxylin threshold for the slide
-        model.module.threshold = meta.get("classical_threshold")
-        if model.module.threshold is None:
-            plan = plan.iloc[:0]
-        log(f"classical model (no GPU): haematoxylin threshold {model.module.threshold}, "
-            f"settings {model.module.params.as_dict()}")
+    tiles = plan.tiles if model.apply_calibration(plan.calibration, log) else plan.tiles.iloc[:0]
     tissue = load_mask(tissue_png) if clip_to_tissue else None
-    merger = StoreMerger(out_store, geom, spec, tissue, meta["tissue_downsample"], model.postprocess)
+    geom, spec = plan.geometry, plan.spec
+    merger = StoreMerger(out_store, geom, spec, tissue, plan.tissue_downsample, labels=model.tile_labels)
     if model.postprocess:
         log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
-    tta = bool(model_cfg.get("tta", False)) and model.kind != "classical"
-    log(f"{slide_id}: {len(plan)} tiles of {spec.window} px on {dev} "
+    tta = bool(model_cfg.get("tta", False)) and model.supports_tta
+    log(f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
         f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} workers, amp={dev.type == 'cuda'}, "
         f"tta={'8 flips/rotations' if tta else 'off'})")
     unreadable = []
-    run_segmentation(slide_path, slide_id, mpp, geom, spec, plan, model.module, merger, dev,
+    run_segmentation(slide_path, slide_id, mpp, geom, spec, tiles, model.module, merger, dev,
                      batch_size=int(tiling_cfg["batch_size"]), workers=int(tiling_cfg["workers"]),
                      amp=bool(tiling_cfg.get("amp", True)), log_fn=log,
                      max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
                      unreadable=unreadable, tta=tta)
     merger.store.close()
     elapsed = time.monotonic() - t0
-    info = dict(slide_id=slide_id, device=str(dev), tta=tta, n_tiles=len(plan), elapsed_s=elapsed,
-                tiles_per_s=len(plan) / max(elapsed, 1e-9), tiles_unreadable=len(unreadable),
+    info = dict(slide_id=slide_id, device=str(dev), tta=tta, n_tiles=len(tiles), elapsed_s=elapsed,
+                tiles_per_s=len(tiles) / max(elapsed, 1e-9), tiles_unreadable=len(unreadable),
                 unreadable=[dict(row=r, col=c, error=e) for r, c, e in unreadable])
     write_json(out_json, info)
     return info

@@ -56,8 +56,8 @@ class TileStore:
         raw = os.pread(self._fd, k * k, self._offset(r, c))
         return np.frombuffer(raw, np.uint8).reshape(k, k)
 
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Region [y, y+h) x [x, x+w); zeros outside the array."""
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region (x, y, w, h): px [x, x+w) x [y, y+h), as an (h, w) array; zeros outside the array."""
         out = np.zeros((h, w), np.uint8)
         k = self.chunk
         y1, x1 = min(y + h, self.height), min(x + w, self.width)
@@ -78,7 +78,7 @@ class TileStore:
         k = self.chunk
         for r in range(out.rows):
             for c in range(out.cols):
-                region = self.read(2 * r * k, 2 * c * k, 2 * k, 2 * k)[::2, ::2]
+                region = self.read(2 * c * k, 2 * r * k, 2 * k, 2 * k)[::2, ::2]
                 if region.any():
                     out.write_chunk(r, c, region)
         return out

@@ -10,6 +10,9 @@ morphology: closing with a disk, hole filling, removal of specks smaller than
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -89,7 +92,7 @@ def detect_tissue(
     return mask, method
 
 
-def run(slide_path: str, slide_id: str, mpp, out_png: str, out_thumb: str, out_json: str,
+def run(*, slide_path: str, slide_id: str, mpp, out_png: str, out_thumb: str, out_json: str,
         method: str = "auto", tissue_mpp: float = 4.0, min_area_um2: float = 10000.0, log=print) -> dict:
     """Tissue stage: thumbnail.png, tissue.png (0/255) and tissue.json (scale, area)."""
     import time
@@ -117,6 +120,27 @@ def run(slide_path: str, slide_id: str, mpp, out_png: str, out_thumb: str, out_j
                 tissue_area_mm2=area_mm2, tissue_fraction=float(mask.mean()), elapsed_s=time.monotonic() - t0)
     write_json(out_json, info)
     return info
+
+
+@dataclass(frozen=True)
+class TissueInfo:
+    """tissue.json: the tissue stage's result for one slide (its one reader)."""
+
+    slide_id: str
+    method: str  # the method used ('auto' resolved)
+    downsample: float  # level-0 px per tissue-mask (thumbnail) px; stored as thumbnail_downsample
+    mpp: float  # µm per tissue-mask px; stored as thumbnail_mpp
+    tissue_area_mm2: float
+    tissue_fraction: float
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def read(cls, path: str) -> "TissueInfo":
+        with open(path) as fh:
+            d = json.load(fh)
+        return cls(slide_id=d["slide_id"], method=d["method"], downsample=d["thumbnail_downsample"],
+                   mpp=d["thumbnail_mpp"], tissue_area_mm2=d["tissue_area_mm2"],
+                   tissue_fraction=d["tissue_fraction"], elapsed_s=d.get("elapsed_s", 0.0))
 
 
 def load_mask(png_path: str) -> np.ndarray:

@@ -35,15 +35,22 @@ import torch.nn.functional as F
 from . import labels as L
 from .augment import AugmentConfig, augment
 from .errors import ConfigError
+from .models import is_torchscript, load_model
+from .models.checkpoint import save_checkpoint
+from .predict import predict_probs, resize_probs
 from .segment import pick_device
-from .unet import UNet, load_model, save_checkpoint
+from .unet import UNet
 
 
 @dataclass
 class TrainConfig:
+    """The ``train:`` block. Its defaults are the config schema's (the workflow fills them from
+    there; tests/test_train.py checks that these agree), so a direct call trains what the
+    workflow would."""
+
     sheet: str
     out_dir: str
-    name: str = "nuclei-unet"
+    name: str = "unet"
     mpp: float = 0.5
     target: str = "three_class"  # or weight_map
     object_class: str = "nucleus"  # name of the annotated objects' class (stats.csv column prefix)
@@ -152,7 +159,7 @@ def loss_fn(logits, y, w, class_weights, dice_weight: float):
 
 def val_batches(samples, cfg: TrainConfig, align: int):
     """Whole validation images, mirror-padded to legal sizes (no augmentation)."""
-    from .evaluate import pad_to
+    from .predict import pad_to
 
     out = []
     for s in samples:
@@ -329,21 +336,19 @@ def _train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha: str | None) 
 
 # ------------------------------------------------------------------ fine-tuning
 def read_init(cfg: TrainConfig, classes: list) -> dict:
-    """The checkpoint named by ``train.init``, read as inference reads it (``unet.load_model``)
+    """The checkpoint named by ``train.init``, read as inference reads it (``wsiseg.models.load_model``)
     and checked against the training settings.
 
     Its architecture, classes and mpp must be those being trained: a mismatch is an
     error that names the setting to change. Dropout may differ (it has no weights).
     """
-    from .unet import is_torchscript
-
     path = cfg.init
     if not os.path.isfile(path):
         raise ConfigError(f"train.init={path!r}: no such file; name a checkpoint written by `snakemake train` "
                           "(e.g. models/nuclei-unet.pt) or remove train.init to train from scratch")
     if is_torchscript(path):
         raise ConfigError(f"train.init={path!r} is TorchScript; fine-tuning needs a wsiseg checkpoint "
-                          "(written by `snakemake train` or wsiseg.unet.save_checkpoint)")
+                          "(written by `snakemake train` or wsiseg.models.checkpoint.save_checkpoint)")
     spec = load_model({"weights": path, "name": "init"}, geometry=False)
     arch = spec.module.config
     wanted = dict(depth=cfg.depth, base_width=cfg.base_width, batch_norm=cfg.batch_norm, padding="same")
@@ -380,7 +385,7 @@ def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
 
 def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
     """Pick the instance thresholds with the best mean AJI on the validation images."""
-    from .evaluate import aji, predict_probs, resize_probs
+    from .metrics import aji
     from .postprocess import InstanceParams, instances_from_probs
 
     ck = torch.load(best_path, map_location="cpu", weights_only=True)
@@ -412,7 +417,7 @@ def score_validation(best_path: str, val_s, device, out_csv: str, log=print) -> 
     how good the model is on the user's own held-out images; scoring other labeled
     sets is the evaluate target's job.
     """
-    from .evaluate import all_metrics, predict_probs, resize_probs, write_metrics
+    from .metrics import all_metrics, write_metrics
     from .postprocess import InstanceParams, instances_from_probs
 
     spec = load_model({"weights": best_path, "name": "validation"}, device=str(device), geometry=False)

@@ -8,6 +8,7 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from wsiseg.models import wants_gpu, weights_of  # noqa: E402  (no torch: cheap at DAG time)
 from wsiseg.sheet import SheetError, check_sheet, read_sheet, slides_from_dir  # noqa: E402
 
 MODEL = config["model"]["name"]
@@ -67,13 +68,10 @@ def stats_outputs():
     return out
 
 
-def is_classical_model():
-    return config["model"].get("format") == "classical"
-
-
 def get_model_weights(wildcards=None):
-    """The weights file (a rule input, so new weights remake plans and masks); none for the classical model."""
-    return [] if is_classical_model() else config["model"]["weights"]
+    """The files the model reads (rule inputs, so new weights remake plans and masks); none
+    for a model without weights (the classical model). Asked of wsiseg.models."""
+    return weights_of(config["model"])
 
 
 def model_cfg(tta=True):
@@ -104,8 +102,8 @@ def gpu_request(device):
 
 
 def segment_resources_gpu(wildcards):
-    """The classical model runs on the CPU: no GPU, whatever `device` says."""
-    return 0 if is_classical_model() else gpu_request(config.get("device", "auto"))
+    """A model that wants no GPU (the classical model runs numpy on the CPU) gets none, whatever `device` says."""
+    return gpu_request(config.get("device", "auto")) if wants_gpu(config["model"]) else 0
 
 
 # ------------------------------------------------------- cluster job resources

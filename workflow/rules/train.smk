@@ -60,7 +60,7 @@ rule train:
 rule evaluate_set:
     input:
         sheet=get_eval_sheet,
-        weights=lambda w: [] if w.method == "classical-baseline" or is_classical_model() else [get_model_weights()],
+        weights=lambda w: [] if w.method == "classical-baseline" else get_model_weights(),
     output:
         metrics=f"{EVAL_DIR}/{{set}}/{{method}}/metrics.csv",
         overlays=directory(f"{EVAL_DIR}/{{set}}/{{method}}/overlays"),

@@ -5,14 +5,19 @@ where the slide is not a multiple of the tile size."""
 import numpy as np
 import pytest
 import torch
-from conftest import CMU, REPO, corrupt_slide
+from conftest import CMU, REPO, corrupt_slide, needs_data
+from helpers import ArrayMerger
 from scipy import ndimage as ndi
 
-from wsiseg.segment import ArrayMerger, StoreMerger, run_segmentation
+from wsiseg.geometry import Geometry, read_target
+from wsiseg.models.checkpoint import UNetSpec, unet_same_halo
+from wsiseg.segment import StoreMerger, run_segmentation
 from wsiseg.slide import open_slide
 from wsiseg.store import TileStore
-from wsiseg.tiling import Geometry, plan_tiles, read_target, tile_spec_for
-from wsiseg.unet import ModelSpec, UNet, plan_margin, unet_same_halo
+from wsiseg.tiling import legal_input, plan_margin, plan_tiles, tile_spec_for
+from wsiseg.unet import UNet
+
+pytestmark = needs_data  # reads ../shared/data
 
 
 def _model(padding, depth=2):
@@ -26,7 +31,7 @@ def _model(padding, depth=2):
     first = next(n for n in range(1, 400) if m.output_size(n))
     border = 0 if padding == "same" else (first - m.output_size(first)) // 2
     halo = unet_same_halo(depth) if padding == "same" else border
-    return ModelSpec(m, ["bg", "a", "b"], 1.0, f"t-{padding}", "", "unet", 2**depth, border, halo)
+    return UNetSpec(m, ["bg", "a", "b"], 1.0, f"t-{padding}", "", "unet", 2**depth, border, halo)
 
 
 def one_pass(spec, img, margin, grid_w, grid_h, tta=False):
@@ -35,8 +40,8 @@ def one_pass(spec, img, margin, grid_w, grid_h, tta=False):
     from wsiseg.unet import softmax_tta
 
     h, w = img.shape[:2]
-    right = spec.legal_input(grid_w + 2 * margin) - grid_w - margin
-    bottom = spec.legal_input(grid_h + 2 * margin) - grid_h - margin
+    right = legal_input(spec, grid_w + 2 * margin) - grid_w - margin
+    bottom = legal_input(spec, grid_h + 2 * margin) - grid_h - margin
     padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
     x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0
     with torch.inference_mode():
@@ -77,7 +82,7 @@ def test_stitched_equals_one_pass(padding, target_mpp, tmp_path):
     merger = StoreMerger(str(tmp_path / "s"), geom, tiles)
     run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, merger, torch.device("cpu"), batch_size=4)
     with TileStore(str(tmp_path / "s")) as st:
-        labels = st.read(0, 0, geom.height, geom.width)
+        labels = st.read(0, 0, geom.width, geom.height)
     assert (labels != logits.argmax(0)).sum() == 0
 
 
@@ -147,11 +152,11 @@ def test_no_tissue_gives_an_empty_store(tmp_path):
     assert len(plan) == 0
     store = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module,
                              StoreMerger(str(tmp_path / "s"), geom, tiles), torch.device("cpu"))
-    assert store.shape == (geom.height, geom.width) and not store.read(0, 0, geom.height, geom.width).any()
+    assert store.shape == (geom.height, geom.width) and not store.read(0, 0, geom.width, geom.height).any()
 
 
 def test_torchscript_model_is_seam_free_with_measured_halo(tmp_path):
-    from wsiseg.unet import load_model
+    from wsiseg.models import load_model
 
     spec0 = _model("same")
     path = tmp_path / "m.ts"
@@ -202,8 +207,8 @@ def test_instances_agree_across_tile_borders(tmp_path):
     stitched, the separated nuclei equal the same post-processing run once over the stitched
     probabilities (ties in the watershed aside), so nuclei on a tile border are split alike
     from both sides and counted once."""
+    from wsiseg.models import load_model
     from wsiseg.postprocess import InstanceParams, instances_from_probs, separated_mask
-    from wsiseg.unet import load_model
 
     spec = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
     assert spec.postprocess
@@ -215,13 +220,13 @@ def test_instances_agree_across_tile_borders(tmp_path):
     logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module, ArrayMerger(geom, 3),
                               torch.device("cpu"), batch_size=4)
     run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module,
-                     StoreMerger(str(tmp_path / "s"), geom, tiles, postprocess=spec.postprocess),
+                     StoreMerger(str(tmp_path / "s"), geom, tiles, labels=spec.tile_labels),
                      torch.device("cpu"), batch_size=4)
     y0, x0, side = 6 * 128, 6 * 128, 4 * 128
     prob = torch.softmax(torch.from_numpy(logits[:, y0 : y0 + side, x0 : x0 + side]), 0).numpy()
     ref = separated_mask(instances_from_probs(prob, 0.5, InstanceParams(**spec.postprocess)))
     with TileStore(str(tmp_path / "s")) as st:
-        tiled = st.read(y0, x0, side, side)
+        tiled = st.read(x0, y0, side, side)
     inner = (slice(40, -40), slice(40, -40))  # the reference lacks context at the block's own edge
     n = ndi.label(ref[inner], structure=np.ones((3, 3)))[1]
     assert n > 100

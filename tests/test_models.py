@@ -2,7 +2,11 @@ import pytest
 import torch
 
 from wsiseg.errors import ConfigError
-from wsiseg.unet import UNet, load_model, measure_halo, plan_margin, save_checkpoint, unet_same_halo
+from wsiseg.models import load_model
+from wsiseg.models.checkpoint import save_checkpoint, unet_same_halo
+from wsiseg.models.probe import measure_halo
+from wsiseg.tiling import legal_input, plan_margin
+from wsiseg.unet import UNet
 
 
 def test_valid_unet_matches_paper_geometry():
@@ -61,7 +65,7 @@ def test_torchscript_accepted_and_halo_measured(tmp_path):
     spec = load_model(dict(name="ts", weights=str(p), classes=["bg", "fg"], mpp=0.5, depth=2))
     assert spec.kind == "torchscript" and spec.border == 0
     assert spec.halo == unet_same_halo(2)
-    assert spec.legal_input(61) == 64
+    assert legal_input(spec, 61) == 64
 
 
 def test_margin_below_halo_refused_unless_opted_in(tmp_path):

@@ -1,0 +1,94 @@
+"""Models: one loader turns the config's ``model:`` block into a :class:`ModelSpec`.
+
+A :class:`ModelSpec` carries what the stages need to know about a model, as data and
+methods: classes, mpp, alignment, border, halo, whether it wants a GPU, its per-tile
+post-processing, its optional per-slide calibration and how it predicts a labeled
+image. The plan, segment and evaluate stages and the Snakemake rules use only that,
+never which kind of model it is.
+
+Formats (``model.format``), one module each in this package:
+
+=============  =================================================================
+``checkpoint``  the project's U-Net checkpoint (``snakemake train``): :mod:`.checkpoint`
+``torchscript`` any TorchScript segmentation network: :mod:`.torchscript`
+``classical``   the haematoxylin threshold + watershed model, no weights: :mod:`.classical`
+``auto``        ``torchscript`` if the weights file is TorchScript, else ``checkpoint``
+=============  =================================================================
+
+Adding a format: a module here with ``load(cfg, device, geometry) -> ModelSpec`` (a
+subclass of :class:`wsiseg.models.spec.ModelSpec` where the defaults do not fit), one
+:class:`Format` entry in :data:`FORMATS`, the name in the schema's ``model.format``
+enum (a test checks they agree), and its tests.
+
+This module imports no torch: the Snakefile asks it which files a model reads and
+whether it wants a GPU while it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zipfile
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    module: str  # wsiseg.models.<module>, with load(cfg, device, geometry) -> ModelSpec
+    weights: bool  # reads the file model.weights (a rule input: new weights rerun plans and masks)
+    gpu: bool  # worth a GPU (the classical model runs numpy on the CPU)
+
+
+FORMATS = {
+    "checkpoint": Format("checkpoint", "checkpoint", weights=True, gpu=True),
+    "torchscript": Format("torchscript", "torchscript", weights=True, gpu=True),
+    "classical": Format("classical", "classical", weights=False, gpu=False),
+}
+
+
+def is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _declared(cfg: dict) -> str:
+    name = cfg.get("format", "auto") or "auto"
+    if name != "auto" and name not in FORMATS:
+        raise ConfigError(f"model.format={name!r} is not a known model format; use one of "
+                          f"{['auto', *FORMATS]}")
+    return name
+
+
+def format_of(cfg: dict) -> Format:
+    """The model's format; 'auto' looks at the weights file."""
+    name = _declared(cfg)
+    if name == "auto":
+        name = "torchscript" if is_torchscript(cfg["weights"]) else "checkpoint"
+    return FORMATS[name]
+
+
+def weights_of(cfg: dict) -> list:
+    """The files the model reads (rule inputs); none for a model without weights."""
+    name = _declared(cfg)
+    return [cfg["weights"]] if name == "auto" or FORMATS[name].weights else []
+
+
+def wants_gpu(cfg: dict) -> bool:
+    """Whether the model's jobs are worth a GPU (every weights-based format is)."""
+    name = _declared(cfg)
+    return name == "auto" or FORMATS[name].gpu
+
+
+def load_model(cfg: dict, device: str = "cpu", geometry: bool = True):
+    """Load the model described by the config's ``model:`` block, in eval mode.
+
+    ``geometry=False`` skips measuring border and halo (the segment stage reads them
+    from the tile plan, which measured them once).
+    """
+    fmt = format_of(cfg)
+    loader = importlib.import_module(f"{__name__}.{fmt.module}")
+    return loader.load(cfg, device=device, geometry=geometry)

@@ -1,0 +1,128 @@
+"""Format 'checkpoint': the project's U-Net (:class:`wsiseg.unet.UNet`) as ``snakemake train``
+saves it.
+
+A checkpoint is a plain dict read with ``torch.load(weights_only=True)``: data, never
+code. It embeds what inference needs (architecture, classes, mpp, and the instance
+post-processing chosen on the validation images), so ``model:`` needs only ``weights``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..unet import UNet
+from .probe import measure_halo
+from .spec import ModelSpec
+
+CHECKPOINT_FORMAT = "wsiseg-unet/1"
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extra: dict | None = None) -> None:
+    """Checkpoint that embeds what inference needs (architecture, classes, mpp); atomic."""
+    ckpt = dict(
+        format=CHECKPOINT_FORMAT, name=name, classes=list(classes), mpp=float(mpp),
+        config=model.config, state_dict=model.state_dict(), extra=extra or {},
+    )
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class UNetSpec(ModelSpec):
+    """The project's U-Net: its input/output sizes are known analytically."""
+
+    def output_size(self, n: int) -> int | None:
+        return self.module.output_size(n)
+
+
+def unet_same_halo(depth: int) -> int:
+    """Receptive-field radius (px) of a 'same' U-Net of this depth, measured exactly.
+
+    Measured once on a structural copy with positive weights, so no ReLU is dead
+    and every pixel that *can* influence the centre does.
+    """
+    probe = UNet(n_classes=1, depth=depth, base_width=2, padding="same", batch_norm=False)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.fill_(0.1)
+    return measure_halo(probe, 2**depth, 0, positive=False)
+
+
+def _first_legal(module: UNet) -> int:
+    n = 1
+    while module.output_size(n) is None:
+        n += 1
+    return n
+
+
+def read(path: str, device: str = "cpu") -> dict:
+    """The checkpoint dict, checked to be one of ours."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(
+            f"model weights {path} are neither a wsiseg checkpoint nor TorchScript; "
+            "save with wsiseg.models.checkpoint.save_checkpoint or torch.jit.save"
+        )
+    if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"model weights {path} are a checkpoint of format {ckpt['format']!r}; this version of the "
+            f"workflow reads {CHECKPOINT_FORMAT!r}: re-save it with a matching version or retrain"
+        )
+    return ckpt
+
+
+def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
+    """The checkpoint's embedded architecture, classes and mpp are used unless the config
+    gives them; a conflict is an error."""
+    path = cfg["weights"]
+    checksum = sha256(path)
+    ckpt = read(path, device)
+    arch = dict(ckpt.get("config", {}))
+    for key in ("depth", "base_width", "padding", "batch_norm"):
+        if key in cfg and cfg[key] is not None and key in arch and cfg[key] != arch[key]:
+            raise ConfigError(
+                f"model.{key}={cfg[key]!r} in the config but the checkpoint {path} was trained with "
+                f"{key}={arch[key]!r}; remove model.{key} from the config or use matching weights"
+            )
+        if key in cfg and cfg[key] is not None:
+            arch.setdefault(key, cfg[key])
+    classes = list(cfg.get("classes") or ckpt.get("classes"))
+    if ckpt.get("classes") and len(ckpt["classes"]) != len(classes):
+        raise ConfigError(
+            f"model.classes lists {len(classes)} classes but the checkpoint {path} has "
+            f"{len(ckpt['classes'])} ({ckpt['classes']})"
+        )
+    arch["n_classes"] = len(classes)
+    module = UNet(**arch)
+    module.load_state_dict(ckpt["state_dict"])
+    module.to(device).eval()
+    mpp = float(cfg.get("mpp") or ckpt["mpp"])
+    if ckpt.get("mpp") and abs(mpp / float(ckpt["mpp"]) - 1) > 0.01:
+        raise ConfigError(
+            f"model.mpp={mpp} in the config but the checkpoint {path} was trained at {ckpt['mpp']} µm/px; "
+            f"set model.mpp: {ckpt['mpp']} (a model applied at another resolution segments poorly)"
+        )
+    align = 2**module.depth
+    first = _first_legal(module)
+    border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
+    halo = border if module.padding == "valid" else (unet_same_halo(module.depth) if geometry else None)
+    post = None
+    if len(classes) == 3 and classes[-1] == "boundary":  # background / object / boundary model
+        from ..postprocess import InstanceParams
+
+        post = (ckpt.get("extra") or {}).get("postprocess") or InstanceParams().as_dict()
+    return UNetSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo, post)

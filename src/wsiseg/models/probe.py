@@ -1,0 +1,70 @@
+"""Geometry of a network we cannot read analytically (TorchScript): measured by running it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def probe(module: nn.Module, n: int):
+    """Output side of ``module`` on a zero n x n input (None if it does not run)."""
+    try:
+        with torch.inference_mode():
+            dev = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
+            out = module(torch.zeros(1, 3, n, n, device=dev))
+        return int(out.shape[-1])
+    except Exception:
+        return None
+
+
+def measure_border(module: nn.Module, align: int) -> int:
+    """Px lost per side (0 for a 'same' network)."""
+    for n in range(8 * align, 8 * align + 4 * align):
+        out = probe(module, n)
+        if out is not None:
+            if (n - out) % 2:
+                raise ConfigError("TorchScript model output is not centred on its input")
+            return (n - out) // 2
+    raise ConfigError("could not run the TorchScript model on a 3-channel test input")
+
+
+def measure_halo(module: nn.Module, align: int, border: int, positive: bool = True) -> int:
+    """Receptive-field radius from the input-gradient support of one output px.
+
+    Probes ``align`` phases of the output px so pooling offsets are covered. With
+    ``positive`` the weights of a copy are made positive first (dead ReLUs would
+    otherwise hide part of the field).
+    """
+    m = copy.deepcopy(module).float().cpu().eval()
+    if positive:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p.abs() + 1e-3)
+    radius = 0
+    n = 16 * align + 2 * border
+    while True:
+        touched = False
+        for phase in range(align):
+            x = torch.zeros(1, 3, n, n, requires_grad=True)
+            y = m(x + 0.5)
+            c = y.shape[-1] // 2 + phase - align // 2
+            y[0, :, c, c].sum().backward()
+            g = x.grad[0].abs().sum(0)
+            nz = torch.nonzero(g > 0)
+            if len(nz) == 0:
+                continue
+            centre = c + (n - y.shape[-1]) // 2
+            r = int(max((nz - centre).abs().max().item(), 0))
+            radius = max(radius, r)
+            if nz.min().item() == 0 or nz.max().item() == n - 1:
+                touched = True
+        if not touched:
+            return radius
+        n *= 2
+        radius = 0
+        if n > 4096:
+            raise ConfigError("receptive field larger than 2048 px; set tiling.margin explicitly")

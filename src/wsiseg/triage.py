@@ -1,0 +1,66 @@
+"""Inspect and triage (rules 'inspect' and 'triage'): which slides can be processed.
+
+``inspect`` writes each slide's slide.json (what the slide is, or why it cannot be
+read: never fails on bad input); ``triage`` collects them in one table, after which
+the DAG holds only the good slides. :class:`SlideRecord` is slide.json's one reader.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .errors import SlideError
+from .runner import write_json
+from .slide import inspect_slide
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """slide.json: the inspect stage's record of one slide ('ok' with its description, or
+    'failed' with the error that names the slide and the fix)."""
+
+    slide_id: str
+    path: str
+    status: str  # 'ok' or 'failed'
+    error: str = ""
+    info: dict = field(default_factory=dict)  # the slide's description (wsiseg.slide.inspect_slide)
+
+    @classmethod
+    def read(cls, path: str) -> "SlideRecord":
+        with open(path) as fh:
+            d = json.load(fh)
+        return cls(slide_id=d["slide_id"], path=d["path"], status=d["status"], error=d.get("error", ""), info=d)
+
+
+def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
+    """slide.json for one slide: its description, or why it cannot be processed."""
+    try:
+        info = inspect_slide(path, slide_id, mpp)
+        info["status"] = "ok"
+        log.info(f"{slide_id}: {info['vendor']} {info['width']}x{info['height']} px, {info['level_count']} levels, "
+                 f"{info['mpp']:.4f} µm/px ({info['mpp_source']})")
+        for w in info["warnings"]:
+            log.warning(f"{slide_id}: {w}")
+    except SlideError as exc:
+        info = dict(slide_id=slide_id, path=path, status="failed", error=str(exc))
+        log.error(f"SKIPPING {exc}")
+    write_json(out_json, info)
+    return info
+
+
+def triage(*, slide_jsons: list, out_tsv: str, log=print) -> pd.DataFrame:
+    """slides.tsv: slide_id, status ('ok' or 'failed'), error, path."""
+    rows = []
+    for p in slide_jsons:
+        rec = SlideRecord.read(p)
+        rows.append(dict(slide_id=rec.slide_id, status=rec.status, error=rec.error, path=rec.path))
+    table = pd.DataFrame(rows, columns=["slide_id", "status", "error", "path"])
+    table.to_csv(out_tsv, sep="\t", index=False)
+    n_bad = int((table["status"] != "ok").sum())
+    log(f"{len(table)} slides inspected, {len(table) - n_bad} ok, {n_bad} failed")
+    for r in table[table["status"] != "ok"].itertuples():
+        log(f"FAILED {r.slide_id}: {r.error}")
+    return table

@@ -1,0 +1,37 @@
+"""Test-side helpers that the workflow itself does not need: a merger that keeps a whole
+image's outputs in memory, tiles of an in-memory mask, and a mask's stats row."""
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class ArrayMerger:
+    """Full output array in memory (K, H, W), in the segment stage's merger interface
+    (``aggregate(tile, output, keep)`` / ``finalize()``): for small images only."""
+
+    def __init__(self, geom, n_classes: int):
+        self.logits = np.full((n_classes, geom.height, geom.width), np.nan, np.float32)
+
+    def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
+        self.logits[:, tile.ty : tile.ty + tile.th, tile.tx : tile.tx + tile.tw] = (
+            out[:, keep, keep][:, : tile.th, : tile.tw].float().cpu().numpy()
+        )
+
+    def finalize(self) -> np.ndarray:
+        return self.logits
+
+
+def array_tiles(arr: np.ndarray, tile: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(x, y, tile) of an in-memory mask in raster order, as wsiseg.mask.MaskReader.tiles gives them."""
+    for y in range(0, arr.shape[0], tile):
+        for x in range(0, arr.shape[1], tile):
+            yield x, y, arr[y : y + tile, x : x + tile]
+
+
+def slide_stats(mask_path: str, classes: list, mpp: float) -> dict:
+    """Stats columns for each class of a mask OME-TIFF at ``mpp`` µm/px."""
+    from wsiseg.stats import measure
+
+    return measure(mask_path, classes, mpp)[0]
