@@ -66,7 +66,7 @@ def main():
             for workers in args.workers:
                 for batch in args.batch:
                     with tempfile.TemporaryDirectory() as tmp:
-                        merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, labels=model.tile_labels)
+                        merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, labels=model.labeler())
                         t0 = time.monotonic()
                         run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
                                          batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None, tta=tta)

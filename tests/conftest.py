@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 DATA = Path(os.environ.get("WSISEG_DATA", REPO.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
+
+# measured TorchScript geometry (wsiseg.models.torchscript) goes to a cache of the test run's own
+os.environ.setdefault("WSISEG_CACHE", tempfile.mkdtemp(prefix="wsiseg-test-cache-"))
 
 HAVE_DATA = SLIDES.is_dir()
 if not HAVE_DATA and os.environ.get("CI", "").lower() in ("1", "true", "yes"):

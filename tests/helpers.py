@@ -35,3 +35,33 @@ def slide_stats(mask_path: str, classes: list, mpp: float) -> dict:
     from wsiseg.stats import measure
 
     return measure(mask_path, classes, mpp)[0]
+
+
+class FailingLabeler:
+    """Per-tile post-processing that fails on a window whose output holds NaN (what a diverged
+    network gives); with ``exit_process`` the worker dies instead, as one the OOM killer ends."""
+
+    def __init__(self, exit_process: bool = False):
+        self.exit_process = exit_process
+
+    def __call__(self, out, keep, th, tw):
+        import os
+
+        if bool(torch.isnan(out).any()):
+            if self.exit_process:
+                os._exit(3)
+            raise ValueError("NaN in the network's output")
+        return np.zeros((th, tw), np.uint8)
+
+
+class SlowLabeler:
+    """Per-tile post-processing that takes ``seconds`` (to catch the stage mid-run)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, out, keep, th, tw):
+        import time
+
+        time.sleep(self.seconds)
+        return np.zeros((th, tw), np.uint8)

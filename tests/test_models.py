@@ -68,6 +68,30 @@ def test_torchscript_accepted_and_halo_measured(tmp_path):
     assert legal_input(spec, 61) == 64
 
 
+def test_torchscript_geometry_is_measured_once_per_weights_file(tmp_path, monkeypatch):
+    """The plan stage of every slide loads the model; the gradient probe runs only for a file
+    not seen before (cache keyed by the weights' sha256)."""
+    import json
+
+    from wsiseg.models import torchscript
+
+    monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "cache"))
+    m = UNet(n_classes=2, depth=2, base_width=4, padding="same", batch_norm=False).eval()
+    p = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(m), str(p))
+    cfg = dict(name="ts", weights=str(p), classes=["bg", "fg"], mpp=0.5, depth=2)
+    first = load_model(cfg)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert json.loads(entry.read_text()) == dict(sha256=first.checksum, align=4, border=0, halo=first.halo)
+    calls = []
+    monkeypatch.setattr(torchscript, "measure_halo", lambda *a, **k: calls.append(a) or 0)
+    again = load_model(cfg)
+    assert calls == [] and again.halo == first.halo  # read, not measured again
+    torch.jit.save(torch.jit.script(UNet(n_classes=2, depth=2, base_width=5, padding="same")), str(p))
+    load_model(cfg)  # other bytes under the same name: measured anew
+    assert len(calls) == 1
+
+
 def test_margin_below_halo_refused_unless_opted_in(tmp_path):
     p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="same")
     spec = load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5))

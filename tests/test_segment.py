@@ -220,7 +220,7 @@ def test_instances_agree_across_tile_borders(tmp_path):
     logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module, ArrayMerger(geom, 3),
                               torch.device("cpu"), batch_size=4)
     run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module,
-                     StoreMerger(str(tmp_path / "s"), geom, tiles, labels=spec.tile_labels),
+                     StoreMerger(str(tmp_path / "s"), geom, tiles, labels=spec.labeler()),
                      torch.device("cpu"), batch_size=4)
     y0, x0, side = 6 * 128, 6 * 128, 4 * 128
     prob = torch.softmax(torch.from_numpy(logits[:, y0 : y0 + side, x0 : x0 + side]), 0).numpy()

@@ -112,7 +112,8 @@ def archive(tmp_path_factory):
     cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
     cfg.update(slides=str(sheet), device="cuda")  # asks for a GPU: must fall back to CPU here
     cfg["model"] = dict(name=MODEL, weights=str(wd / "tiny.pt"), classes=CLASSES, mpp=0.5)
-    cfg["tiling"].update(tile_size=256, batch_size=4, workers=1, max_unreadable_fraction=0.5)
+    # 2 post-processing workers: the pipelined segment stage through Snakemake (masks as with 0)
+    cfg["tiling"].update(tile_size=256, batch_size=4, workers=1, max_unreadable_fraction=0.5, postprocess_workers=2)
     cfgfile = wd / "config.yaml"
     cfgfile.write_text(yaml.safe_dump(cfg))
     res = snakemake(wd, cfgfile, "--keep-going")
@@ -272,7 +273,7 @@ def test_train_then_evaluate_targets(tmp_path):
         f"{miccai / f'image{i}.png'}\t{miccai / f'image{i}_mask.txt'}\t0.25\n" for i in ("14", "15")))
     cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
     cfg["slides"] = str(REPO / cfg["slides"])
-    cfg["train"].update(sheet=str(REPO / cfg["train"]["sheet"]), name="tiny", depth=2, base_width=8, crop=64,
+    cfg["train"].update(sheet=str(REPO / "config/labeled/miccai2015-train.tsv"), name="tiny", depth=2, base_width=8, crop=64,
                         batch_size=4, steps_per_epoch=4, max_epochs=2, threads=2)
     cfg["model"] = dict(name="tiny", weights="results/training/tiny/best.pt", mpp=0.5)
     cfg["evaluate"] = dict(sets={"small": str(small)}, methods=["model", "baseline"], tta=False)

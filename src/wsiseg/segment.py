@@ -1,19 +1,31 @@
-"""Segment: stream the tile plan through the network, keep each tile's write region.
+"""Segment stage (rule 'segment'): stream the tile plan through the network, keep each
+tile's write region.
 
-Splitter/merger split as in MONAI: :class:`TileDataset` yields (window, tile
-index); a merger has ``aggregate(tile, output, keep)`` and ``finalize()``, where
-``output`` is the network's output over the whole read window and ``keep`` the
-slice of it that is the tile's write region. :class:`StoreMerger` writes each
-tile's labels (the model's per-tile post-processing,
-:meth:`wsiseg.models.ModelSpec.tile_labels`) into a :class:`TileStore`, the
-workflow's intermediate.
+A pipeline in which the network's loop does nothing but feed the network:
+
+    DataLoader workers      read, decode and resample each read window (:class:`TileDataset`)
+    this process            the network, on the job's device (CUDA: bf16/fp16 autocast,
+                            channels_last, cuDNN autotuning, pinned memory, non-blocking copies)
+    post-processing workers the model's per-tile labels (e.g. the instance watershed), tissue
+                            clipping and the store write (:mod:`wsiseg.postpool`), fed through a
+                            bounded queue
+
+Splitter/merger split as in MONAI: :class:`TileDataset` yields (window, tile index); a
+merger has ``aggregate(tile, output, keep)`` and ``finalize()``, where ``output`` is the
+network's output over the whole read window and ``keep`` the slice of it that is the
+tile's write region. :class:`StoreMerger` hands each tile to the post-processing pool,
+which writes it into a :class:`TileStore`, the workflow's intermediate. The store does
+not depend on the number of workers of either kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -24,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from .errors import SlideError
 from .geometry import Geometry, read_window
 from .slide import open_slide
+from .postpool import PostprocessPool, TileJob, TileWriter
 from .store import TileStore
 from .tiling import TileSpec
 from .unet import softmax_tta
@@ -53,7 +66,8 @@ class TileDataset(Dataset):
         return self._slide
 
     def __getitem__(self, i: int):
-        """(window as 3 x n x n float in [0, 1], plan row, error message or '')."""
+        """(window as 3 x n x n float in [0, 1], plan row, error message or '', CPU seconds)."""
+        t0 = time.process_time()
         wx, wy, n = self.windows[i]
         try:
             img = read_window(self._handle(), self.geom, int(wx), int(wy), int(n))
@@ -62,46 +76,45 @@ class TileDataset(Dataset):
             if self._slide is not None:
                 self._slide.close()
             self._slide = None
-            return torch.zeros(3, int(n), int(n)), i, exc.problem
+            return torch.zeros(3, int(n), int(n)), i, exc.problem, time.process_time() - t0
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) / 255.0
-        return x, i, ""
-
-
-def argmax_labels(out: torch.Tensor, keep: slice, th: int, tw: int) -> np.ndarray:
-    """The class of highest score over a tile's write region (no post-processing)."""
-    return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
+        return x, i, "", time.process_time() - t0
 
 
 class StoreMerger:
-    """Labels of each write region into a chunked store (chunk = tile).
+    """MONAI-style merger (``aggregate``/``finalize``; ``abort`` on failure). Labels of each write region into a chunked store (chunk = tile), off the network's loop.
 
     ``labels(out, keep, th, tw)`` turns a window's output into the write region's uint8
-    labels (the model's :meth:`~wsiseg.models.ModelSpec.tile_labels`; default: argmax).
-    ``tissue`` (a boolean mask, one px per ``tissue_downsample`` level-0 px) clips them.
+    labels: the model's per-tile post-processing, a picklable callable
+    (:meth:`~wsiseg.models.ModelSpec.labeler`; default: argmax). ``tissue`` (a boolean mask,
+    one px per ``tissue_downsample`` level-0 px) clips them. With ``workers`` > 0 that work and
+    the store writes run in worker processes (:mod:`wsiseg.postpool`); the store is the same
+    whatever the number.
     """
 
     def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_downsample: float = 1.0,
-                 labels=argmax_labels):
+                 labels=None, workers: int = 0, slide_name: str = "", depth: int | None = None):
+        from .models.spec import TileLabeler
+
         self.store = TileStore.create(path, geom.height, geom.width, spec.tile_size)
         self.geom, self.spec = geom, spec
-        self.tissue, self.tissue_downsample = tissue, tissue_downsample
-        self.labels = labels
+        writer = TileWriter(path, labels or TileLabeler(None, geom.target_mpp), spec.keep, geom.scale0, tissue,
+                            tissue_downsample)
+        self.pool = PostprocessPool(writer, workers, slide_name or os.path.basename(path), depth=depth)
 
     def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
-        labels = self.labels(out, keep, int(tile.th), int(tile.tw))
-        if self.tissue is not None:
-            labels = labels * self._tissue_in(tile)
-        self.store.write_chunk(int(tile.row), int(tile.col), labels)
-
-    def _tissue_in(self, tile) -> np.ndarray:
-        """Tissue mask (nearest) over the write region, in target px."""
-        s = self.geom.scale0 / self.tissue_downsample  # tissue px per target px
-        ys = np.minimum(((np.arange(tile.ty, tile.ty + tile.th) + 0.5) * s).astype(np.int64), self.tissue.shape[0] - 1)
-        xs = np.minimum(((np.arange(tile.tx, tile.tx + tile.tw) + 0.5) * s).astype(np.int64), self.tissue.shape[1] - 1)
-        return self.tissue[np.ix_(ys, xs)].astype(np.uint8)
+        assert keep == self.spec.keep
+        self.pool.submit(TileJob(int(tile.row), int(tile.col), int(tile.tx), int(tile.ty), int(tile.tw), int(tile.th),
+                                 out.float().cpu().numpy()))
 
     def finalize(self) -> TileStore:
+        self.pool.drain()
+        self.pool.close()
         return self.store
+
+    def abort(self) -> None:
+        """End the workers now, without waiting for the tiles in flight (errors, Ctrl-C, SIGTERM)."""
+        self.pool.close(cancel=True)
 
 
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
@@ -134,6 +147,7 @@ def run_segmentation(
     max_unreadable_fraction: float = 0.0,
     unreadable: list | None = None,
     tta: bool = False,
+    timings: dict | None = None,
 ):
     """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``.
 
@@ -144,9 +158,16 @@ def run_segmentation(
     A tile whose pixels cannot be decoded is left as background (0), logged and
     appended to ``unreadable`` as (row, col, message); if more than
     ``max_unreadable_fraction`` of the tiles are unreadable the slide fails.
+
+    ``timings`` (a dict) receives ``read_cpu_s``, the CPU seconds of reading the windows
+    (in the DataLoader workers), and ``network_s``, the wall time of the network's calls.
     """
     unreadable = [] if unreadable is None else unreadable
+    cuda = device.type == "cuda"
     model = model.to(device).eval()
+    if cuda:  # tensor cores: NHWC activations; cuDNN picks its fastest kernels for the one window size
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
     ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
     loader = DataLoader(
         ds, batch_size=batch_size, num_workers=workers, shuffle=False,
@@ -154,29 +175,52 @@ def run_segmentation(
         prefetch_factor=2 if workers else None,
     )
     keep = spec.keep
-    use_amp = amp and device.type == "cuda"
-    t0 = last = time.monotonic()
-    done = 0
+    use_amp = amp and cuda
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    t0 = time.monotonic()
     rows = list(plan.itertuples(index=False))  # keeps each column's dtype
+    timings = {} if timings is None else timings
+    timings.update(read_cpu_s=0.0, network_s=0.0)
+    try:
+        _loop(loader, model, merger, device, keep, use_amp, amp_dtype, tta, rows, unreadable, slide_name, len(ds),
+              max_unreadable_fraction, log_fn, log_every_s, t0, timings)
+    except BaseException:
+        abort = getattr(merger, "abort", None)
+        if abort is not None:
+            abort()
+        raise
+    return merger.finalize()
+
+
+def _loop(loader, model, merger, device, keep, use_amp, amp_dtype, tta, rows, unreadable, slide_name, n_tiles,
+          max_unreadable_fraction, log_fn, log_every_s, t0, timings):
+    cuda = device.type == "cuda"
+    last, done = t0, 0
     with torch.inference_mode():
-        for x, idx, errors in loader:
+        for x, idx, errors, read_s in loader:
+            timings["read_cpu_s"] += float(read_s.sum())
+            t_net = time.monotonic()
             x = x.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = torch.log(softmax_tta(model, x).clamp_min(1e-12)) if tta else model(x)
             out = out.float()
             assert out.shape[-1] >= keep.stop and out.shape[-2] >= keep.stop, (
                 f"model output {tuple(out.shape[-2:])} does not cover the write region {keep}"
             )
+            out = out.cpu()  # one copy per batch; the per-tile work runs on the CPU
+            timings["network_s"] += time.monotonic() - t_net
             for j, i in enumerate(idx.tolist()):
                 tile = rows[i]
                 if errors[j]:
                     unreadable.append((int(tile.row), int(tile.col), errors[j]))
                     log_fn(f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
                            f"y={tile.y0}) could not be read and is left as background: {errors[j]}")
-                    if len(unreadable) > max_unreadable_fraction * len(ds):
+                    if len(unreadable) > max_unreadable_fraction * n_tiles:
                         raise SlideError(
                             slide_name,
-                            f"{len(unreadable)} of {len(ds)} tiles could not be decoded, more than "
+                            f"{len(unreadable)} of {n_tiles} tiles could not be decoded, more than "
                             f"tiling.max_unreadable_fraction={max_unreadable_fraction:g} allows (first: tile row "
                             f"{unreadable[0][0]} col {unreadable[0][1]}: {unreadable[0][2]})",
                             "the file is damaged: re-export or re-scan it, or raise tiling.max_unreadable_fraction "
@@ -186,13 +230,40 @@ def run_segmentation(
                 merger.aggregate(tile, out[j], keep)
             done += len(idx)
             now = time.monotonic()
-            if now - last >= log_every_s or done == len(ds):
+            if now - last >= log_every_s or done == n_tiles:
                 rate = done / max(now - t0, 1e-9)
-                eta = (len(ds) - done) / max(rate, 1e-9)
-                log_fn(f"{slide_name}: {done}/{len(ds)} tiles ({100 * done / max(len(ds), 1):.0f}%), "
+                eta = (n_tiles - done) / max(rate, 1e-9)
+                log_fn(f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), "
                        f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s")
                 last = now
-    return merger.finalize()
+
+
+def postprocess_workers(tiling_cfg: dict, threads: int) -> int:
+    """Post-processing worker processes of a segment job: ``tiling.postprocess_workers``, or for
+    'auto' the job's CPUs (Snakemake threads, SLURM cpus_per_task) less one for the network's
+    loop and one per reading worker; 0 runs the post-processing in the network's process."""
+    n = tiling_cfg.get("postprocess_workers", "auto")
+    if n in (None, "auto"):
+        return max(0, int(threads) - 1 - int(tiling_cfg.get("workers", 0)))
+    return int(n)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM into SystemExit while the stage runs, so that its clean-up (ending the
+    worker processes) runs as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run(*, slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tissue_png: str, model_cfg: dict,
@@ -214,21 +285,29 @@ def run(*, slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, t
     tiles = plan.tiles if model.apply_calibration(plan.calibration, log) else plan.tiles.iloc[:0]
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     geom, spec = plan.geometry, plan.spec
-    merger = StoreMerger(out_store, geom, spec, tissue, plan.tissue_downsample, labels=model.tile_labels)
+    post_workers = postprocess_workers(tiling_cfg, threads)
+    merger = StoreMerger(out_store, geom, spec, tissue, plan.tissue_downsample, labels=model.labeler(),
+                         workers=post_workers, slide_name=slide_id)
     if model.postprocess:
         log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
     tta = bool(model_cfg.get("tta", False)) and model.supports_tta
     log(f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
-        f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} workers, amp={dev.type == 'cuda'}, "
+        f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} reading workers, {post_workers} post-processing "
+        f"workers, amp={dev.type == 'cuda'}, "
         f"tta={'8 flips/rotations' if tta else 'off'})")
-    unreadable = []
-    run_segmentation(slide_path, slide_id, mpp, geom, spec, tiles, model.module, merger, dev,
-                     batch_size=int(tiling_cfg["batch_size"]), workers=int(tiling_cfg["workers"]),
-                     amp=bool(tiling_cfg.get("amp", True)), log_fn=log,
-                     max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
-                     unreadable=unreadable, tta=tta)
+    unreadable, timings = [], {}
+    with _sigterm_as_exit():  # SIGTERM (scancel, a killed job) ends the workers too
+        run_segmentation(slide_path, slide_id, mpp, geom, spec, tiles, model.module, merger, dev,
+                         batch_size=int(tiling_cfg["batch_size"]), workers=int(tiling_cfg["workers"]),
+                         amp=bool(tiling_cfg.get("amp", True)), log_fn=log,
+                         max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
+                         unreadable=unreadable, tta=tta, timings=timings)
     merger.store.close()
     elapsed = time.monotonic() - t0
+    mpx = float((tiles.tw * tiles.th).sum()) / 1e6 if len(tiles) else 0.0
+    log(f"{mpx:.1f} output Mpx; CPU s per Mpx: reading {timings['read_cpu_s'] / max(mpx, 1e-9):.3f}, "
+        f"post-processing {merger.pool.post_cpu_s / max(mpx, 1e-9):.3f}, writes {merger.pool.write_cpu_s / max(mpx, 1e-9):.4f} "
+        f"({post_workers or 'no'} post-processing worker{'s' if post_workers != 1 else ''}); network {timings['network_s']:.1f} s")
     info = dict(slide_id=slide_id, device=str(dev), tta=tta, n_tiles=len(tiles), elapsed_s=elapsed,
                 tiles_per_s=len(tiles) / max(elapsed, 1e-9), tiles_unreadable=len(unreadable),
                 unreadable=[dict(row=r, col=c, error=e) for r, c, e in unreadable])

@@ -101,6 +101,14 @@ def gpu_request(device):
     return 0
 
 
+def segment_threads():
+    """Reading workers + the network's process + post-processing workers ('auto' asks for 2 and
+    then uses what the job was given)."""
+    t = config["tiling"]
+    post = t.get("postprocess_workers", "auto")
+    return max(1, int(t["workers"]) + 1 + (2 if post in (None, "auto") else int(post)))
+
+
 def segment_resources_gpu(wildcards):
     """A model that wants no GPU (the classical model runs numpy on the CPU) gets none, whatever `device` says."""
     return gpu_request(config.get("device", "auto")) if wants_gpu(config["model"]) else 0

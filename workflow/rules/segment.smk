@@ -15,10 +15,10 @@ rule segment:
         tiling=config["tiling"],
         device=config["device"],
         clip=config["tissue"]["clip_mask"],
-    threads: max(1, int(config["tiling"]["workers"]) + 1)
+    threads: segment_threads()
     resources:
         gpu=segment_resources_gpu,  # 1 for a U-Net on a cluster (device auto/cuda), 0 for device cpu or the classical model
-        cpus_per_task=lambda wildcards, threads: threads,  # the DataLoader workers + the main process
+        cpus_per_task=lambda wildcards, threads: threads,  # reading workers + the network's process + post-processing workers
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=segment_runtime,  # minutes, from the slide's tile count
     log:

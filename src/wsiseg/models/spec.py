@@ -15,6 +15,29 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class TileLabeler:
+    """uint8 mask labels of a tile's write region from the output over its read window.
+
+    A background/object/boundary model (``postprocess`` set) is post-processed into
+    separated objects over the whole window, then cropped: a clump of nuclei on a tile
+    border is seen whole from both sides, so both tiles draw the same dividing lines.
+    Otherwise the class of highest score.
+    """
+
+    postprocess: dict | None
+    mpp: float
+
+    def __call__(self, out: torch.Tensor, keep: slice, th: int, tw: int) -> np.ndarray:
+        if self.postprocess is not None:
+            from ..postprocess import InstanceParams, instances_from_probs, separated_mask
+
+            prob = torch.softmax(out.float(), 0).cpu().numpy()
+            ids = instances_from_probs(prob, self.mpp, InstanceParams(**self.postprocess))
+            return separated_mask(ids)[keep, keep][:th, :tw]
+        return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
+
+
 @dataclass
 class ModelSpec:
     """A loaded model plus what the tiler, the segment stage and evaluate need to know."""
@@ -59,20 +82,13 @@ class ModelSpec:
         return True
 
     # ---- per-tile post-processing (segment stage)
+    def labeler(self) -> "TileLabeler":
+        """The per-tile post-processing as a small picklable callable (it runs in the segment
+        stage's worker processes, which do not get the network)."""
+        return TileLabeler(self.postprocess, self.mpp)
+
     def tile_labels(self, out: torch.Tensor, keep: slice, th: int, tw: int) -> np.ndarray:
-        """uint8 mask labels of a tile's write region from the output over its read window.
-
-        A background/object/boundary model is post-processed into separated objects over
-        the whole window, then cropped: a clump of nuclei on a tile border is seen whole
-        from both sides, so both tiles draw the same dividing lines.
-        """
-        if self.postprocess is not None:
-            from ..postprocess import InstanceParams, instances_from_probs, separated_mask
-
-            prob = torch.softmax(out.float(), 0).cpu().numpy()
-            ids = instances_from_probs(prob, self.mpp, InstanceParams(**self.postprocess))
-            return separated_mask(ids)[keep, keep][:th, :tw]
-        return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
+        return self.labeler()(out, keep, th, tw)
 
     # ---- labeled images (evaluate target, validation)
     @property

@@ -4,9 +4,18 @@ TorchScript is code: loading one runs it (its ``forward`` is executed to measure
 border and halo). Use only TorchScript files from a source you trust. The model's
 classes and mpp come from the config (``model.classes``, ``model.mpp``); ``model.depth``
 (default 4) sets the tile alignment 2**depth.
+
+Border and halo are measured once per weights file (by its sha256) and kept in
+``$WSISEG_CACHE`` (default ``~/.cache/wsiseg``), so the plan stage of every further
+slide reads them instead of probing the network by gradients again (14 s on CPU for
+a depth-4 U-Net). A cache that cannot be written is only a cost, never an error.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -20,7 +29,33 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSpec:
     checksum = sha256(path)
     module = torch.jit.load(path, map_location=device).eval()
     align = 2 ** int(cfg.get("depth", 4))
-    border = measure_border(module, align) if geometry else None
-    halo = measure_halo(module, align, border) if geometry else None
+    border = halo = None
+    if geometry:
+        border, halo = measured_geometry(module, checksum, align)
     return ModelSpec(module, list(cfg["classes"]), float(cfg["mpp"]), cfg["name"], checksum, "torchscript",
                      align, border, halo)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WSISEG_CACHE") or Path.home() / ".cache" / "wsiseg")
+
+
+def measured_geometry(module, checksum: str, align: int) -> tuple[int, int]:
+    """(border, halo) of a TorchScript network: from the cache when this file was measured before."""
+    path = cache_dir() / f"torchscript-{checksum}-align{align}.json"
+    try:
+        with open(path) as fh:
+            d = json.load(fh)
+        return int(d["border"]), int(d["halo"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    border = measure_border(module, align)
+    halo = measure_halo(module, align, border)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(sha256=checksum, align=align, border=border, halo=halo)))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return border, halo

@@ -1,0 +1,222 @@
+"""The segment stage's CPU side, off the loop that drives the network.
+
+Each tile's labels (the model's per-tile post-processing, e.g. the instance watershed),
+the tissue clipping and the store write run in a pool of worker processes fed through a
+bounded queue, so the network never waits for them. The result does not depend on the
+number of workers: every tile is computed by the same function from the same float32
+output and written to its own chunk of the store (:class:`wsiseg.store.TileStore`, one
+``pwrite`` per chunk). With 0 workers the same function runs in the calling process.
+
+Memory: at most ``depth`` window outputs in flight (``depth`` x classes x window² x 4 bytes).
+A worker that fails names the tile; a worker that dies (killed, out of memory) fails the
+slide with a clear message; workers never outlive the stage (they are terminated when it
+ends for any reason, and on Linux the kernel signals them if the stage's process dies).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from .store import TileStore
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """One tile's CPU work: where it goes and the network's output over its read window."""
+
+    row: int
+    col: int
+    tx: int  # write region, target px
+    ty: int
+    tw: int
+    th: int
+    output: np.ndarray  # (K, n, n) float32, the network's output over the read window
+
+
+class TileWriter:
+    """labels -> tissue clip -> store, for one tile; the same in every process.
+
+    ``labeler(out, keep, th, tw)`` is the model's per-tile post-processing (picklable:
+    :meth:`wsiseg.models.ModelSpec.labeler`); ``tissue`` a boolean mask with one px per
+    ``tissue_downsample`` level-0 px (None: no clipping); ``scale0`` level-0 px per target px.
+    """
+
+    def __init__(self, store_path: str, labeler, keep: slice, scale0: float, tissue=None,
+                 tissue_downsample: float = 1.0):
+        self.store_path, self.labeler, self.keep = store_path, labeler, keep
+        self.scale0, self.tissue, self.tissue_downsample = scale0, tissue, tissue_downsample
+        self._store = None
+
+    def _tissue_in(self, job: TileJob) -> np.ndarray:
+        """Tissue mask (nearest) over the write region, in target px."""
+        s = self.scale0 / self.tissue_downsample  # tissue px per target px
+        ys = np.minimum(((np.arange(job.ty, job.ty + job.th) + 0.5) * s).astype(np.int64), self.tissue.shape[0] - 1)
+        xs = np.minimum(((np.arange(job.tx, job.tx + job.tw) + 0.5) * s).astype(np.int64), self.tissue.shape[1] - 1)
+        return self.tissue[np.ix_(ys, xs)].astype(np.uint8)
+
+    def __call__(self, job: TileJob) -> tuple[float, float]:
+        """Write one tile; returns the CPU seconds of its post-processing and of its write."""
+        import torch
+
+        t0 = time.process_time()
+        labels = self.labeler(torch.from_numpy(job.output), self.keep, job.th, job.tw)
+        if self.tissue is not None:
+            labels = labels * self._tissue_in(job)
+        t1 = time.process_time()
+        if self._store is None:
+            self._store = TileStore(self.store_path, "r+")
+        self._store.write_chunk(job.row, job.col, labels)
+        return t1 - t0, time.process_time() - t1
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __getstate__(self):  # a fresh store handle in each worker
+        d = dict(self.__dict__)
+        d["_store"] = None
+        return d
+
+
+_WRITER: TileWriter | None = None
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (even by kill -9)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(writer: TileWriter, parent: int) -> None:
+    global _WRITER
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the stage, which ends the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the stage's handler, if it was inherited
+    import torch
+
+    torch.set_num_threads(1)  # one tile per process; the pool is the parallelism
+    _WRITER = writer
+
+
+def _run_job(job: TileJob) -> tuple[float, float]:
+    return _WRITER(job)
+
+
+class PostprocessError(RuntimeError):
+    """A tile's post-processing failed, or a worker died: the slide fails with this message."""
+
+
+class PostprocessPool:
+    """Run :class:`TileWriter` on tiles, in ``workers`` processes (0: in this process), with at
+    most ``depth`` tiles in flight; ``submit`` blocks while the queue is full.
+
+    Use as a context manager: leaving it (normally, by an error, Ctrl-C or SIGTERM turned into
+    an exception) waits for or cancels the tiles in flight and ends every worker.
+    """
+
+    def __init__(self, writer: TileWriter, workers: int, slide_name: str, depth: int | None = None):
+        self.writer, self.workers, self.slide_name = writer, int(workers), slide_name
+        self.depth = depth or max(2, 2 * self.workers)
+        self.post_cpu_s = 0.0  # CPU seconds of post-processing (labels, tissue clipping), all workers
+        self.write_cpu_s = 0.0  # CPU seconds of store writes
+        self.done = 0
+        self._pending = []  # (future, job) in submission order
+        self._pool = None
+        if self.workers > 0:
+            # fork, all workers at once, now: before the DataLoader starts and before the network runs
+            # (a stage script's __main__ cannot be re-imported, as 'spawn' would)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=mp.get_context("fork"),
+                initializer=_init_worker, initargs=(writer, os.getpid()),
+            )
+            self._pool.submit(int).result()  # launches every worker (fork: all at the first submit)
+
+    def submit(self, job: TileJob) -> None:
+        if self._pool is None:
+            self._account(self._guard(lambda: self.writer(job), job))
+            return
+        while len(self._pending) >= self.depth:
+            self._collect_oldest()
+        try:
+            self._pending.append((self._pool.submit(_run_job, job), job))
+        except BrokenProcessPool as exc:
+            raise self._died(job) from exc
+
+    def _guard(self, fn, job: TileJob):
+        try:
+            return fn()
+        except BrokenProcessPool as exc:
+            raise self._died(job) from exc
+        except Exception as exc:
+            raise PostprocessError(
+                f"{self.slide_name}: post-processing tile row {job.row} col {job.col} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _died(self, job: TileJob) -> PostprocessError:
+        return PostprocessError(
+            f"{self.slide_name}: a post-processing worker died (killed, or out of memory) while tile row "
+            f"{job.row} col {job.col} was in flight; rerun the slide, with fewer tiling.postprocess_workers "
+            "or more memory (mem_mb) if it recurs"
+        )
+
+    def _collect_oldest(self) -> None:
+        fut, job = self._pending.pop(0)
+        self._account(self._guard(fut.result, job))
+
+    def _account(self, cpu_s: tuple[float, float]) -> None:
+        self.post_cpu_s += cpu_s[0]
+        self.write_cpu_s += cpu_s[1]
+        self.done += 1
+
+    def drain(self) -> None:
+        while self._pending:
+            self._collect_oldest()
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            if cancel:
+                for fut, _ in self._pending:
+                    fut.cancel()
+                procs = list(getattr(self._pool, "_processes", {}).values())
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                for p in procs:  # do not wait for tiles nobody will read
+                    if p.is_alive():
+                        p.terminate()
+                for p in procs:
+                    p.join(timeout=10)
+            else:
+                self._pool.shutdown(wait=True)
+            self._pool = None
+        self._pending = []
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self.drain()
+            except BaseException:
+                self.close(cancel=True)
+                raise
+            self.close()
+        else:
+            self.close(cancel=True)
+        return False

@@ -1,0 +1,156 @@
+"""The segment stage's post-processing pool (wsiseg.postpool): the masks do not depend on the
+number of workers (shipped model, real slide, unreadable tiles, TTA); a failing or dying
+worker fails the slide with a message naming the tile, without hanging; SIGTERM, Ctrl-C or
+the death of the stage leave no worker behind. Nothing here depends on timing."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CMU, REPO, corrupt_slide, needs_data
+from helpers import FailingLabeler
+from scipy import ndimage as ndi
+
+from wsiseg.geometry import Geometry
+from wsiseg.models import load_model
+from wsiseg.postpool import PostprocessError, PostprocessPool, TileJob, TileWriter
+from wsiseg.segment import StoreMerger, run_segmentation
+from wsiseg.slide import open_slide
+from wsiseg.store import TileStore
+from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
+
+SHIPPED = dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt"))
+
+
+def segment_store(path, slide, spec, geom, tiles, plan, workers, **kw):
+    run_segmentation(str(slide), "s", None, geom, tiles, plan, spec.module,
+                     StoreMerger(str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s"),
+                     torch.device("cpu"), batch_size=3, **kw)
+    return (Path(path) / "data.bin").read_bytes()
+
+
+@needs_data
+@pytest.mark.parametrize("tta", [False, True])
+def test_masks_do_not_depend_on_the_number_of_workers(tmp_path, tta):
+    spec = load_model(SHIPPED)
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    block = plan[plan.row.between(5, 6 if tta else 7) & plan.col.between(5, 7)]  # mid-region, full of nuclei
+    counts = (0, 2) if tta else (0, 1, 2)  # TTA: 8 passes of the network a tile
+    stores = {w: segment_store(tmp_path / f"w{w}", CMU, spec, geom, tiles, block, w, tta=tta) for w in counts}
+    assert all(stores[w] == stores[0] for w in counts)
+    with TileStore(str(tmp_path / "w0")) as st:  # real nuclei, not an empty store
+        mask = st.read(5 * 128, 5 * 128, 3 * 128, 2 * 128)
+    assert ndi.label(mask, structure=np.ones((3, 3)))[1] > 15  # 25 nuclei in this block
+
+
+@needs_data
+def test_unreadable_tiles_the_same_with_workers(tmp_path):
+    path = tmp_path / "damaged.tif"
+    corrupt_slide(path)
+    spec = load_model(SHIPPED)
+    with open_slide(str(path)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    bad = {}
+    for w in (0, 2):
+        bad[w] = []
+        stores = segment_store(tmp_path / f"w{w}", path, spec, geom, tiles, plan, w, max_unreadable_fraction=0.5,
+                               unreadable=bad[w])
+        if w == 0:
+            serial = stores
+    assert bad[0] and bad[0] == bad[2]
+    assert serial == stores
+
+
+def writer(tmp_path, labeler):
+    TileStore.create(str(tmp_path / "s"), 64, 96, 32).close()
+    return TileWriter(str(tmp_path / "s"), labeler, slice(0, 32), 1.0)
+
+
+def jobs(nan_at=None):
+    for r in range(2):
+        for c in range(3):
+            out = np.zeros((2, 32, 32), np.float32)
+            if (r, c) == nan_at:
+                out[:] = np.nan
+            yield TileJob(r, c, 32 * c, 32 * r, 32, 32, out)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failing_tile_names_itself(tmp_path, workers):
+    with pytest.raises(PostprocessError, match=r"s1: post-processing tile row 1 col 2 failed: ValueError: NaN"):
+        with PostprocessPool(writer(tmp_path, FailingLabeler()), workers, "s1") as pool:
+            for job in jobs(nan_at=(1, 2)):
+                pool.submit(job)
+
+
+def test_a_dying_worker_fails_the_slide_without_hanging(tmp_path):
+    with pytest.raises(PostprocessError, match=r"s1: a post-processing worker died .* tiling.postprocess_workers"):
+        with PostprocessPool(writer(tmp_path, FailingLabeler(exit_process=True)), 2, "s1") as pool:
+            for job in jobs(nan_at=(0, 1)):
+                pool.submit(job)
+
+
+STAGE = textwrap.dedent("""
+    import sys, time
+    sys.path[:0] = [{tests!r}, {src!r}]
+    import numpy as np
+    from helpers import SlowLabeler
+    from wsiseg.postpool import PostprocessPool, TileJob, TileWriter
+    from wsiseg.segment import _sigterm_as_exit
+    from wsiseg.store import TileStore
+    TileStore.create({store!r}, 320, 320, 32).close()
+    writer = TileWriter({store!r}, SlowLabeler(30.0), slice(0, 32), 1.0)
+    with _sigterm_as_exit(), PostprocessPool(writer, 2, "s1") as pool:
+        for r in range(10):
+            for c in range(10):
+                pool.submit(TileJob(r, c, 32 * c, 32 * r, 32, 32, np.zeros((2, 32, 32), np.float32)))
+""")
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_no_worker_outlives_the_stage(tmp_path, sig):
+    code = STAGE.format(tests=str(REPO / "tests"), src=str(REPO / "src"), store=str(tmp_path / "s"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        workers = []
+        for _ in range(600):  # until both workers have started (no timing assumption: polled)
+            workers = [p for p in children(proc.pid) if alive(p)]
+            if len(workers) >= 2 and all(children(p) == [] for p in workers):
+                break
+            time.sleep(0.1)
+        assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else workers
+        time.sleep(1.0)  # let them pick up tiles
+        proc.send_signal(sig)
+        proc.wait(timeout=120)  # they sleep 30 s a tile: the stage must not wait for them
+        for _ in range(300):
+            if not any(alive(p) for p in workers):
+                break
+            time.sleep(0.1)
+        assert not any(alive(p) for p in workers), "orphaned post-processing workers"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
