@@ -247,3 +247,25 @@ def test_qupath_geojson_on_a_slide_gives_one_sample_per_annotated_region(tmp_pat
             L.load_set(str(sheet), 1.0)
     finally:
         L.MAX_REGION_PX = monkey
+
+
+@needs_data
+def test_nuclei_training_sheet_mixes_sources_and_resolutions():
+    """config/labeled/nuclei-train.tsv: MICCAI text masks and MoNuSeg 16-bit label PNGs, 20x and
+    40x tiles, all brought to the model's 0.5 µm/px; validation = four tissue source sites."""
+    df = L.read_sheet(str(REPO / "config" / "labeled" / "nuclei-train.tsv"))
+    assert len(df) == 45 and (df["split"] == "val").sum() == 8
+    val_sites = {n.split("-")[1] for n in df[df["split"] == "val"]["name"]}
+    train_sites = {n.split("-")[1] for n in df[df["split"] == "train"]["name"] if n.startswith("TCGA")}
+    assert val_sites == {"21", "B0", "E2", "G2"} and not val_sites & train_sites
+    rows = df.set_index("name")
+    s40, s20 = (L.load_sample(dict(rows.loc[n], name=n), 0.5, keep_native=True)
+                for n in ("TCGA-21-5784-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1"))
+    assert s40.native_instances.dtype.kind in "iu" and s40.native_instances.max() == 398  # 16-bit ids, 398 nuclei
+    assert s40.image.shape[:2] == (505, 505) and s40.mpp == 0.2527  # 1000 px at 0.2527 -> 0.5 µm/px
+    assert s20.image.shape[:2] == (1001, 1001) and s20.native_instances.max() == 1073
+    # nuclei keep their size in µm: median area at the model's mpp agrees between 20x and 40x sources
+    for s in (s40, s20):
+        areas = np.bincount(s.instances.ravel())[1:]
+        assert 10 < np.median(areas[areas > 0]) * 0.25 < 80  # µm² of a nucleus
+    assert len(np.unique(s40.instances)) - 1 >= 0.95 * 398  # nearest-neighbour resampling keeps the nuclei
