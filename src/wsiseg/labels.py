@@ -36,6 +36,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from .errors import ConfigError
+from .sheet import read_tsv
 
 
 @dataclass
@@ -57,7 +58,7 @@ def read_sheet(path: str) -> pd.DataFrame:
     """Read a labeled-set sheet; paths resolved against the sheet's folder."""
     if not os.path.exists(path):
         raise ConfigError(f"labeled-set sheet {path} does not exist")
-    df = pd.read_csv(path, sep="\t", dtype=str, comment="#").fillna("")
+    df = read_tsv(path, dtype=str).fillna("")
     missing = {"image", "labels"} - set(df.columns)
     if missing:
         raise ConfigError(f"labeled-set sheet {path} lacks column(s) {sorted(missing)}; need image, labels, mpp")

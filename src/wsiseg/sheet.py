@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -11,8 +12,20 @@ SLIDE_ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _EXT = re.compile(r"\.(svs|ndpi|mrxs|tiff?|dcm|scn|bif|vms|vmu|svslide|qptiff|ome\.tiff?)$", re.I)
 
 
+#: names the workflow writes beside the slides' folders (``<results>/<model>/``, ``logs/<model>/``): not slide ids
+RESERVED_IDS = {"summary.csv", "slides.tsv", "triage.log"}
+
+
 class SheetError(Exception):
     pass
+
+
+def read_tsv(path: str, **kw) -> pd.DataFrame:
+    """A tab-separated sheet; a line whose first non-blank character is ``#`` is a comment.
+    A ``#`` anywhere else is data (pandas' ``comment="#"`` would cut a path or id there)."""
+    with open(path, encoding="utf-8") as fh:
+        text = "".join(line for line in fh if not line.lstrip().startswith("#"))
+    return pd.read_csv(io.StringIO(text), sep="\t", **kw)
 
 
 def sanitise_slide_id(name: str) -> str:
@@ -45,7 +58,7 @@ def slides_from_dir(folder: str, pattern: str = "*") -> pd.DataFrame:
 
 
 def read_sheet(path: str) -> pd.DataFrame:
-    sheet = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "path": str}, comment="#")
+    sheet = read_tsv(path, dtype={"slide_id": str, "path": str})
     missing = {"slide_id", "path"} - set(sheet.columns)
     if missing:
         raise SheetError(f"sample sheet {path} lacks column(s) {sorted(missing)}; it needs slide_id, path and optionally mpp (tab-separated)")
@@ -61,6 +74,10 @@ def check_sheet(sheet: pd.DataFrame) -> pd.DataFrame:
     bad = [s for s in sheet["slide_id"] if not isinstance(s, str) or not SLIDE_ID_OK.match(s)]
     if bad:
         raise SheetError(f"slide_id {bad} in the sample sheet: use only letters, digits, '.', '_' and '-'")
+    reserved = sorted(set(sheet["slide_id"]) & RESERVED_IDS)
+    if reserved:
+        raise SheetError(f"slide_id {reserved} in the sample sheet is a name the workflow writes in the results "
+                         f"folder ({', '.join(sorted(RESERVED_IDS))}); rename the slide")
     dup = sorted(set(sheet["slide_id"][sheet["slide_id"].duplicated()]))
     if dup:
         clash = sheet[sheet["slide_id"].isin(dup)][["slide_id", "path"]].to_string(index=False)

@@ -16,6 +16,7 @@ from .outlines import OutlineCollector, write_geojson
 from .runner import read_json
 from .tiling import Plan
 from .tissue import TissueInfo
+from .triage import SlideRecord
 
 
 def measure(mask_path: str, classes: list, mpp: float, outlines=None) -> tuple[dict, dict]:
@@ -43,12 +44,13 @@ def run(*, mask_path: str, slide_json: str, tissue_json: str, plan_json: str, ti
     """Stats stage: one-row stats.csv for a slide, (``objects_csv``) one row per object and
     (``outlines_geojson``) every object's outline for QuPath."""
     t0 = time.monotonic()
-    sl, ti, pl = read_json(slide_json), TissueInfo.read(tissue_json), Plan.read_meta(plan_json)
+    rec, ti, pl = SlideRecord.read(slide_json), TissueInfo.read(tissue_json), Plan.read_meta(plan_json)
+    sl = rec.info  # the slide's description, as inspect recorded it
     geom = pl.geometry
     mpp = geom.target_mpp
     classes = pl.mask_classes or classes  # the plan knows the model's mask classes
     row = dict(
-        slide_id=sl["slide_id"], path=sl["path"], status="ok", error="",
+        slide_id=rec.slide_id, path=rec.path, status="ok", error="",
         vendor=sl["vendor"], width_px=sl["width"], height_px=sl["height"],
         slide_mpp=sl["mpp"], mpp_source=sl["mpp_source"], mpp_used=mpp,
         level_read=geom.level, tissue_method=ti.method, tissue_area_mm2=ti.tissue_area_mm2,
