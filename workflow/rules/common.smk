@@ -102,11 +102,12 @@ def gpu_request(device):
 
 
 def segment_threads():
-    """Reading workers + the network's process + post-processing workers ('auto' asks for 2 and
-    then uses what the job was given)."""
+    """Reading workers + the network's process + post-processing workers. 'auto' asks for no
+    more (the job's request is as before) and then uses whatever CPUs the job was given:
+    raise them with --set-threads segment=N (SLURM: cpus_per_task follows)."""
     t = config["tiling"]
     post = t.get("postprocess_workers", "auto")
-    return max(1, int(t["workers"]) + 1 + (2 if post in (None, "auto") else int(post)))
+    return max(1, int(t["workers"]) + 1 + (0 if post in (None, "auto") else int(post)))
 
 
 def segment_resources_gpu(wildcards):
