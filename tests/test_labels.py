@@ -269,3 +269,20 @@ def test_nuclei_training_sheet_mixes_sources_and_resolutions():
         areas = np.bincount(s.instances.ravel())[1:]
         assert 10 < np.median(areas[areas > 0]) * 0.25 < 80  # µm² of a nucleus
     assert len(np.unique(s40.instances)) - 1 >= 0.95 * 398  # nearest-neighbour resampling keeps the nuclei
+
+
+def test_relabel_equals_the_sort_based_relabelling():
+    """The lookup-table relabelling gives exactly np.unique's ranks, with and without
+    background, for sparse and dense ids, and falls back to the sort for other ids."""
+    def by_sort(ids):
+        u, inv = np.unique(ids, return_inverse=True)
+        out = inv.reshape(ids.shape).astype(np.int32)
+        return out + 1 if u[0] != 0 else out
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 50, (64, 80)), rng.integers(3, 9, (30, 30)), rng.integers(0, 10**6, (40, 40)),
+             np.zeros((5, 5), np.int64), rng.integers(-5, 5, (20, 20)), rng.integers(0, 2**20, (300, 300)).astype(np.int32),
+             np.array([[7]], np.uint16)]
+    for ids in cases:
+        got = L.relabel(ids)
+        assert got.dtype == np.int32 and np.array_equal(got, by_sort(ids)), ids.dtype
