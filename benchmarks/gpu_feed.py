@@ -84,13 +84,11 @@ def main():
         windows = [read_window(s, geom, int(r.wx), int(r.wy), int(r.n)) for r in grid.itertuples()]
     plan = pd.concat([grid] * args.repeat, ignore_index=True)
     order = [i % len(grid) for i in range(len(plan))]
-    outputs, t_net = [], 0.0
+    outputs = []
     with torch.inference_mode():
         for w in windows:  # the model alone, on the windows in memory
             x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
-            t0 = time.monotonic()
             outputs.append(model.module(x)[0].float())
-            t_net += time.monotonic() - t0
     out_mpx = plan.tw.mul(plan.th).sum() / 1e6
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"command: python {' '.join(sys.argv)}")
@@ -111,7 +109,6 @@ def main():
     if 1 in rates and 2 in rates:
         print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
     if args.efficiency:
-        model_rate = grid_mpx / t_net
         torch.set_num_threads(os.cpu_count())
         t_model = 0.0
         with torch.inference_mode():

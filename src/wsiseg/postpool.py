@@ -45,8 +45,8 @@ class TileJob:
 class TileWriter:
     """labels -> tissue clip -> store, for one tile; the same in every process.
 
-    ``labeler(out, keep, th, tw)`` is the model's per-tile post-processing (picklable:
-    :meth:`wsiseg.models.ModelSpec.labeler`); ``tissue`` a boolean mask with one px per
+    ``labeler(out, keep, th, tw)`` is the model's per-tile post-processing
+    (:meth:`wsiseg.models.ModelSpec.labeler`); each forked worker opens the store itself; ``tissue`` a boolean mask with one px per
     ``tissue_downsample`` level-0 px (None: no clipping); ``scale0`` level-0 px per target px.
     """
 
@@ -81,11 +81,6 @@ class TileWriter:
         if self._store is not None:
             self._store.close()
             self._store = None
-
-    def __getstate__(self):  # a fresh store handle in each worker
-        d = dict(self.__dict__)
-        d["_store"] = None
-        return d
 
 
 _WRITER: TileWriter | None = None
@@ -134,7 +129,6 @@ class PostprocessPool:
         self.depth = depth or max(2, 2 * self.workers)
         self.post_cpu_s = 0.0  # CPU seconds of post-processing (labels, tissue clipping), all workers
         self.write_cpu_s = 0.0  # CPU seconds of store writes
-        self.done = 0
         self._pending = []  # (future, job) in submission order
         self._pool = None
         if self.workers > 0:
@@ -182,7 +176,6 @@ class PostprocessPool:
     def _account(self, cpu_s: tuple[float, float]) -> None:
         self.post_cpu_s += cpu_s[0]
         self.write_cpu_s += cpu_s[1]
-        self.done += 1
 
     def drain(self) -> None:
         while self._pending:

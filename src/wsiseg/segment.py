@@ -82,10 +82,11 @@ class TileDataset(Dataset):
 
 
 class StoreMerger:
-    """MONAI-style merger (``aggregate``/``finalize``; ``abort`` on failure). Labels of each write region into a chunked store (chunk = tile), off the network's loop.
+    """MONAI-style merger (``aggregate``/``finalize``; ``abort`` on failure): the labels of each
+    write region into a chunked store (chunk = tile), off the network's loop.
 
     ``labels(out, keep, th, tw)`` turns a window's output into the write region's uint8
-    labels: the model's per-tile post-processing, a picklable callable
+    labels: the model's per-tile post-processing, a small callable without the network
     (:meth:`~wsiseg.models.ModelSpec.labeler`; default: argmax). ``tissue`` (a boolean mask,
     one px per ``tissue_downsample`` level-0 px) clips them. With ``workers`` > 0 that work and
     the store writes run in worker processes (:mod:`wsiseg.postpool`); the store is the same

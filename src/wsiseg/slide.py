@@ -3,7 +3,7 @@
 Coordinate systems (named everywhere in this package):
     level-0 px  -- pixels of the slide's full-resolution level
     level px    -- pixels of one pyramid level (level-0 px / level downsample)
-    target px   -- pixels at the model's mpp (see ``tiling.Geometry``)
+    target px   -- pixels at the model's mpp (see ``geometry.Geometry``)
 
 Backends: OpenSlide for every format it reads (SVS, NDPI, MRXS, DICOM, SCN,
 generic tiled TIFF, ...). For TIFFs OpenSlide refuses (plain strip TIFF,

@@ -83,12 +83,9 @@ class ModelSpec:
 
     # ---- per-tile post-processing (segment stage)
     def labeler(self) -> "TileLabeler":
-        """The per-tile post-processing as a small picklable callable (it runs in the segment
+        """The per-tile post-processing as a small callable without the network (it runs in the segment
         stage's worker processes, which do not get the network)."""
         return TileLabeler(self.postprocess, self.mpp)
-
-    def tile_labels(self, out: torch.Tensor, keep: slice, th: int, tw: int) -> np.ndarray:
-        return self.labeler()(out, keep, th, tw)
 
     # ---- labeled images (evaluate target, validation)
     @property
