@@ -54,11 +54,25 @@ class Replay(torch.nn.Module):
 def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_workers, batch):
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
-        merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, labels=labeler, workers=post_workers,
-                             slide_name="bench")
+        merger = StoreMerger(
+            os.path.join(tmp, "s"), geom, spec, labels=labeler, workers=post_workers, slide_name="bench"
+        )
         t0 = time.monotonic()
-        run_segmentation(slide, "bench", None, geom, spec, plan, module, merger, torch.device("cpu"),
-                         batch_size=batch, workers=read_workers, log_fn=lambda m: None, timings=timings)
+        run_segmentation(
+            slide,
+            "bench",
+            None,
+            geom,
+            spec,
+            plan,
+            module,
+            merger,
+            torch.device("cpu"),
+            batch_size=batch,
+            workers=read_workers,
+            log_fn=lambda m: None,
+            timings=timings,
+        )
         dt = time.monotonic() - t0
         post_s, write_s = merger.pool.post_cpu_s, merger.pool.write_cpu_s
         merger.store.close()
@@ -92,20 +106,27 @@ def main():
     out_mpx = plan.tw.mul(plan.th).sum() / 1e6
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {model.mpp} µm/px; "
-          f"{len(grid)} tiles of {spec.tile_size} (window {spec.window}) x {args.repeat} = {len(plan)} tiles, "
-          f"{out_mpx:.1f} output Mpx; {args.read_workers} reading worker(s), batch {args.batch}; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {model.mpp} µm/px; "
+        f"{len(grid)} tiles of {spec.tile_size} (window {spec.window}) x {args.repeat} = {len(plan)} tiles, "
+        f"{out_mpx:.1f} output Mpx; {args.read_workers} reading worker(s), batch {args.batch}; "
+        f"{os.cpu_count()} CPUs"
+    )
     print("\nreplayed network (zero network time):")
-    print(f"{'post workers':>12} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>6} {'read CPU s/Mpx':>14} "
-          f"{'post CPU s/Mpx':>14} {'write CPU s/Mpx':>15}")
+    print(
+        f"{'post workers':>12} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>6} {'read CPU s/Mpx':>14} "
+        f"{'post CPU s/Mpx':>14} {'write CPU s/Mpx':>15}"
+    )
     rates = {}
     for pw in args.post_workers:
-        dt, read_s, post_s, write_s = run_stage(args.slide, geom, spec, plan, Replay(outputs, order), model.labeler(), pw,
-                                                 args.read_workers, args.batch)
+        dt, read_s, post_s, write_s = run_stage(
+            args.slide, geom, spec, plan, Replay(outputs, order), model.labeler(), pw, args.read_workers, args.batch
+        )
         rates[pw] = out_mpx / dt
-        print(f"{pw:>12} {dt:>8.1f} {len(plan) / dt:>8.2f} {out_mpx / dt:>6.2f} {read_s / out_mpx:>14.3f} "
-              f"{post_s / out_mpx:>14.3f} {write_s / out_mpx:>15.4f}")
+        print(
+            f"{pw:>12} {dt:>8.1f} {len(plan) / dt:>8.2f} {out_mpx / dt:>6.2f} {read_s / out_mpx:>14.3f} "
+            f"{post_s / out_mpx:>14.3f} {write_s / out_mpx:>15.4f}"
+        )
     if 1 in rates and 2 in rates:
         print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
     if args.efficiency:
@@ -118,11 +139,14 @@ def main():
                 model.module(x)
                 t_model += time.monotonic() - t0
         model_rate = grid_mpx / t_model
-        dt, *_ = run_stage(args.slide, geom, spec, grid, model.module, model.labeler(), 0, args.read_workers,
-                           args.batch)
+        dt, *_ = run_stage(
+            args.slide, geom, spec, grid, model.module, model.labeler(), 0, args.read_workers, args.batch
+        )
         print(f"\nreal network, {torch.get_num_threads()} torch threads, the grid once ({len(grid)} tiles):")
-        print(f"model alone on the windows in memory: {model_rate:.3f} Mpx/s; whole segment stage "
-              f"(0 post workers): {grid_mpx / dt:.3f} Mpx/s; efficiency {grid_mpx / dt / model_rate:.2f}")
+        print(
+            f"model alone on the windows in memory: {model_rate:.3f} Mpx/s; whole segment stage "
+            f"(0 post workers): {grid_mpx / dt:.3f} Mpx/s; efficiency {grid_mpx / dt / model_rate:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -72,9 +72,17 @@ def write_slide(path, W, H, mpp, tile=512):
                         t[:hh, :ww] = render(x, y, ww, hh, d, W, H, mpp)
                         yield t
 
-            tif.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                      compression="jpeg", resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)),
-                      resolutionunit="CENTIMETER", subfiletype=0 if d == 1 else 1)
+            tif.write(
+                tiles(),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if d == 1 else 1,
+            )
 
 
 def main():
@@ -98,12 +106,18 @@ def main():
         write_slide(slide, args.width, args.height, args.mpp)
     t_write = time.monotonic() - t0
     torch.manual_seed(0)
-    save_checkpoint(os.path.join(wd, "small.pt"), UNet(n_classes=2, depth=3, base_width=4).eval(),
-                    ["background", "nucleus"], mpp=0.5, name="bench-small")
+    save_checkpoint(
+        os.path.join(wd, "small.pt"),
+        UNet(n_classes=2, depth=3, base_width=4).eval(),
+        ["background", "nucleus"],
+        mpp=0.5,
+        name="bench-small",
+    )
     with open(os.path.join(REPO, "config", "config.yaml")) as fh:
         cfg = yaml.safe_load(fh)
-    cfg["model"] = dict(name="bench-small", weights=os.path.join(wd, "small.pt"), classes=["background", "nucleus"],
-                        mpp=0.5)
+    cfg["model"] = dict(
+        name="bench-small", weights=os.path.join(wd, "small.pt"), classes=["background", "nucleus"], mpp=0.5
+    )
     cfg["slides"] = os.path.join(wd, "slides.tsv")
     cfg["tiling"].update(batch_size=1, workers=0)
     with open(cfg["slides"], "w") as fh:
@@ -111,17 +125,34 @@ def main():
     with open(os.path.join(wd, "config.yaml"), "w") as fh:
         yaml.safe_dump(cfg, fh)
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", os.path.join(REPO, "Snakefile"), "--directory", wd,
-                    "--configfile", os.path.join(wd, "config.yaml"), "--cores", "2", "-q"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            os.path.join(REPO, "Snakefile"),
+            "--directory",
+            wd,
+            "--configfile",
+            os.path.join(wd, "config.yaml"),
+            "--cores",
+            "2",
+            "-q",
+        ],
+        check=True,
+    )
     t_run = time.monotonic() - t0
     import pandas as pd
 
     stats = pd.read_csv(os.path.join(wd, "results", "bench-small", "large", "stats.csv")).iloc[0]
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"slide {args.width}x{args.height} level-0 px at {args.mpp} µm/px ({args.width * args.height * 3 / 1e9:.1f} GB "
-          f"as RGB; written in {t_write:.0f} s, {os.path.getsize(slide) / 1e6:.0f} MB JPEG); "
-          f"mask {stats.mask_width_px}x{stats.mask_height_px} px ({stats.mask_width_px * stats.mask_height_px / 1e6:.0f} "
-          f"Mpx); {stats.n_tiles} tiles; tissue {stats.tissue_area_mm2:.1f} mm²; nuclei counted {stats.nucleus_count}")
+    print(
+        f"slide {args.width}x{args.height} level-0 px at {args.mpp} µm/px ({args.width * args.height * 3 / 1e9:.1f} GB "
+        f"as RGB; written in {t_write:.0f} s, {os.path.getsize(slide) / 1e6:.0f} MB JPEG); "
+        f"mask {stats.mask_width_px}x{stats.mask_height_px} px ({stats.mask_width_px * stats.mask_height_px / 1e6:.0f} "
+        f"Mpx); {stats.n_tiles} tiles; tissue {stats.tissue_area_mm2:.1f} mm²; nuclei counted {stats.nucleus_count}"
+    )
     print(f"workflow wall time {t_run:.0f} s")
     print(f"{'rule':>10} {'seconds':>9} {'peak RSS MB':>12}")
     bdir = os.path.join(wd, "benchmarks", "bench-small", "large")

@@ -92,8 +92,12 @@ def main():
         try:
             (make_speckled_store if speckle else make_store)(os.path.join(tmp, "store"), side)
             for stage in ("stitch", "stats-no-outlines", "stats"):
-                res = subprocess.run([sys.executable, "-c", code, stage, os.path.join(tmp, "store"),
-                                      os.path.join(tmp, "mask.ome.tif")], capture_output=True, text=True, check=True)
+                res = subprocess.run(
+                    [sys.executable, "-c", code, stage, os.path.join(tmp, "store"), os.path.join(tmp, "mask.ome.tif")],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 rows.append((side, stage, r["s"], r["rss_mb"], r["count"]))
         finally:
@@ -101,7 +105,10 @@ def main():
     print(f"command: python {' '.join(sys.argv)}")
     print(f"{'mask side px':>12} {'Mpx':>8} {'stage':>17} {'seconds':>8} {'peak RSS MB':>12} {'objects':>9}")
     for side, stage, s, rss, count in rows:
-        print(f"{side:>12} {side * side / 1e6:>8.0f} {stage:>17} {s:>8.1f} {rss:>12.0f} {count if count is not None else '':>9}")
+        print(
+            f"{side:>12} {side * side / 1e6:>8.0f} {stage:>17} {s:>8.1f} {rss:>12.0f} "
+            f"{count if count is not None else '':>9}"
+        )
 
 
 if __name__ == "__main__":

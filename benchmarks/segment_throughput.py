@@ -56,8 +56,9 @@ def main():
         geom = Geometry.for_slide(s, model.mpp)
         plan = plan_tiles(geom, spec, None, 1)
         # the plan stage's per-slide calibration (the classical model's threshold), as the workflow runs it
-        model.apply_calibration(model.calibrate(lambda: open_slide(slide), geom, spec, plan, lambda m: None),
-                                lambda m: None)
+        model.apply_calibration(
+            model.calibrate(lambda: open_slide(slide), geom, spec, plan, lambda m: None), lambda m: None
+        )
     rows = []
     amps = [False, True] if dev.type == "cuda" else [False]
     ttas = [False, True] if args.tta and model.supports_tta else [False]
@@ -68,20 +69,45 @@ def main():
                     with tempfile.TemporaryDirectory() as tmp:
                         merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, labels=model.labeler())
                         t0 = time.monotonic()
-                        run_segmentation(slide, "bench", None, geom, spec, plan, model.module, merger, dev,
-                                         batch_size=batch, workers=workers, amp=amp, log_fn=lambda m: None, tta=tta)
+                        run_segmentation(
+                            slide,
+                            "bench",
+                            None,
+                            geom,
+                            spec,
+                            plan,
+                            model.module,
+                            merger,
+                            dev,
+                            batch_size=batch,
+                            workers=workers,
+                            amp=amp,
+                            log_fn=lambda m: None,
+                            tta=tta,
+                        )
                         dt = time.monotonic() - t0
                         merger.store.close()
                     rows.append((dev.type, amp, tta, workers, batch, len(plan), dt))
     print(f"command: python {' '.join(sys.argv)}")
-    shown = "classical nuclei model" if model.kind == "classical" else os.path.relpath(args.weights, os.path.join(HERE, ".."))
+    shown = (
+        "classical nuclei model"
+        if model.kind == "classical"
+        else os.path.relpath(args.weights, os.path.join(HERE, ".."))
+    )
     print(f"model: {shown} ({model.kind})")
-    print(f"slide {os.path.basename(slide)}: {geom.width}x{geom.height} target px at {model.mpp} µm/px; "
-          f"tile {spec.tile_size}, window {spec.window}; torch threads {torch.get_num_threads()}")
-    print(f"{'device':>6} {'amp':>5} {'tta':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>7}")
+    print(
+        f"slide {os.path.basename(slide)}: {geom.width}x{geom.height} target px at {model.mpp} µm/px; "
+        f"tile {spec.tile_size}, window {spec.window}; torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'device':>6} {'amp':>5} {'tta':>5} {'workers':>7} {'batch':>5} {'tiles':>5} {'seconds':>8} "
+        f"{'tiles/s':>8} {'Mpx/s':>7}"
+    )
     for d, amp, tta, w, b, n, dt in rows:
-        print(f"{d:>6} {str(amp):>5} {str(tta):>5} {w:>7} {b:>5} {n:>5} {dt:>8.1f} {n / dt:>8.2f} "
-              f"{n * spec.tile_size**2 / dt / 1e6:>7.2f}")
+        print(
+            f"{d:>6} {str(amp):>5} {str(tta):>5} {w:>7} {b:>5} {n:>5} {dt:>8.1f} {n / dt:>8.2f} "
+            f"{n * spec.tile_size**2 / dt / 1e6:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,14 +41,25 @@ def main():
     args = ap.parse_args()
     device = pick_device(args.device, lambda m: None)
     samples = [s for s in L.load_set(SHEET, 0.5) if s.split != "val"]
-    print(f"command: python benchmarks/train_throughput.py --base-width {' '.join(map(str, args.base_width))} "
-          f"--depth {args.depth} --crop {args.crop} --batch {args.batch} --steps {args.steps}")
+    print(
+        f"command: python benchmarks/train_throughput.py --base-width {' '.join(map(str, args.base_width))} "
+        f"--depth {args.depth} --crop {args.crop} --batch {args.batch} --steps {args.steps}"
+    )
     print(f"device {device}, {torch.get_num_threads()} threads, {len(samples)} training tiles")
-    print(f"{'width':>5} {'params M':>8} {'crop':>4} {'batch':>5} {'crops s/step':>12} {'net s/step':>10} "
-          f"{'crops/s':>7} {'24x40 steps min':>15}")
+    print(
+        f"{'width':>5} {'params M':>8} {'crop':>4} {'batch':>5} {'crops s/step':>12} {'net s/step':>10} "
+        f"{'crops/s':>7} {'24x40 steps min':>15}"
+    )
     for width in args.base_width:
-        cfg = train.TrainConfig(sheet=SHEET, out_dir="", depth=args.depth, base_width=width, crop=args.crop,
-                                batch_size=args.batch, dropout=0.1)
+        cfg = train.TrainConfig(
+            sheet=SHEET,
+            out_dir="",
+            depth=args.depth,
+            base_width=width,
+            crop=args.crop,
+            batch_size=args.batch,
+            dropout=0.1,
+        )
         rng = np.random.default_rng(0)
         torch.manual_seed(0)
         sampler = train.CropSampler(samples, cfg, rng)
@@ -69,8 +80,10 @@ def main():
         n = args.steps
         per_step = (t_crop + t_net) / n
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{width:5d} {params:8.2f} {args.crop:4d} {args.batch:5d} {t_crop / n:12.2f} {t_net / n:10.2f} "
-              f"{args.batch / per_step:7.1f} {SHIPPED_STEPS * per_step / 60:15.1f}")
+        print(
+            f"{width:5d} {params:8.2f} {args.crop:4d} {args.batch:5d} {t_crop / n:12.2f} {t_net / n:10.2f} "
+            f"{args.batch / per_step:7.1f} {SHIPPED_STEPS * per_step / 60:15.1f}"
+        )
 
 
 if __name__ == "__main__":

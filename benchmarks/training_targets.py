@@ -8,6 +8,7 @@ as written, one full-image distance transform per object, for comparison.
 
     python benchmarks/training_targets.py [--sheet config/labeled/miccai2015-train.tsv] [--crop 256]
 """
+
 import argparse
 import os
 import sys
@@ -48,7 +49,10 @@ def main():
     ap.add_argument("--crop", type=int, default=256, help="crop side in px (the train.crop setting)")
     args = ap.parse_args()
     print(f"command: python benchmarks/training_targets.py --sheet {args.sheet} --crop {args.crop}")
-    print(f"{'image':>8} {'objects':>7} {'three_class ms':>14} {'weight map ms':>13} {'whole image ms':>14} {'max |diff|':>10}")
+    print(
+        f"{'image':>8} {'objects':>7} {'three_class ms':>14} {'weight map ms':>13} {'whole image ms':>14} "
+        f"{'max |diff|':>10}"
+    )
     tot = np.zeros(3)
     for s in L.load_set(args.sheet, args.mpp):
         ids = s.instances[: args.crop, : args.crop]
@@ -57,7 +61,9 @@ def main():
         tw, w = timed(L.border_weight_map, ids)
         tr, ref = timed(whole_image_weight_map, ids, repeat=1)
         tot += (t3, tw, tr)
-        print(f"{s.name:>8} {n:>7} {t3 * 1e3:>14.1f} {tw * 1e3:>13.1f} {tr * 1e3:>14.1f} {np.abs(w - ref).max():>10.1e}")
+        print(
+            f"{s.name:>8} {n:>7} {t3 * 1e3:>14.1f} {tw * 1e3:>13.1f} {tr * 1e3:>14.1f} {np.abs(w - ref).max():>10.1e}"
+        )
     print(f"{'total':>8} {'':>7} {tot[0] * 1e3:>14.1f} {tot[1] * 1e3:>13.1f} {tot[2] * 1e3:>14.1f}")
 
 

@@ -67,7 +67,10 @@ def main():
         print(f"{s.name:>10} {s.mpp:>5.2f} {hin:>9.3f} {hout:>9.3f} {x:>17.2f}")
     for mpp in sorted({m for m, _ in rows}):
         xs = [x for m, x in rows if m == mpp and np.isfinite(x)]
-        print(f"mean at {mpp} µm/px: {np.mean(xs):+.2f} µm over {len(xs)} images (positive: outlines drawn outside the stain edge)")
+        print(
+            f"mean at {mpp} µm/px: {np.mean(xs):+.2f} µm over {len(xs)} images "
+            "(positive: outlines drawn outside the stain edge)"
+        )
 
 
 if __name__ == "__main__":

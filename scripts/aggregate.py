@@ -1,4 +1,5 @@
 """Rule 'aggregate': summary.csv over all slides; logic in wsiseg.aggregate."""
+
 import sys
 from pathlib import Path
 
@@ -9,5 +10,6 @@ from wsiseg.runner import stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
 with stage("aggregate", "all slides", sm.log[0]) as log:
-    aggregate.run(stats_csvs=list(sm.input.stats), failed_jsons=list(sm.input.failed), out_csv=sm.output[0],
-                  log=log.info)
+    aggregate.run(
+        stats_csvs=list(sm.input.stats), failed_jsons=list(sm.input.failed), out_csv=sm.output[0], log=log.info
+    )

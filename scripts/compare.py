@@ -1,4 +1,5 @@
 """Rule 'evaluate': one table of mean metrics, every method on every labeled set."""
+
 import sys
 from pathlib import Path
 

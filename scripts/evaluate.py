@@ -1,4 +1,5 @@
 """Rule 'evaluate_set': thin entry point; logic in wsiseg.evaluate."""
+
 import sys
 from pathlib import Path
 
@@ -13,5 +14,12 @@ sm = snakemake  # noqa: F821
 model_cfg = dict(sm.params.model) or evaluate.BASELINE
 with stage("evaluate", f"{sm.wildcards.set}/{sm.wildcards.method}", sm.log[0]) as log:
     device = pick_device(sm.params.device, log.info)
-    evaluate.evaluate_set(sm.input.sheet, model_cfg, sm.output.metrics, sm.output.overlays, device=str(device),
-                          tta=bool(sm.params.tta), log=log.info)
+    evaluate.evaluate_set(
+        sm.input.sheet,
+        model_cfg,
+        sm.output.metrics,
+        sm.output.overlays,
+        device=str(device),
+        tta=bool(sm.params.tta),
+        log=log.info,
+    )

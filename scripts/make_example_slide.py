@@ -1,4 +1,5 @@
 """Rule 'example_slide': writes the synthetic example slide (also usable as a CLI)."""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Rule 'plan': thin entry point; logic in wsiseg.plan."""
+
 import sys
 from pathlib import Path
 
@@ -9,6 +10,15 @@ from wsiseg.runner import stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
 with stage("plan", sm.wildcards.slide, sm.log[0]) as log:
-    plan.run(slide_path=sm.input.slide, slide_id=sm.wildcards.slide, mpp=sm.params.mpp, tissue_png=sm.input.tissue,
-             tissue_json=sm.input.tissue_json, model_cfg=dict(sm.params.model), tiling_cfg=dict(sm.params.tiling),
-             out_tsv=sm.output.tsv, out_json=sm.output.json, log=log.info)
+    plan.run(
+        slide_path=sm.input.slide,
+        slide_id=sm.wildcards.slide,
+        mpp=sm.params.mpp,
+        tissue_png=sm.input.tissue,
+        tissue_json=sm.input.tissue_json,
+        model_cfg=dict(sm.params.model),
+        tiling_cfg=dict(sm.params.tiling),
+        out_tsv=sm.output.tsv,
+        out_json=sm.output.json,
+        log=log.info,
+    )

@@ -1,4 +1,5 @@
 """Rule 'stats': thin entry point; logic in wsiseg.stats."""
+
 import sys
 from pathlib import Path
 
@@ -9,7 +10,15 @@ from wsiseg.runner import stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
 with stage("stats", sm.wildcards.slide, sm.log[0]) as log:
-    stats.run(mask_path=sm.input.mask, slide_json=sm.input.slide_json, tissue_json=sm.input.tissue_json,
-              plan_json=sm.input.plan_json, timing_jsons=list(sm.input.timings), classes=list(sm.params.classes),
-              out_csv=sm.output.stats, objects_csv=sm.output.objects, outlines_geojson=sm.output.get("outlines"),
-              log=log.info)
+    stats.run(
+        mask_path=sm.input.mask,
+        slide_json=sm.input.slide_json,
+        tissue_json=sm.input.tissue_json,
+        plan_json=sm.input.plan_json,
+        timing_jsons=list(sm.input.timings),
+        classes=list(sm.params.classes),
+        out_csv=sm.output.stats,
+        objects_csv=sm.output.objects,
+        outlines_geojson=sm.output.get("outlines"),
+        log=log.info,
+    )

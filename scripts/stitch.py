@@ -1,4 +1,5 @@
 """Rule 'stitch': thin entry point; logic in wsiseg.stitch."""
+
 import sys
 from pathlib import Path
 
@@ -10,7 +11,16 @@ from wsiseg.runner import stage  # noqa: E402
 sm = snakemake  # noqa: F821
 with stage("stitch", sm.wildcards.slide, sm.log[0]) as log:
     c = sm.params.cfg
-    stitch.run(store_path=sm.input.store, plan_json=sm.input.plan_json, thumb_png=sm.input.thumb,
-               tissue_png=sm.input.tissue, slide_id=sm.wildcards.slide, out_mask=sm.output.mask,
-               out_overlay=sm.output.overlay, out_json=sm.output.json, tiff_tile=c["tiff_tile"],
-               compression=c["compression"], log=log.info)
+    stitch.run(
+        store_path=sm.input.store,
+        plan_json=sm.input.plan_json,
+        thumb_png=sm.input.thumb,
+        tissue_png=sm.input.tissue,
+        slide_id=sm.wildcards.slide,
+        out_mask=sm.output.mask,
+        out_overlay=sm.output.overlay,
+        out_json=sm.output.json,
+        tiff_tile=c["tiff_tile"],
+        compression=c["compression"],
+        log=log.info,
+    )

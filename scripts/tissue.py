@@ -1,4 +1,5 @@
 """Rule 'tissue': thin entry point; logic in wsiseg.tissue."""
+
 import sys
 from pathlib import Path
 
@@ -10,6 +11,15 @@ from wsiseg.runner import stage  # noqa: E402
 sm = snakemake  # noqa: F821
 with stage("tissue", sm.wildcards.slide, sm.log[0]) as log:
     c = sm.params.cfg
-    tissue.run(slide_path=sm.input.slide, slide_id=sm.wildcards.slide, mpp=sm.params.mpp, out_png=sm.output.png,
-               out_thumb=sm.output.thumb, out_json=sm.output.json,
-               method=c["method"], tissue_mpp=c["mpp"], min_area_um2=c["min_area_um2"], log=log.info)
+    tissue.run(
+        slide_path=sm.input.slide,
+        slide_id=sm.wildcards.slide,
+        mpp=sm.params.mpp,
+        out_png=sm.output.png,
+        out_thumb=sm.output.thumb,
+        out_json=sm.output.json,
+        method=c["method"],
+        tissue_mpp=c["mpp"],
+        min_area_um2=c["min_area_um2"],
+        log=log.info,
+    )

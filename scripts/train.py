@@ -1,4 +1,5 @@
 """Rule 'train': thin entry point; logic in wsiseg.train."""
+
 import shutil
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Checkpoint 'triage': one status row per slide from the inspect results; logic in wsiseg.triage."""
+
 import sys
 from pathlib import Path
 

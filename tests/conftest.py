@@ -18,8 +18,10 @@ os.environ.setdefault("WSISEG_CACHE", tempfile.mkdtemp(prefix="wsiseg-test-cache
 HAVE_DATA = SLIDES.is_dir()
 if not HAVE_DATA and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     raise RuntimeError(f"CI must run every test, but the test data is not at {DATA} (set WSISEG_DATA)")
-NO_DATA = (f"test data not found at {DATA}: this test reads the real slides and labeled sets of "
-           "../shared/data (set WSISEG_DATA to that folder); tests that need no data still run")
+NO_DATA = (
+    f"test data not found at {DATA}: this test reads the real slides and labeled sets of "
+    "../shared/data (set WSISEG_DATA to that folder); tests that need no data still run"
+)
 #: mark a test (or a module: ``pytestmark = needs_data``) that reads ../shared/data
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 
@@ -59,7 +61,10 @@ def corrupt_slide(path):
         p = t.pages[1]
         i = len(p.dataoffsets) // 2 + 1
         off, n = p.dataoffsets[i], p.databytecounts[i]
-        tx, ty = (i % -(-p.imagewidth // p.tilewidth)) * p.tilewidth, (i // -(-p.imagewidth // p.tilewidth)) * p.tilelength
+        tx, ty = (
+            (i % -(-p.imagewidth // p.tilewidth)) * p.tilewidth,
+            (i // -(-p.imagewidth // p.tilewidth)) * p.tilelength,
+        )
     with open(path, "r+b") as fh:
         fh.seek(off + n // 3)
         fh.write(b"\xff\xd9" + bytes(range(200)))

@@ -23,8 +23,19 @@ CLASSES = ["background", "nucleus"]
 
 
 def snakemake(workdir, configfile, *args, check=True, cores="2", env=None):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), *(["--cores", cores] if cores else []), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        *(["--cores", cores] if cores else []),
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
@@ -48,8 +59,7 @@ def _rings(rings, scale0):
     a, b = cat[:-1][seg[:-1]], cat[1:][seg[:-1]]
     ring = np.repeat(np.arange(len(pts)), n - 1)
     assert ((a[:, 0] == b[:, 0]) != (a[:, 1] == b[:, 1])).all()  # along pixel edges, no repeats
-    area = np.bincount(ring, weights=(a[:, 0] * b[:, 1] - b[:, 0] * a[:, 1]).astype(np.float64),
-                       minlength=len(pts)) / 2
+    area = np.bincount(ring, weights=(a[:, 0] * b[:, 1] - b[:, 0] * a[:, 1]).astype(np.float64), minlength=len(pts)) / 2
     return a, b, ring, area
 
 
@@ -137,7 +147,7 @@ def check_outlines(path, mask, classes, mpp, scale0, objects=None):
     ids, props, total_area = outline_labels(path, mask.shape, scale0)
     assert total_area == (mask > 0).sum(), "outlines overlap (or leave pixels out)"
     n = 0
-    for k, name in enumerate(classes[1:], start=1):
+    for k, _name in enumerate(classes[1:], start=1):
         lab, n_k = ndi.label(mask == k, structure=np.ones((3, 3)))
         n += n_k
         assert ((ids > 0) & (mask == k)).sum() == (mask == k).sum()
@@ -155,8 +165,13 @@ def check_outlines(path, mask, classes, mpp, scale0, objects=None):
         assert p["objectType"] == "detection" and p["classification"]["name"] in classes[1:]
     if objects is not None:
         t = objects.set_index("object_id")
-        got = pd.DataFrame([(p["measurements"]["object_id"], p["classification"]["name"], p["measurements"]["area_um2"])
-                            for p in props], columns=["object_id", "class", "area_um2"]).drop_duplicates("object_id")
+        got = pd.DataFrame(
+            [
+                (p["measurements"]["object_id"], p["classification"]["name"], p["measurements"]["area_um2"])
+                for p in props
+            ],
+            columns=["object_id", "class", "area_um2"],
+        ).drop_duplicates("object_id")
         got = got.set_index("object_id")
         assert sorted(got.index) == sorted(t.index)
         assert (got["class"] == t.loc[got.index, "class"]).all()
@@ -201,8 +216,9 @@ def check_slide_outputs(wd, sid, path, mpp0=None):
         assert st.nucleus_median_area_um2 == pytest.approx(np.median(areas))
     assert st.mpp_used == 0.5 and st.slide_mpp == pytest.approx(mpp0) and st.model == MODEL
     # outlines for QuPath: level-0 px, each nucleus exactly its mask pixels, same ids as objects.csv.gz
-    check_outlines(out / "outlines.geojson.gz", mask, CLASSES, 0.5, 0.5 / mpp0,
-                   objects=pd.read_csv(out / "objects.csv.gz"))
+    check_outlines(
+        out / "outlines.geojson.gz", mask, CLASSES, 0.5, 0.5 / mpp0, objects=pd.read_csv(out / "objects.csv.gz")
+    )
     assert len(st.model_sha256) == 64 and st.wall_time_s > 0
     # tissue and overlay: images of the thumbnail's size; nothing labelled off tissue
     tissue = np.asarray(Image.open(out / "tissue.png"))
@@ -222,4 +238,3 @@ def check_slide_outputs(wd, sid, path, mpp0=None):
     assert "tiles (100%)" in seg_log and "CUDA is not available" in seg_log
     assert (wd / "benchmarks" / MODEL / sid / "segment.tsv").exists()
     assert not (out / "work" / "labels.store").exists()  # temporary intermediate removed
-

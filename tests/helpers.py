@@ -1,7 +1,7 @@
 """Test-side helpers that the workflow itself does not need: a merger that keeps a whole
 image's outputs in memory, tiles of an in-memory mask, and a mask's stats row."""
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

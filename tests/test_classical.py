@@ -59,8 +59,9 @@ def test_tiles_equal_one_pass_with_the_slide_threshold():
     full = threshold_otsu(h[img.min(-1) < classical.GLASS_RGB])
     assert abs(thr - full) < 0.15 * full, (thr, full)
     spec.module.threshold = thr
-    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 2),
-                              torch.device("cpu"), batch_size=2)
+    logits = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 2), torch.device("cpu"), batch_size=2
+    )
     tiled = logits.argmax(0)
     # one pass: the same pipeline over the whole image, mirror-padded like the windows
     padded = np.pad(img, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
@@ -89,12 +90,28 @@ def test_plan_stage_stores_the_threshold(tmp_path):
         thumb_ds = 8.0
         w, h = (int(np.ceil(d / thumb_ds)) for d in s.dimensions)
     Image.fromarray(np.full((h, w), 255, np.uint8)).save(tmp_path / "tissue.png")
-    write_json(str(tmp_path / "tissue.json"), dict(slide_id="cmu", method="all", thumbnail_downsample=thumb_ds,
-                                                   thumbnail_mpp=thumb_ds * 0.499, tissue_area_mm2=1.0,
-                                                   tissue_fraction=1.0))
-    plan.run(slide_path=str(CMU), slide_id="cmu", mpp=None, tissue_png=str(tmp_path / "tissue.png"),
-             tissue_json=str(tmp_path / "tissue.json"), model_cfg=dict(CFG), tiling_cfg=dict(tile_size=512, margin="auto"),
-             out_tsv=str(tmp_path / "plan.tsv"), out_json=str(tmp_path / "plan.json"))
+    write_json(
+        str(tmp_path / "tissue.json"),
+        dict(
+            slide_id="cmu",
+            method="all",
+            thumbnail_downsample=thumb_ds,
+            thumbnail_mpp=thumb_ds * 0.499,
+            tissue_area_mm2=1.0,
+            tissue_fraction=1.0,
+        ),
+    )
+    plan.run(
+        slide_path=str(CMU),
+        slide_id="cmu",
+        mpp=None,
+        tissue_png=str(tmp_path / "tissue.png"),
+        tissue_json=str(tmp_path / "tissue.json"),
+        model_cfg=dict(CFG),
+        tiling_cfg=dict(tile_size=512, margin="auto"),
+        out_tsv=str(tmp_path / "plan.tsv"),
+        out_json=str(tmp_path / "plan.json"),
+    )
     meta = json.load(open(tmp_path / "plan.json"))
     assert meta["classical_threshold"] > 0 and meta["mask_classes"] == ["background", "nucleus"]
     assert meta["model"] == "classical-nuclei" and meta["tiles"]["margin"] == 42
@@ -145,8 +162,12 @@ def test_workflow_with_the_classical_model(tmp_path):
     check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.7, objects=objects)
     from e2e import check_outlines
 
-    assert check_outlines(res / "example" / "outlines.geojson.gz", mask, ["background", "nucleus"], 0.5, 2.0,
-                          objects=objects) == n
+    assert (
+        check_outlines(
+            res / "example" / "outlines.geojson.gz", mask, ["background", "nucleus"], 0.5, 2.0, objects=objects
+        )
+        == n
+    )
 
 
 def test_evaluate_scores_the_classical_model_with_its_settings(tmp_path):

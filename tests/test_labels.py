@@ -57,16 +57,32 @@ def test_imagescope_xml_rasterised_at_model_mpp():
 
 
 def test_qupath_geojson_polygons_with_holes(tmp_path):
-    fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
-            [[10, 10], [30, 10], [30, 30], [10, 30], [10, 10]],  # 20 x 20 px square
-            [[15, 15], [25, 15], [25, 25], [15, 25], [15, 15]],  # 10 x 10 px hole
-        ]}, "properties": {"objectType": "annotation"}},
-        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
-            [[[40, 40], [50, 40], [50, 50], [40, 50], [40, 40]]],
-            [[[60, 40], [70, 40], [70, 50], [60, 50], [60, 40]]],
-        ]}},
-    ]}
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [
+                        [[10, 10], [30, 10], [30, 30], [10, 30], [10, 10]],  # 20 x 20 px square
+                        [[15, 15], [25, 15], [25, 25], [15, 25], [15, 15]],  # 10 x 10 px hole
+                    ],
+                },
+                "properties": {"objectType": "annotation"},
+            },
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "MultiPolygon",
+                    "coordinates": [
+                        [[[40, 40], [50, 40], [50, 50], [40, 50], [40, 40]]],
+                        [[[60, 40], [70, 40], [70, 50], [60, 50], [60, 40]]],
+                    ],
+                },
+            },
+        ],
+    }
     p = tmp_path / "cells.geojson"
     p.write_text(json.dumps(fc))
     ids, _ = L.read_instances(str(p), (80, 80), 1.0)
@@ -94,7 +110,7 @@ def test_border_weight_map_is_high_between_close_objects():
     w = L.border_weight_map(ids, w0=10, sigma=5)
     fg = ids > 0
     wc_bg = 0.5 / (1 - fg.mean())
-    assert w[20, 25] == pytest.approx(wc_bg + 10 * np.exp(-(1 + 2) ** 2 / 50), rel=1e-4)  # d1=1, d2=2
+    assert w[20, 25] == pytest.approx(wc_bg + 10 * np.exp(-((1 + 2) ** 2) / 50), rel=1e-4)  # d1=1, d2=2
     assert w[0, 59] < wc_bg + 0.01  # far from both objects: class weight only
     assert w[20, 15] == pytest.approx(0.5 / fg.mean())
 
@@ -142,7 +158,9 @@ def test_elastic_deformation_keeps_image_and_mask_aligned():
     dy, dx = elastic_field((128, 128), 3, 8.0, np.random.default_rng(2))
     assert 2 < np.abs(dy).max() < 40 and np.abs(np.diff(dy, axis=0)).max() < 1.0  # smooth
     # nearest-neighbour warping never invents label ids
-    coords = np.stack(np.meshgrid(np.arange(64) + 0.3, np.arange(64) + 0.7, indexing="ij")) + np.stack([dy, dx])[:, :64, :64]
+    coords = (
+        np.stack(np.meshgrid(np.arange(64) + 0.3, np.arange(64) + 0.7, indexing="ij")) + np.stack([dy, dx])[:, :64, :64]
+    )
     assert set(np.unique(warp(ids, coords, 0))) <= set(np.unique(ids))
 
 
@@ -167,18 +185,22 @@ def test_blur_and_noise_change_the_image_only_and_keep_it_aligned():
     y0, x0 = h // 2 - 64, w // 2 - 64
     crop_ids = s.instances[y0 : y0 + 128, x0 : x0 + 128]
     crop_img = s.image[y0 : y0 + 128, x0 : x0 + 128]
-    plain = AugmentConfig(scale=0, elastic_sigma=0, rot90=False, flips=False, hed_sigma=0, hed_bias=0,
-                          brightness=0, contrast=0)
+    plain = AugmentConfig(
+        scale=0, elastic_sigma=0, rot90=False, flips=False, hed_sigma=0, hed_bias=0, brightness=0, contrast=0
+    )
     # with blur and noise off, the crop is the image itself (no colour drift from the HED round trip >1 level)
-    img0, (ids0,), _ = augment(s.image, [s.instances], 128, plain, np.random.default_rng(0), centre=(y0 + 63.5, x0 + 63.5))
+    img0, (ids0,), _ = augment(
+        s.image, [s.instances], 128, plain, np.random.default_rng(0), centre=(y0 + 63.5, x0 + 63.5)
+    )
     assert (ids0 == crop_ids).all() and np.abs(img0.astype(int) - crop_img).max() <= 1
     grey = lambda im: im.astype(np.float32).mean(-1)  # noqa: E731
     for kw in ({"blur": 2.0}, {"noise": 0.05}, {"blur": 1.5, "noise": 0.03}):
         cfg = AugmentConfig(**{**plain.__dict__, **kw})
         changed = []
         for seed in range(6):  # strengths are drawn from [0, max]: look at several draws
-            img, (ids,), _ = augment(s.image, [s.instances], 128, cfg, np.random.default_rng(seed),
-                                     centre=(y0 + 63.5, x0 + 63.5))
+            img, (ids,), _ = augment(
+                s.image, [s.instances], 128, cfg, np.random.default_rng(seed), centre=(y0 + 63.5, x0 + 63.5)
+            )
             assert (ids == crop_ids).all(), kw  # targets never change
             assert img.dtype == np.uint8 and img.shape == crop_img.shape
             changed.append(np.abs(img.astype(int) - crop_img).mean())
@@ -194,6 +216,7 @@ def test_blur_and_noise_change_the_image_only_and_keep_it_aligned():
     # a fixed blur lowers the gradient energy; noise is zero-mean with the std asked for
     g = lambda im: np.abs(np.diff(grey(im), axis=1)).mean()  # noqa: E731
     from wsiseg.augment import add_noise, blur_image
+
     assert g(blur_image(crop_img, 1.5)) < 0.7 * g(crop_img)
     resid = add_noise(crop_img, 0.05, np.random.default_rng(0)).astype(float) - crop_img
     inside = (crop_img > 40) & (crop_img < 215)  # not clipped at 0 or 255
@@ -215,8 +238,13 @@ def test_qupath_geojson_on_a_slide_gives_one_sample_per_annotated_region(tmp_pat
     from wsiseg.slide import open_slide
 
     def square(x, y, side):
-        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
-            [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]]}}
+        return {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]],
+            },
+        }
 
     # two annotated areas far apart: 3 nuclei-sized squares near (500, 600), 1 near (1800, 2500)
     feats = [square(500, 600, 20), square(530, 600, 20), square(500, 640, 30), square(1800, 2500, 40)]
@@ -259,8 +287,10 @@ def test_nuclei_training_sheet_mixes_sources_and_resolutions():
     train_sites = {n.split("-")[1] for n in df[df["split"] == "train"]["name"] if n.startswith("TCGA")}
     assert val_sites == {"21", "B0", "E2", "G2"} and not val_sites & train_sites
     rows = df.set_index("name")
-    s40, s20 = (L.load_sample(dict(rows.loc[n], name=n), 0.5, keep_native=True)
-                for n in ("TCGA-21-5784-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1"))
+    s40, s20 = (
+        L.load_sample(dict(rows.loc[n], name=n), 0.5, keep_native=True)
+        for n in ("TCGA-21-5784-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1")
+    )
     assert s40.native_instances.dtype.kind in "iu" and s40.native_instances.max() == 398  # 16-bit ids, 398 nuclei
     assert s40.image.shape[:2] == (505, 505) and s40.mpp == 0.2527  # 1000 px at 0.2527 -> 0.5 µm/px
     assert s20.image.shape[:2] == (1001, 1001) and s20.native_instances.max() == 1073
@@ -274,15 +304,22 @@ def test_nuclei_training_sheet_mixes_sources_and_resolutions():
 def test_relabel_equals_the_sort_based_relabelling():
     """The lookup-table relabelling gives exactly np.unique's ranks, with and without
     background, for sparse and dense ids, and falls back to the sort for other ids."""
+
     def by_sort(ids):
         u, inv = np.unique(ids, return_inverse=True)
         out = inv.reshape(ids.shape).astype(np.int32)
         return out + 1 if u[0] != 0 else out
 
     rng = np.random.default_rng(0)
-    cases = [rng.integers(0, 50, (64, 80)), rng.integers(3, 9, (30, 30)), rng.integers(0, 10**6, (40, 40)),
-             np.zeros((5, 5), np.int64), rng.integers(-5, 5, (20, 20)), rng.integers(0, 2**20, (300, 300)).astype(np.int32),
-             np.array([[7]], np.uint16)]
+    cases = [
+        rng.integers(0, 50, (64, 80)),
+        rng.integers(3, 9, (30, 30)),
+        rng.integers(0, 10**6, (40, 40)),
+        np.zeros((5, 5), np.int64),
+        rng.integers(-5, 5, (20, 20)),
+        rng.integers(0, 2**20, (300, 300)).astype(np.int32),
+        np.array([[7]], np.uint16),
+    ]
     for ids in cases:
         got = L.relabel(ids)
         assert got.dtype == np.int32 and np.array_equal(got, by_sort(ids)), ids.dtype

@@ -38,8 +38,12 @@ def our_imports(path: Path) -> set:
                 continue
             for a in node.names:  # `from . import labels` imports the module wsiseg.labels
                 sub = f"{mod}.{a.name}"
-                out.add(sub if (SRC.parent / (sub.replace(".", "/") + ".py")).exists()
-                        or (SRC.parent / sub.replace(".", "/")).is_dir() else mod)
+                out.add(
+                    sub
+                    if (SRC.parent / (sub.replace(".", "/") + ".py")).exists()
+                    or (SRC.parent / sub.replace(".", "/")).is_dir()
+                    else mod
+                )
     out.discard(name)
     return out
 
@@ -58,7 +62,7 @@ def find_cycle(graph: dict):
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state and (c := visit(d)):
                 return c
         state[m] = "done"

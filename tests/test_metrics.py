@@ -99,7 +99,7 @@ def test_small_holes_are_filled_but_not_a_ring_of_nuclei():
     nucleus = (np.hypot(yy - 20, xx - 20) < 8) & ~(np.hypot(yy - 20, xx - 20) < 2)  # a vesicular nucleus
     out = fill_small_holes(ring | nucleus, 0.5)
     assert out[20, 20] and not out[100, 100]
-    assert out.sum() == (ring | nucleus).sum() + ((np.hypot(yy - 20, xx - 20) < 2)).sum()
+    assert out.sum() == (ring | nucleus).sum() + (np.hypot(yy - 20, xx - 20) < 2).sum()
     # the U-Net post-processing keeps the lumen empty too
     prob = np.stack([1.0 - ring, ring * 1.0, np.zeros_like(r)]).astype(np.float32)
     assert instances_from_probs(prob, 0.5)[100, 100] == 0

@@ -65,7 +65,9 @@ def test_corner_contact_is_one_object_of_two_parts(tmp_path):
     (f,) = features(path)
     assert n == 1 and len(objects) == 1 and f["geometry"]["type"] == "MultiPolygon"
     assert sorted([canon(r) for r in p] for p in f["geometry"]["coordinates"]) == [
-        [[[3, 3], [4, 3], [4, 4], [3, 4], [3, 3]]], [[[4, 4], [5, 4], [5, 5], [4, 5], [4, 4]]]]
+        [[[3, 3], [4, 3], [4, 4], [3, 4], [3, 3]]],
+        [[[4, 4], [5, 4], [5, 5], [4, 5], [4, 4]]],
+    ]
 
 
 def test_rings_of_random_masks_give_back_every_region():
@@ -145,7 +147,11 @@ def test_a_large_speckled_object_with_thousands_of_holes(tmp_path):
     path, n, objects = outlines_of(tmp_path, a, 128, ["background", "tissue"])
     assert check_outlines(path, a, ["background", "tissue"], 0.5, 1.0, objects=objects) == n
     big = max(features(path), key=lambda f: f["properties"]["measurements"]["area_um2"])
-    polys = big["geometry"]["coordinates"] if big["geometry"]["type"] == "MultiPolygon" else [big["geometry"]["coordinates"]]
+    polys = (
+        big["geometry"]["coordinates"]
+        if big["geometry"]["type"] == "MultiPolygon"
+        else [big["geometry"]["coordinates"]]
+    )
     assert sum(len(p) - 1 for p in polys) > 10000  # holes
 
 

@@ -29,9 +29,19 @@ SHIPPED = dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt"))
 
 
 def segment_store(path, slide, spec, geom, tiles, plan, workers, **kw):
-    run_segmentation(str(slide), "s", None, geom, tiles, plan, spec.module,
-                     StoreMerger(str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s"),
-                     torch.device("cpu"), batch_size=3, **kw)
+    run_segmentation(
+        str(slide),
+        "s",
+        None,
+        geom,
+        tiles,
+        plan,
+        spec.module,
+        StoreMerger(str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s"),
+        torch.device("cpu"),
+        batch_size=3,
+        **kw,
+    )
     return (Path(path) / "data.bin").read_bytes()
 
 
@@ -64,8 +74,9 @@ def test_unreadable_tiles_the_same_with_workers(tmp_path):
     bad = {}
     for w in (0, 2):
         bad[w] = []
-        stores = segment_store(tmp_path / f"w{w}", path, spec, geom, tiles, plan, w, max_unreadable_fraction=0.5,
-                               unreadable=bad[w])
+        stores = segment_store(
+            tmp_path / f"w{w}", path, spec, geom, tiles, plan, w, max_unreadable_fraction=0.5, unreadable=bad[w]
+        )
         if w == 0:
             serial = stores
     assert bad[0] and bad[0] == bad[2]

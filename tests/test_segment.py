@@ -66,8 +66,9 @@ def test_stitched_equals_one_pass(padding, target_mpp, tmp_path):
     spec = _model(padding)
     geom, img, margin, tiles, plan = cmu_plan(spec, target_mpp)
     assert geom.width % 64 and geom.height % 64  # edge tiles are partial
-    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                              torch.device("cpu"), batch_size=4)
+    logits = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3), torch.device("cpu"), batch_size=4
+    )
     assert not np.isnan(logits).any()  # every pixel written once
     grid_w, grid_h = -(-geom.width // 64) * 64, -(-geom.height // 64) * 64
     ref = one_pass(spec, img, margin, grid_w, grid_h)
@@ -92,8 +93,19 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     stitched probabilities equal the same averaging over the whole mirror-padded image."""
     spec = _model(padding)
     geom, img, margin, tiles, plan = cmu_plan(spec, 0.499 * 3.3)
-    logp = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                            torch.device("cpu"), batch_size=4, tta=True)
+    logp = run_segmentation(
+        str(CMU),
+        "cmu",
+        None,
+        geom,
+        tiles,
+        plan,
+        spec.module,
+        ArrayMerger(geom, 3),
+        torch.device("cpu"),
+        batch_size=4,
+        tta=True,
+    )
     assert not np.isnan(logp).any()
     prob = np.exp(logp)
     # float32 throughout; the plain test above allows 1e-4 on logits, the same here on
@@ -103,8 +115,9 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     ref = one_pass(spec, img, margin, grid_w, grid_h, tta=True)
     assert np.abs(ref - prob).max() < 1e-4, np.abs(ref - prob).max()
     # and it is not the plain prediction: the 8 views really are averaged
-    plain = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                             torch.device("cpu"), batch_size=4)
+    plain = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3), torch.device("cpu"), batch_size=4
+    )
     plain = torch.softmax(torch.from_numpy(plain), 0).numpy()
     assert np.abs(plain - prob).max() > 1e-3
 
@@ -117,8 +130,9 @@ def test_small_margin_shows_seams():
         img = read_target(s, geom, 0, 0, geom.width, geom.height)
     tiles = tile_spec_for(spec, 64, 0)
     plan = plan_tiles(geom, tiles, None, 1)
-    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                              torch.device("cpu"), batch_size=8)
+    logits = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3), torch.device("cpu"), batch_size=8
+    )
     ref = one_pass(spec, img, 0, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)
     assert np.abs(ref - logits).max() > 1e-2
 
@@ -137,8 +151,9 @@ def test_slide_smaller_than_margin_is_mirrored_repeatedly(tmp_path):
     assert margin > 16
     tiles = tile_spec_for(spec, 16, margin)
     plan = plan_tiles(geom, tiles, None, 1)
-    logits = run_segmentation(str(small), "small", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                              torch.device("cpu"))
+    logits = run_segmentation(
+        str(small), "small", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3), torch.device("cpu")
+    )
     ref = one_pass(spec, img, margin, 16, 16)
     assert np.abs(ref - logits).max() < 1e-4
 
@@ -150,8 +165,17 @@ def test_no_tissue_gives_an_empty_store(tmp_path):
     tiles = tile_spec_for(spec, 64, plan_margin(spec, "auto", False))
     plan = plan_tiles(geom, tiles, np.zeros((10, 10), bool), geom.width0 / 10)
     assert len(plan) == 0
-    store = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module,
-                             StoreMerger(str(tmp_path / "s"), geom, tiles), torch.device("cpu"))
+    store = run_segmentation(
+        str(CMU),
+        "cmu",
+        None,
+        geom,
+        tiles,
+        plan,
+        spec.module,
+        StoreMerger(str(tmp_path / "s"), geom, tiles),
+        torch.device("cpu"),
+    )
     assert store.shape == (geom.height, geom.width) and not store.read(0, 0, geom.width, geom.height).any()
 
 
@@ -164,8 +188,9 @@ def test_torchscript_model_is_seam_free_with_measured_halo(tmp_path):
     spec = load_model(dict(name="ts", weights=str(path), classes=["bg", "a", "b"], mpp=1.0, depth=2))
     assert spec.kind == "torchscript" and spec.halo == spec0.halo
     geom, img, margin, tiles, plan = cmu_plan(spec, 0.499 * 3.3)
-    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                              torch.device("cpu"), batch_size=4)
+    logits = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3), torch.device("cpu"), batch_size=4
+    )
     ref = one_pass(spec, img, margin, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)
     assert np.abs(ref - logits).max() < 1e-4
 
@@ -183,23 +208,50 @@ def test_corrupt_tile_is_background_and_reported(tmp_path):
     tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
     plan = plan_tiles(geom, tiles, None, 1)
     bad, said = [], []
-    logits = run_segmentation(str(path), "corrupt", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                              torch.device("cpu"), batch_size=4, max_unreadable_fraction=0.5, unreadable=bad,
-                              log_fn=said.append)
+    logits = run_segmentation(
+        str(path),
+        "corrupt",
+        None,
+        geom,
+        tiles,
+        plan,
+        spec.module,
+        ArrayMerger(geom, 3),
+        torch.device("cpu"),
+        batch_size=4,
+        max_unreadable_fraction=0.5,
+        unreadable=bad,
+        log_fn=said.append,
+    )
     # exactly the windows that overlap the damaged 256 px JPEG tile (level 1 = target px here)
     assert geom.level == 1 and not geom.needs_resampling
-    expected = {(t.row, t.col) for t in plan.itertuples()
-                if t.wx < tx + 256 and tx < t.wx + t.n and t.wy < ty + 256 and ty < t.wy + t.n}
+    expected = {
+        (t.row, t.col)
+        for t in plan.itertuples()
+        if t.wx < tx + 256 and tx < t.wx + t.n and t.wy < ty + 256 and ty < t.wy + t.n
+    }
     assert {(r, c) for r, c, _ in bad} == expected
     for r, c in expected:  # left unwritten (background in the workflow's store)
         assert np.isnan(logits[:, r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128]).all()
     written = ~np.isnan(logits[0])
     assert written.sum() == geom.width * geom.height - sum(
-        min(128, geom.width - c * 128) * min(128, geom.height - r * 128) for r, c in expected)
+        min(128, geom.width - c * 128) * min(128, geom.height - r * 128) for r, c in expected
+    )
     assert any("could not be read" in m and "Corrupt JPEG" in m for m in said)
     with pytest.raises(SlideError, match="tiles could not be decoded"):
-        run_segmentation(str(path), "corrupt", None, geom, tiles, plan, spec.module, ArrayMerger(geom, 3),
-                         torch.device("cpu"), batch_size=4, max_unreadable_fraction=0.0)
+        run_segmentation(
+            str(path),
+            "corrupt",
+            None,
+            geom,
+            tiles,
+            plan,
+            spec.module,
+            ArrayMerger(geom, 3),
+            torch.device("cpu"),
+            batch_size=4,
+            max_unreadable_fraction=0.0,
+        )
 
 
 def test_instances_agree_across_tile_borders(tmp_path):
@@ -217,11 +269,21 @@ def test_instances_agree_across_tile_borders(tmp_path):
     tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
     plan = plan_tiles(geom, tiles, None, 1)
     block = plan[plan.row.between(6, 9) & plan.col.between(6, 9)]  # 4 x 4 tiles of 128 px, mid-region
-    logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module, ArrayMerger(geom, 3),
-                              torch.device("cpu"), batch_size=4)
-    run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module,
-                     StoreMerger(str(tmp_path / "s"), geom, tiles, labels=spec.labeler()),
-                     torch.device("cpu"), batch_size=4)
+    logits = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, block, spec.module, ArrayMerger(geom, 3), torch.device("cpu"), batch_size=4
+    )
+    run_segmentation(
+        str(CMU),
+        "cmu",
+        None,
+        geom,
+        tiles,
+        block,
+        spec.module,
+        StoreMerger(str(tmp_path / "s"), geom, tiles, labels=spec.labeler()),
+        torch.device("cpu"),
+        batch_size=4,
+    )
     y0, x0, side = 6 * 128, 6 * 128, 4 * 128
     prob = torch.softmax(torch.from_numpy(logits[:, y0 : y0 + side, x0 : x0 + side]), 0).numpy()
     ref = separated_mask(instances_from_probs(prob, 0.5, InstanceParams(**spec.postprocess)))

@@ -29,8 +29,7 @@ def test_duplicate_ids_rejected():
 
 def test_hash_starts_a_comment_only_at_the_start_of_a_line(tmp_path):
     sheet = tmp_path / "slides.tsv"
-    sheet.write_text("# my archive\nslide_id\tpath\tmpp\n  # an indented comment\n"
-                     "case#1\t/data/run #3/a.svs\t0.25\n")
+    sheet.write_text("# my archive\nslide_id\tpath\tmpp\n  # an indented comment\ncase#1\t/data/run #3/a.svs\t0.25\n")
     s = read_sheet(str(sheet))
     assert s["slide_id"].tolist() == ["case#1"] and s["path"].tolist() == ["/data/run #3/a.svs"]
     assert s["mpp"].tolist() == [0.25]

@@ -52,8 +52,13 @@ def test_tifffile_fallback_reads_tiled_pyramid(example_slide, tmp_path):
     img = np.asarray(open_slide(str(example_slide)).read_level(0, 0, 0, 600, 500))
     p = tmp_path / "x.ome.tif"
     with tifffile.TiffWriter(p, ome=True) as tif:
-        tif.write(img, tile=(128, 128), photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.3,
-                  "PhysicalSizeY": 0.3}, subifds=1)
+        tif.write(
+            img,
+            tile=(128, 128),
+            photometric="rgb",
+            metadata={"axes": "YXS", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3},
+            subifds=1,
+        )
         tif.write(img[::2, ::2], tile=(128, 128), photometric="rgb", subfiletype=1)
     with open_slide(str(p)) as s:
         assert s.backend == "tifffile" and s.mpp == pytest.approx(0.3)
@@ -73,14 +78,17 @@ def test_missing_mpp_names_slide_and_fix():
     assert inspect_slide(str(TCGA), "tcga", mpp=0.25)["mpp"] == 0.25
 
 
-@pytest.mark.parametrize("kind,words", [
-    ("broken", ["not a slide format"]),
-    ("unreadable", ["could not be decoded", "Bogus marker"]),
-    ("unopenable", ["could not be decoded", "52479"]),
-    ("qptiff", ["3-channel", "RGB"]),
-    ("ndpis", ["not a slide format"]),
-    ("dicom_noflavor", ["image flavor"]),
-])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("broken", ["not a slide format"]),
+        ("unreadable", ["could not be decoded", "Bogus marker"]),
+        ("unopenable", ["could not be decoded", "52479"]),
+        ("qptiff", ["3-channel", "RGB"]),
+        ("ndpis", ["not a slide format"]),
+        ("dicom_noflavor", ["image flavor"]),
+    ],
+)
 def test_bad_inputs_get_clear_errors(kind, words):
     with pytest.raises(SlideError) as e:
         inspect_slide(str(BAD[kind]), f"bad-{kind}")

@@ -20,7 +20,6 @@ import yaml
 from conftest import CMU, REPO, corrupt_slide, needs_data
 from e2e import CLASSES, MODEL, check_slide_outputs, tiny_model
 
-
 pytestmark = [pytest.mark.slurm, needs_data]  # reads ../shared/data
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
 CLUSTER = os.environ.get("LOCAL_SLURM_DIR", "/tmp/wsiseg-local-slurm")
@@ -69,10 +68,26 @@ def ci_profile(dst):
 def run_on_slurm(wd, profile, configfile, env):
     """The README's login-node command, plus settings for a cluster without accounting
     (squeue as status source) and short status intervals. Stopped with SIGINT on overrun."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(wd),
-           "--workflow-profile", str(profile), "--configfile", str(configfile),
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-           "--seconds-between-status-checks", "3", "--slurm-keep-successful-logs"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(wd),
+        "--workflow-profile",
+        str(profile),
+        "--configfile",
+        str(configfile),
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--seconds-between-status-checks",
+        "3",
+        "--slurm-keep-successful-logs",
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=wd)
     try:
         out, _ = p.communicate(timeout=RUN_LIMIT_S)
@@ -82,7 +97,7 @@ def run_on_slurm(wd, profile, configfile, env):
             out, _ = p.communicate(timeout=60)
         finally:
             p.kill()
-        raise AssertionError(f"the SLURM run took more than {RUN_LIMIT_S} s:\n{out[-6000:]}")
+        raise AssertionError(f"the SLURM run took more than {RUN_LIMIT_S} s:\n{out[-6000:]}") from None
     (wd / f"run{len(list(wd.glob('run*.log'))) + 1}.log").write_text(out)
     return p.returncode, out
 
@@ -150,7 +165,9 @@ def test_jobs_really_ran_in_slurm(slurm_run, cluster):
         want = "FAILED" if "rule_segment/corrupt" in log else "COMPLETED"
         assert state == want, (jid, log, comp[jid])
         if "rule_segment" in log:  # the GPU was asked for with the plugin's gpu resource
-            job = subprocess.run(["scontrol", "show", "job", "-o", jid], env=cluster, capture_output=True, text=True).stdout
+            job = subprocess.run(
+                ["scontrol", "show", "job", "-o", jid], env=cluster, capture_output=True, text=True
+            ).stdout
             assert "TresPerJob=gres:gpu:1" in job and "cpu=2," in tres, (job, tres)
     # the retry asked for twice the memory (resources grow with the attempt)
     mems = [re.search(r"mem=(\d+)M", comp[j][2]).group(1) for j, p in jobs.items() if "rule_segment/corrupt" in p]

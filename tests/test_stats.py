@@ -79,12 +79,29 @@ def test_object_geometry_matches_whole_image_labelling(tile):
         idx = np.arange(1, n + 1)
         com = np.array(ndi.center_of_mass(a == k, lab, idx)) + 0.5
         boxes = ndi.find_objects(lab)
-        want = sorted(zip(np.bincount(lab.ravel())[1:].tolist(), np.round(com[:, 1], 6), np.round(com[:, 0], 6),
-                          [b[1].start for b in boxes], [b[0].start for b in boxes],
-                          [b[1].stop for b in boxes], [b[0].stop for b in boxes]))
+        want = sorted(
+            zip(
+                np.bincount(lab.ravel())[1:].tolist(),
+                np.round(com[:, 1], 6),
+                np.round(com[:, 0], 6),
+                [b[1].start for b in boxes],
+                [b[0].start for b in boxes],
+                [b[1].stop for b in boxes],
+                [b[0].stop for b in boxes],
+            )
+        )
         o = res[k]["objects"]
-        got = sorted(zip(o["area"].tolist(), np.round(o["cx"], 6), np.round(o["cy"], 6),
-                         o["mx0"].tolist(), o["my0"].tolist(), o["mx1"].tolist(), o["my1"].tolist()))
+        got = sorted(
+            zip(
+                o["area"].tolist(),
+                np.round(o["cx"], 6),
+                np.round(o["cy"], 6),
+                o["mx0"].tolist(),
+                o["my0"].tolist(),
+                o["mx1"].tolist(),
+                o["my1"].tolist(),
+            )
+        )
         assert n > 20 and got == want
 
 
@@ -107,5 +124,8 @@ def test_objects_table_in_slide_coordinates(tmp_path):
     r = t.iloc[1]
     assert (r["object_id"], r["class"], r["centroid_x_px"], r["bbox_width_px"]) == (2, "mitosis", 119, 2)
     empty = str(tmp_path / "none.csv.gz")
-    assert write_objects(empty, object_rows(count_objects(array_tiles(a * 0, 16), 60, 3), ["b", "n", "m"], 0.5, 2, "s")) == 0
+    assert (
+        write_objects(empty, object_rows(count_objects(array_tiles(a * 0, 16), 60, 3), ["b", "n", "m"], 0.5, 2, "s"))
+        == 0
+    )
     assert pd.read_csv(empty).columns.tolist() == OBJECT_COLUMNS

@@ -35,19 +35,56 @@ def test_tile_size_must_align_with_depth():
 def test_plan_artefact_roundtrip(tmp_path):
     """plan.tsv + plan.json through their one writer and reader: the same plan, the same
     keys in the same order as the workflow has always written them, calibration kept."""
-    g = Geometry(width0=2000, height0=1000, mpp0=0.25, target_mpp=0.5, level=1, level_downsample=2.0,
-                 level_width=1000, level_height=500, width=1000, height=500)
+    g = Geometry(
+        width0=2000,
+        height0=1000,
+        mpp0=0.25,
+        target_mpp=0.5,
+        level=1,
+        level_downsample=2.0,
+        level_width=1000,
+        level_height=500,
+        width=1000,
+        height=500,
+    )
     spec = TileSpec(tile_size=256, margin=32, window=320, out_offset=0, align=16)
     tiles = plan_tiles(g, spec, None, 1)
-    plan = Plan(tiles=tiles, geometry=g, spec=spec, slide_id="s", model="m", model_checksum="abc", halo=30,
-                grid_rows=2, grid_cols=4, tissue_downsample=32.0, model_classes=["background", "nucleus", "boundary"],
-                mask_classes=["background", "nucleus"], postprocess={"fg_threshold": 0.7},
-                calibration={"classical_threshold": 0.06}, elapsed_s=1.5)
+    plan = Plan(
+        tiles=tiles,
+        geometry=g,
+        spec=spec,
+        slide_id="s",
+        model="m",
+        model_checksum="abc",
+        halo=30,
+        grid_rows=2,
+        grid_cols=4,
+        tissue_downsample=32.0,
+        model_classes=["background", "nucleus", "boundary"],
+        mask_classes=["background", "nucleus"],
+        postprocess={"fg_threshold": 0.7},
+        calibration={"classical_threshold": 0.06},
+        elapsed_s=1.5,
+    )
     plan.write(str(tmp_path / "p.tsv"), str(tmp_path / "p.json"))
     meta = json.load(open(tmp_path / "p.json"))
-    assert list(meta) == ["geometry", "tiles", "n_tiles", "slide_id", "model", "model_checksum", "halo", "grid_rows",
-                          "grid_cols", "elapsed_s", "tissue_downsample", "model_classes", "mask_classes",
-                          "postprocess", "classical_threshold"]
+    assert list(meta) == [
+        "geometry",
+        "tiles",
+        "n_tiles",
+        "slide_id",
+        "model",
+        "model_checksum",
+        "halo",
+        "grid_rows",
+        "grid_cols",
+        "elapsed_s",
+        "tissue_downsample",
+        "model_classes",
+        "mask_classes",
+        "postprocess",
+        "classical_threshold",
+    ]
     back = Plan.read(str(tmp_path / "p.tsv"), str(tmp_path / "p.json"))
     assert back.geometry == g and back.spec == spec and back.n_tiles == len(tiles) == 8
     assert back.calibration == {"classical_threshold": 0.06} and back.geometry.scale0 == 2.0

@@ -16,8 +16,21 @@ SHEET = str(REPO / "config/labeled/miccai2015-train.tsv")
 
 
 def tiny(out_dir, **kw):
-    cfg = dict(sheet=SHEET, out_dir=str(out_dir), depth=2, base_width=8, crop=64, batch_size=4,
-               steps_per_epoch=8, max_epochs=4, patience=10, lr=3e-3, threads=2, seed=3, dropout=0.1)
+    cfg = dict(
+        sheet=SHEET,
+        out_dir=str(out_dir),
+        depth=2,
+        base_width=8,
+        crop=64,
+        batch_size=4,
+        steps_per_epoch=8,
+        max_epochs=4,
+        patience=10,
+        lr=3e-3,
+        threads=2,
+        seed=3,
+        dropout=0.1,
+    )
     cfg.update(kw)
     return cfg
 
@@ -73,7 +86,9 @@ def test_validation_scores_are_the_evaluate_targets_on_the_validation_images(ful
     rows = lines[0] + "".join(ln for ln in lines[1:] if ln.rstrip("\n").endswith("\tval"))
     sheet = tmp_path / "val.tsv"  # paths in the sheet are relative to its folder: make them absolute
     sheet.write_text(rows.replace("../../../", str(REPO.resolve().parent) + "/"))
-    want = evaluate_set(str(sheet), {"weights": str(out / "best.pt"), "name": "best"}, str(tmp_path / "m.csv"), tta=False)
+    want = evaluate_set(
+        str(sheet), {"weights": str(out / "best.pt"), "name": "best"}, str(tmp_path / "m.csv"), tta=False
+    )
     cols = ["dice", "iou", "aji", "object_f1", "precision", "recall", "n_pred"]
     assert np.allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), atol=1e-4)
 
@@ -139,8 +154,22 @@ SHIPPED = str(REPO / "models/nuclei-unet.pt")
 
 def finetune(out_dir, **kw):
     """One step from the shipped nuclei model, at its architecture; dropout 0 where it had 0.1."""
-    return tiny(out_dir, **{**dict(init=SHIPPED, depth=4, base_width=16, dropout=0.0, max_epochs=1,
-                                   steps_per_epoch=1, lr=1e-5, tune_postprocess=False), **kw})
+    return tiny(
+        out_dir,
+        **{
+            **dict(
+                init=SHIPPED,
+                depth=4,
+                base_width=16,
+                dropout=0.0,
+                max_epochs=1,
+                steps_per_epoch=1,
+                lr=1e-5,
+                tune_postprocess=False,
+            ),
+            **kw,
+        },
+    )
 
 
 def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
@@ -161,8 +190,10 @@ def test_fine_tuning_starts_from_the_checkpoints_weights(full_run, tmp_path):
     from wsiseg.metrics import pixel_metrics
     from wsiseg.predict import predict_probs
 
-    dice = [pixel_metrics(x.instances > 0, predict_probs(shipped, x.image, 16, margin=16, tta=False).argmax(0) > 0)["dice"]
-            for x in val]
+    dice = [
+        pixel_metrics(x.instances > 0, predict_probs(shipped, x.image, 16, margin=16, tta=False).argmax(0) > 0)["dice"]
+        for x in val
+    ]
     assert shipped_dice == pytest.approx(np.mean(dice), abs=1e-3) and shipped_dice > 0.85
     scratch = pd.read_csv(full_run[0] / "metrics.csv")["val_loss"].iloc[0]
     assert m["val_loss"].iloc[0] < 0.6 * scratch
@@ -192,14 +223,17 @@ def test_fine_tuning_resumes_only_from_the_same_starting_weights(tmp_path):
     assert restarted["val_loss"].iloc[0] > first["val_loss"].iloc[0] + 0.1  # a zeroed head predicts nothing
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(depth=3), "depth=4, but train.depth is 3: set train.depth: 4"),
-    (dict(base_width=32), "set train.base_width: 16"),
-    (dict(target="weight_map"), "set train.target"),
-    (dict(object_class="gland"), "set train.target and train.object_class"),
-    (dict(mpp=0.25), "set train.mpp: 0.5"),
-    (dict(init="models/no-such.pt"), "no such file"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(depth=3), "depth=4, but train.depth is 3: set train.depth: 4"),
+        (dict(base_width=32), "set train.base_width: 16"),
+        (dict(target="weight_map"), "set train.target"),
+        (dict(object_class="gland"), "set train.target and train.object_class"),
+        (dict(mpp=0.25), "set train.mpp: 0.5"),
+        (dict(init="models/no-such.pt"), "no such file"),
+    ],
+)
 def test_fine_tuning_a_mismatched_checkpoint_is_a_clear_error(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         train.run(finetune(tmp_path, **change))

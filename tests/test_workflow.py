@@ -69,8 +69,12 @@ def test_readme_example_with_shipped_config(tmp_path):
     assert np.allclose(objects["centroid_x_um"], objects["centroid_x_px"] * 0.25, atol=0.01)
     check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.75, objects=objects)
     # every nucleus's outline for QuPath, in level-0 px: drawn back, exactly its mask pixels
-    assert check_outlines(res / "example" / "outlines.geojson.gz", mask, ["background", "nucleus"], 0.5, 2.0,
-                          objects=objects) == n
+    assert (
+        check_outlines(
+            res / "example" / "outlines.geojson.gz", mask, ["background", "nucleus"], 0.5, 2.0, objects=objects
+        )
+        == n
+    )
 
 
 def check_synthetic_nuclei(wd, mask, n, min_dice, objects=None):
@@ -103,9 +107,16 @@ def archive(tmp_path_factory):
     tiny_model(wd / "tiny.pt")
     corrupt_slide(wd / "corrupt region.tif")  # readable, but one tile deep inside is damaged
     rows = [
-        ("corrupt", wd / "corrupt region.tif", ""), ("cmu", CMU, ""), ("tcga", TCGA, "0.25"), ("ndpi_dapi", NDPI, ""), ("dicom", DICOM, ""),
-        ("tcga_no_mpp", TCGA, ""), ("broken", BAD["broken"], ""), ("unreadable", BAD["unreadable"], ""),
-        ("vectra", BAD["qptiff"], ""), ("typo", CMU.parent / "no-such-slide.svs", ""),
+        ("corrupt", wd / "corrupt region.tif", ""),
+        ("cmu", CMU, ""),
+        ("tcga", TCGA, "0.25"),
+        ("ndpi_dapi", NDPI, ""),
+        ("dicom", DICOM, ""),
+        ("tcga_no_mpp", TCGA, ""),
+        ("broken", BAD["broken"], ""),
+        ("unreadable", BAD["unreadable"], ""),
+        ("vectra", BAD["qptiff"], ""),
+        ("typo", CMU.parent / "no-such-slide.svs", ""),
     ]
     sheet = wd / "slides.tsv"
     sheet.write_text("slide_id\tpath\tmpp\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in rows))
@@ -129,16 +140,22 @@ def test_summary_has_every_slide_and_bad_ones_explained(archive):
     summary = pd.read_csv(wd / "results" / MODEL / "summary.csv").set_index("slide_id")
     assert sorted(summary.index) == sorted(r[0] for r in rows)
     assert sorted(summary.index[summary.status == "ok"]) == sorted(OK)
-    for sid, words in [("tcga_no_mpp", "mpp"), ("broken", "not a slide"), ("unreadable", "decoded"),
-                       ("vectra", "RGB"), ("typo", "file not found")]:
+    for sid, words in [
+        ("tcga_no_mpp", "mpp"),
+        ("broken", "not a slide"),
+        ("unreadable", "decoded"),
+        ("vectra", "RGB"),
+        ("typo", "file not found"),
+    ]:
         err = summary.loc[sid, "error"]
         assert summary.loc[sid, "status"] == "failed" and f"slide '{sid}'" in err and words in err and "Fix:" in err
     # and the run itself ends by saying so
     assert "WARNING: 5 slide(s) could not be processed" in (wd / "run.log").read_text()
 
 
-@pytest.mark.parametrize("sid,path,mpp0", [("cmu", CMU, None), ("tcga", TCGA, 0.25), ("ndpi_dapi", NDPI, None),
-                                           ("dicom", DICOM, None)])
+@pytest.mark.parametrize(
+    "sid,path,mpp0", [("cmu", CMU, None), ("tcga", TCGA, 0.25), ("ndpi_dapi", NDPI, None), ("dicom", DICOM, None)]
+)
 def test_slide_outputs(archive, sid, path, mpp0):
     check_slide_outputs(archive[0], sid, path, mpp0)
 
@@ -269,12 +286,23 @@ def test_train_then_evaluate_targets(tmp_path):
 
     miccai = DATA / "labeled" / "miccai2015-nuclei-seg-training"
     small = tmp_path / "small.tsv"  # two small 40x tiles of the training set
-    small.write_text("image\tlabels\tmpp\n" + "".join(
-        f"{miccai / f'image{i}.png'}\t{miccai / f'image{i}_mask.txt'}\t0.25\n" for i in ("14", "15")))
+    small.write_text(
+        "image\tlabels\tmpp\n"
+        + "".join(f"{miccai / f'image{i}.png'}\t{miccai / f'image{i}_mask.txt'}\t0.25\n" for i in ("14", "15"))
+    )
     cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
     cfg["slides"] = str(REPO / cfg["slides"])
-    cfg["train"].update(sheet=str(REPO / "config/labeled/miccai2015-train.tsv"), name="tiny", depth=2, base_width=8, crop=64,
-                        batch_size=4, steps_per_epoch=4, max_epochs=2, threads=2)
+    cfg["train"].update(
+        sheet=str(REPO / "config/labeled/miccai2015-train.tsv"),
+        name="tiny",
+        depth=2,
+        base_width=8,
+        crop=64,
+        batch_size=4,
+        steps_per_epoch=4,
+        max_epochs=2,
+        threads=2,
+    )
     cfg["model"] = dict(name="tiny", weights="results/training/tiny/best.pt", mpp=0.5)
     cfg["evaluate"] = dict(sets={"small": str(small)}, methods=["model", "baseline"], tta=False)
     cfgfile = tmp_path / "config.yaml"

@@ -16,8 +16,11 @@ def run(*, stats_csvs: list, failed_jsons: list, out_csv: str, log=print) -> pd.
     if failed:
         frames.append(pd.DataFrame(failed))
     frames = [f for f in frames if len(f)]
-    summary = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame(
-        columns=["slide_id", "path", "status", "error"])
+    summary = (
+        pd.concat(frames, ignore_index=True, sort=False)
+        if frames
+        else pd.DataFrame(columns=["slide_id", "path", "status", "error"])
+    )
     summary = summary.sort_values("slide_id", kind="stable").reset_index(drop=True)
     summary.to_csv(out_csv, index=False)
     log(f"{len(summary)} slides: {int((summary['status'] == 'ok').sum())} ok, {len(failed)} failed")

@@ -113,8 +113,15 @@ def add_noise(img: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarr
     return (np.clip(out, 0, 255) + 0.5).astype(np.uint8)
 
 
-def augment(image: np.ndarray, labels: list[np.ndarray], out: int, cfg: AugmentConfig, rng, centre=None,
-            float_maps: list[np.ndarray] = ()):
+def augment(
+    image: np.ndarray,
+    labels: list[np.ndarray],
+    out: int,
+    cfg: AugmentConfig,
+    rng,
+    centre=None,
+    float_maps: list[np.ndarray] = (),
+):
     """One augmented crop: (image, [label maps], [float maps])."""
     coords = sample_coords(image.shape[:2], out, cfg, rng, centre)
     img = warp(image, coords, 1)

@@ -36,8 +36,15 @@ def overlay_png(path: str, image: np.ndarray, gt: np.ndarray, pred: np.ndarray) 
 BASELINE = {"format": "classical", "name": "classical-baseline", "mpp": 0.5}  # the classical model's defaults
 
 
-def evaluate_set(sheet: str, model_cfg: dict, out_csv: str, overlay_dir: str | None = None, device: str = "cpu",
-                 tta: bool = True, log=print) -> pd.DataFrame:
+def evaluate_set(
+    sheet: str,
+    model_cfg: dict,
+    out_csv: str,
+    overlay_dir: str | None = None,
+    device: str = "cpu",
+    tta: bool = True,
+    log=print,
+) -> pd.DataFrame:
     """Per-image metrics CSV (plus a ``mean`` row) of the model of ``model_cfg`` (a ``model:``
     block; :data:`BASELINE` is the classical baseline) on a labeled-set sheet.
 

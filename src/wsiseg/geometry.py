@@ -61,7 +61,7 @@ class Geometry:
         return abs(self.scale - 1.0) > 1e-6
 
     @classmethod
-    def for_slide(cls, slide: Slide, target_mpp: float) -> "Geometry":
+    def for_slide(cls, slide: Slide, target_mpp: float) -> Geometry:
         mpp0 = slide.require_mpp()
         scale0 = target_mpp / mpp0
         level = slide.best_level_for(scale0)

@@ -242,7 +242,11 @@ def load_samples(row, model_mpp: float | None, keep_native: bool = False) -> lis
     ``model_mpp`` None: tiles at their own resolution (nothing resampled), slide regions
     at :data:`SLIDE_REGION_MPP`."""
     img_path, lab_path = row["image"], row["labels"]
-    if os.path.exists(img_path) and os.path.splitext(lab_path)[1].lower() in POLYGON_EXTS and not is_tile_image(img_path):
+    if (
+        os.path.exists(img_path)
+        and os.path.splitext(lab_path)[1].lower() in POLYGON_EXTS
+        and not is_tile_image(img_path)
+    ):
         return slide_samples(row, model_mpp or SLIDE_REGION_MPP, keep_native)
     return [load_sample(row, model_mpp, keep_native)]
 
@@ -280,8 +284,13 @@ def load_sample(row, model_mpp: float | None, keep_native: bool = False) -> Samp
     else:
         inst = resize_labels(native, shape)
     return Sample(
-        name=name, image=resize_image(img, shape), instances=inst, mpp=mpp, split=row.get("split", ""),
-        native_instances=native if keep_native else None, native_shape=img.shape[:2],
+        name=name,
+        image=resize_image(img, shape),
+        instances=inst,
+        mpp=mpp,
+        split=row.get("split", ""),
+        native_instances=native if keep_native else None,
+        native_shape=img.shape[:2],
         native_image=img if keep_native else None,
     )
 
@@ -344,11 +353,18 @@ def slide_samples(row, model_mpp: float, keep_native: bool = False, margin_um: f
                 img = np.clip(read_target(slide, geom, tx, ty, tw, th) + 0.5, 0, 255).astype(np.uint8)
                 shifted = [[[(x / s0 - tx, y / s0 - ty) for x, y in ring] for ring in polys[i]] for i in idx]
                 inst = rasterise(shifted, (th, tw), 1.0)
-                out.append(Sample(
-                    name=f"{name}-r{k + 1}", image=img, instances=inst, mpp=model_mpp, split=row.get("split", ""),
-                    native_instances=inst if keep_native else None, native_shape=(th, tw),
-                    native_image=img if keep_native else None,
-                ))
+                out.append(
+                    Sample(
+                        name=f"{name}-r{k + 1}",
+                        image=img,
+                        instances=inst,
+                        mpp=model_mpp,
+                        split=row.get("split", ""),
+                        native_instances=inst if keep_native else None,
+                        native_shape=(th, tw),
+                        native_image=img if keep_native else None,
+                    )
+                )
             return out
     except SlideError as exc:
         raise ConfigError(str(exc)) from None
@@ -366,9 +382,7 @@ def instance_boundaries(ids: np.ndarray) -> np.ndarray:
     """
     pad = np.pad(ids, 1, mode="edge")
     c = pad[1:-1, 1:-1]
-    diff = (
-        (pad[:-2, 1:-1] != c) | (pad[2:, 1:-1] != c) | (pad[1:-1, :-2] != c) | (pad[1:-1, 2:] != c)
-    )
+    diff = (pad[:-2, 1:-1] != c) | (pad[2:, 1:-1] != c) | (pad[1:-1, :-2] != c) | (pad[1:-1, 2:] != c)
     return diff & (ids > 0)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tifffile
@@ -50,16 +50,22 @@ def write_ome_tiff(
         meta = {
             "axes": "YX",
             "Name": name,
-            "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
+            "PhysicalSizeX": mpp,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp,
+            "PhysicalSizeYUnit": "µm",
         }
         with tifffile.TiffWriter(part, bigtiff=True, ome=True) as tif:
             for i, lvl in enumerate(levels):
                 lvl_mpp = mpp * (store.width / lvl.width)
                 kwargs = dict(
-                    shape=lvl.shape, dtype=np.uint8, tile=(tile, tile), compression=compression,
+                    shape=lvl.shape,
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    compression=compression,
                     photometric="minisblack",
-                    resolution=(1e4 / lvl_mpp, 1e4 / lvl_mpp), resolutionunit="CENTIMETER",
+                    resolution=(1e4 / lvl_mpp, 1e4 / lvl_mpp),
+                    resolutionunit="CENTIMETER",
                 )
                 if i == 0:
                     tif.write(_tiles(lvl, tile), subifds=len(levels) - 1, metadata=meta, **kwargs)

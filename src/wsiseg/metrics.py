@@ -104,7 +104,9 @@ def write_metrics(rows: list, out_csv: str, log=print) -> pd.DataFrame:
     tmp = f"{out_csv}.tmp"
     df.to_csv(tmp, index=False, float_format="%.4f")
     os.replace(tmp, out_csv)
-    log(f"mean over {len(rows)} images: dice {mean['dice']:.4f} aji {mean['aji']:.4f} object_f1 {mean['object_f1']:.4f}")
+    log(
+        f"mean over {len(rows)} images: dice {mean['dice']:.4f} aji {mean['aji']:.4f} object_f1 {mean['object_f1']:.4f}"
+    )
     return df
 
 
@@ -116,10 +118,20 @@ def compare(metric_csvs: list, out_csv: str, log=print) -> pd.DataFrame:
         mean = df[df["image"] == "mean"].iloc[0].to_dict()
         method = os.path.basename(os.path.dirname(p))
         eval_set = os.path.basename(os.path.dirname(os.path.dirname(p)))
-        keep = ["dice", "aji", "object_f1", "pixel_accuracy", "precision", "recall", "iou",
-                "object_precision", "object_recall"]
-        rows.append(dict(set=eval_set, method=method, images=int((df["image"] != "mean").sum()),
-                         **{k: mean[k] for k in keep}))
+        keep = [
+            "dice",
+            "aji",
+            "object_f1",
+            "pixel_accuracy",
+            "precision",
+            "recall",
+            "iou",
+            "object_precision",
+            "object_recall",
+        ]
+        rows.append(
+            dict(set=eval_set, method=method, images=int((df["image"] != "mean").sum()), **{k: mean[k] for k in keep})
+        )
     out = pd.DataFrame(rows)
     out.to_csv(out_csv, index=False, float_format="%.4f")
     log("\n" + out.to_string(index=False))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -82,8 +82,7 @@ class _UnionFind:
 OBJECT_FIELDS = ("area", "sum_x", "sum_y", "mx0", "my0", "mx1", "my1")  # box in mask px
 
 
-def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_classes: int,
-                  outlines=None) -> dict:
+def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_classes: int, outlines=None) -> dict:
     """Per class k >= 1: pixel count, the pixel area of each object and its geometry.
 
     ``tiles`` are (x, y, tile) in mask px, in raster order (row of tiles by row of tiles, left to right),
@@ -135,10 +134,15 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
             comp_of = flat[nz]
             area = np.bincount(comp_of, minlength=m + 1)[1:]
             comp["area"].extend(area)
-            comp["sum_x"].extend(np.bincount(comp_of, weights=(nz % w).astype(np.float64), minlength=m + 1)[1:] + x * area)
-            comp["sum_y"].extend(np.bincount(comp_of, weights=(nz // w).astype(np.float64), minlength=m + 1)[1:] + y * area)
-            boxes = np.array([(b[1].start, b[0].start, b[1].stop, b[0].stop) for b in ndi.find_objects(local)],
-                             np.int64).reshape(-1, 4)
+            comp["sum_x"].extend(
+                np.bincount(comp_of, weights=(nz % w).astype(np.float64), minlength=m + 1)[1:] + x * area
+            )
+            comp["sum_y"].extend(
+                np.bincount(comp_of, weights=(nz // w).astype(np.float64), minlength=m + 1)[1:] + y * area
+            )
+            boxes = np.array(
+                [(b[1].start, b[0].start, b[1].stop, b[0].stop) for b in ndi.find_objects(local)], np.int64
+            ).reshape(-1, 4)
             for f, col, off in (("mx0", 0, x), ("my0", 1, y), ("mx1", 2, x), ("my1", 3, y)):
                 comp[f].extend(boxes[:, col] + off)
             flat[nz] += base - 1
@@ -177,8 +181,12 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
     sum_x = np.bincount(roots, weights=c["sum_x"], minlength=n)
     sum_y = np.bincount(roots, weights=c["sum_y"], minlength=n)
     box = {}
-    for f, ufunc, init in (("mx0", np.minimum, np.iinfo(np.int64).max), ("my0", np.minimum, np.iinfo(np.int64).max),
-                           ("mx1", np.maximum, -1), ("my1", np.maximum, -1)):
+    for f, ufunc, init in (
+        ("mx0", np.minimum, np.iinfo(np.int64).max),
+        ("my0", np.minimum, np.iinfo(np.int64).max),
+        ("mx1", np.maximum, -1),
+        ("my1", np.maximum, -1),
+    ):
         box[f] = np.full(n, init, np.int64)
         ufunc.at(box[f], roots, c[f])
     cls_arr = cls.get()
@@ -187,17 +195,32 @@ def count_objects(tiles: Iterable[tuple[int, int, np.ndarray]], width: int, n_cl
     for k in range(1, n_classes):
         sel = is_root & (cls_arr == k)
         area = total[sel]
-        objects = dict(area=area, cx=sum_x[sel] / np.maximum(area, 1) + 0.5, cy=sum_y[sel] / np.maximum(area, 1) + 0.5,
-                       **{f: v[sel] for f, v in box.items()}, root=np.flatnonzero(sel))
+        objects = dict(
+            area=area,
+            cx=sum_x[sel] / np.maximum(area, 1) + 0.5,
+            cy=sum_y[sel] / np.maximum(area, 1) + 0.5,
+            **{f: v[sel] for f, v in box.items()},
+            root=np.flatnonzero(sel),
+        )
         out[k] = dict(pixels=int(pixels[k]), object_areas=area, objects=objects)
     out[0] = dict(pixels=int(pixels[0]), object_areas=np.zeros(0, np.int64))
     return out
 
 
 OBJECT_COLUMNS = [
-    "slide_id", "object_id", "class", "area_um2", "equivalent_diameter_um",
-    "centroid_x_um", "centroid_y_um", "centroid_x_px", "centroid_y_px",
-    "bbox_x_px", "bbox_y_px", "bbox_width_px", "bbox_height_px",
+    "slide_id",
+    "object_id",
+    "class",
+    "area_um2",
+    "equivalent_diameter_um",
+    "centroid_x_um",
+    "centroid_y_um",
+    "centroid_x_px",
+    "centroid_y_px",
+    "bbox_x_px",
+    "bbox_y_px",
+    "bbox_width_px",
+    "bbox_height_px",
 ]
 
 
@@ -211,8 +234,9 @@ def first_object_ids(counts: dict, n_classes: int) -> dict:
     return first
 
 
-def object_rows(counts: dict, classes: list, mpp: float, scale0: float, slide_id: str,
-                chunk: int = 100_000) -> Iterator[pd.DataFrame]:
+def object_rows(
+    counts: dict, classes: list, mpp: float, scale0: float, slide_id: str, chunk: int = 100_000
+) -> Iterator[pd.DataFrame]:
     """The objects of every class >= 1 as tables of ``OBJECT_COLUMNS``, ``chunk`` rows at a time.
 
     Positions are on the slide: µm from its top-left corner, and level-0 px (the
@@ -229,17 +253,24 @@ def object_rows(counts: dict, classes: list, mpp: float, scale0: float, slide_id
             c = {f: v[i : i + chunk] for f, v in o.items()}
             n = len(c["area"])
             area_um2 = c["area"] * mpp * mpp
-            yield pd.DataFrame({
-                "slide_id": slide_id,
-                "object_id": np.arange(next_id, next_id + n),
-                "class": name,
-                "area_um2": area_um2,
-                "equivalent_diameter_um": 2 * np.sqrt(area_um2 / np.pi),
-                "centroid_x_um": c["cx"] * mpp, "centroid_y_um": c["cy"] * mpp,
-                "centroid_x_px": c["cx"] * scale0, "centroid_y_px": c["cy"] * scale0,
-                "bbox_x_px": c["mx0"] * scale0, "bbox_y_px": c["my0"] * scale0,
-                "bbox_width_px": (c["mx1"] - c["mx0"]) * scale0, "bbox_height_px": (c["my1"] - c["my0"]) * scale0,
-            }, columns=OBJECT_COLUMNS)
+            yield pd.DataFrame(
+                {
+                    "slide_id": slide_id,
+                    "object_id": np.arange(next_id, next_id + n),
+                    "class": name,
+                    "area_um2": area_um2,
+                    "equivalent_diameter_um": 2 * np.sqrt(area_um2 / np.pi),
+                    "centroid_x_um": c["cx"] * mpp,
+                    "centroid_y_um": c["cy"] * mpp,
+                    "centroid_x_px": c["cx"] * scale0,
+                    "centroid_y_px": c["cy"] * scale0,
+                    "bbox_x_px": c["mx0"] * scale0,
+                    "bbox_y_px": c["my0"] * scale0,
+                    "bbox_width_px": (c["mx1"] - c["mx0"]) * scale0,
+                    "bbox_height_px": (c["my1"] - c["my0"]) * scale0,
+                },
+                columns=OBJECT_COLUMNS,
+            )
             next_id += n
 
 

@@ -29,7 +29,7 @@ import gzip
 import json
 import os
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -64,8 +64,12 @@ def boundary_edges(lab: np.ndarray):
         ys.append(r[m] + sy)
         ds.append(np.full(int(np.count_nonzero(m)), d, np.int8))
         ls.append(val[m])
-    return (np.concatenate(xs).astype(np.int64), np.concatenate(ys).astype(np.int64),
-            np.concatenate(ds), np.concatenate(ls).astype(np.int64))
+    return (
+        np.concatenate(xs).astype(np.int64),
+        np.concatenate(ys).astype(np.int64),
+        np.concatenate(ds),
+        np.concatenate(ls).astype(np.int64),
+    )
 
 
 def trace(x, y, d, label):
@@ -78,8 +82,13 @@ def trace(x, y, d, label):
     """
     n = len(x)
     if n == 0:
-        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 2), np.int64),
-                np.zeros(0, np.int64))
+        return (
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(1, np.int64),
+            np.zeros((0, 2), np.int64),
+            np.zeros(0, np.int64),
+        )
     x, y = np.asarray(x, np.int64), np.asarray(y, np.int64)
     d = np.asarray(d, np.int64)
     w1 = int(x.max()) + 2
@@ -169,13 +178,15 @@ def ring_components(x, y, d, label, edge_ring, ring_area) -> np.ndarray:
     assert (label[starts] == label[ends]).all()
     g = coo_matrix((np.ones(len(starts), np.int8), (edge_ring[starts], edge_ring[ends])), shape=(n_rings, n_rings))
     _, comp = connected_components(g, directed=False)
-    assert (np.bincount(comp, weights=(ring_area > 0), minlength=comp.max() + 1) == 1).all(), \
+    assert (np.bincount(comp, weights=(ring_area > 0), minlength=comp.max() + 1) == 1).all(), (
         "a part without exactly one exterior ring"
+    )
     return comp
 
 
-def geometries(ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scale: float, dx: int = 0,
-               dy: int = 0) -> Iterator[tuple[int, str]]:
+def geometries(
+    ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scale: float, dx: int = 0, dy: int = 0
+) -> Iterator[tuple[int, str]]:
     """(label, GeoJSON geometry text) per label of :func:`trace`'s rings (``edge_ring``
     and the edges ``x, y, d`` it traced); vertices (mask px, shifted by dx, dy) times
     ``scale``. One ring (the usual nucleus) takes a fast path; otherwise each part of the
@@ -211,8 +222,10 @@ def geometries(ring_label, ring_area, offsets, corners, edge_ring, x, y, d, scal
         idx = idx[np.lexsort((ring_area[idx] < 0, comp[idx]))]
         parts = np.flatnonzero(np.r_[True, comp[idx][1:] != comp[idx][:-1], True])
         idx_l = idx.tolist()
-        polys = ["[" + ",".join(ring_text(i) for i in idx_l[p0:p1]) + "]"
-                 for p0, p1 in zip(parts[:-1].tolist(), parts[1:].tolist())]
+        polys = [
+            "[" + ",".join(ring_text(i) for i in idx_l[p0:p1]) + "]"
+            for p0, p1 in zip(parts[:-1].tolist(), parts[1:].tolist())
+        ]
         if len(polys) == 1:
             yield lab_l[a], '{"type":"Polygon","coordinates":' + polys[0] + "}"
         else:
@@ -296,8 +309,8 @@ class OutlineCollector:
         """Pieces as they are (one feature each), traced by piece id; their objects stay split."""
         if len(x):
             self._split_gids = np.union1d(self._split_gids, np.unique(gid))
-            for x, y, d, gid in _batches(x, y, d, gid):
-                self._write(geometries(*trace(x, y, d, gid), x, y, d, self.scale0), "p")
+            for bx, by, bd, bgid in _batches(x, y, d, gid):
+                self._write(geometries(*trace(bx, by, bd, bgid), bx, by, bd, self.scale0), "p")
 
     def _split(self, roots: np.ndarray) -> None:
         """Over budget: write the largest open objects piece by piece until half the budget is left."""
@@ -386,8 +399,9 @@ class OutlineCollector:
                 yield int(gid), kind == "p", geom
 
 
-def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes: list, mpp: float,
-                  slide_id: str) -> int:
+def write_geojson(
+    path: str, collector: OutlineCollector, counts: dict, classes: list, mpp: float, slide_id: str
+) -> int:
     """Write every object's outline as a QuPath-readable FeatureCollection (gzip when
     ``path`` ends in .gz), atomically. Returns the number of features.
 
@@ -413,7 +427,9 @@ def write_geojson(path: str, collector: OutlineCollector, counts: dict, classes:
     tmp = path + ".part"
     ns = uuid.uuid5(uuid.NAMESPACE_URL, "wsiseg:" + slide_id)
     try:
-        n, seen = _write_features(tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, classes, ns)
+        n, seen = _write_features(
+            tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, classes, ns
+        )
         if seen != len(all_roots):
             raise AssertionError(f"outlines for {seen} of {len(all_roots)} objects")
         os.replace(tmp, path)
@@ -430,7 +446,7 @@ def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, cla
     """(features written, objects that have one or more)."""
     n = 0
     parts = np.zeros(len(sorted_roots), np.int64)  # features so far per object
-    with (gzip.open(tmp, "wt", compresslevel=6, encoding="utf-8") if gz else open(tmp, "w", encoding="utf-8")) as fh:
+    with gzip.open(tmp, "wt", compresslevel=6, encoding="utf-8") if gz else open(tmp, "w", encoding="utf-8") as fh:
         fh.write('{"type":"FeatureCollection","features":[\n')
         for gid, is_part, geom in collector.outlines():
             root = int(roots[gid])
@@ -448,8 +464,16 @@ def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, cla
             if is_part:
                 props["measurements"]["part"] = int(parts[i])
             fid = uuid.uuid5(ns, f"{object_id}/{parts[i]}" if is_part else str(object_id))
-            fh.write((",\n" if n else "") + '{"type":"Feature","id":"' + str(fid)
-                     + '","geometry":' + geom + ',"properties":' + json.dumps(props, separators=(",", ":")) + "}")
+            fh.write(
+                (",\n" if n else "")
+                + '{"type":"Feature","id":"'
+                + str(fid)
+                + '","geometry":'
+                + geom
+                + ',"properties":'
+                + json.dumps(props, separators=(",", ":"))
+                + "}"
+            )
             n += 1
         fh.write("\n]}\n")
     return n, int(np.count_nonzero(parts))

@@ -16,11 +16,24 @@ from .tiling import Plan, plan_margin, plan_tiles, tile_spec_for
 from .tissue import TissueInfo, load_mask
 
 
-def run(*, slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: str, model_cfg: dict,
-        tiling_cfg: dict, out_tsv: str, out_json: str, log=print) -> Plan:
+def run(
+    *,
+    slide_path: str,
+    slide_id: str,
+    mpp,
+    tissue_png: str,
+    tissue_json: str,
+    model_cfg: dict,
+    tiling_cfg: dict,
+    out_tsv: str,
+    out_json: str,
+    log=print,
+) -> Plan:
     t0 = time.monotonic()
     model = load_model(model_cfg)
-    margin = plan_margin(model, tiling_cfg.get("margin", "auto"), bool(tiling_cfg.get("allow_small_margin", False)), log)
+    margin = plan_margin(
+        model, tiling_cfg.get("margin", "auto"), bool(tiling_cfg.get("allow_small_margin", False)), log
+    )
     spec = tile_spec_for(model, int(tiling_cfg["tile_size"]), margin)
     tissue_downsample = TissueInfo.read(tissue_json).downsample  # level-0 px per tissue-mask px
     with open_slide(slide_path, slide_id, mpp) as slide:
@@ -33,13 +46,26 @@ def run(*, slide_path: str, slide_id: str, mpp, tissue_png: str, tissue_json: st
         f"target px at {geom.target_mpp} µm/px, read from level {geom.level} (downsample {geom.level_downsample:g}, "
         f"resample x{1 / geom.scale:.4f})"
     )
-    log(f"model halo {model.halo} px, border {model.border} px; tile {spec.tile_size} + margin {spec.margin} "
-        f"-> window {spec.window} px; {len(tiles)} of {rows * cols} tiles touch tissue")
+    log(
+        f"model halo {model.halo} px, border {model.border} px; tile {spec.tile_size} + margin {spec.margin} "
+        f"-> window {spec.window} px; {len(tiles)} of {rows * cols} tiles touch tissue"
+    )
     plan = Plan(
-        tiles=tiles, geometry=geom, spec=spec, slide_id=slide_id, model=model.name, model_checksum=model.checksum,
-        halo=model.halo, grid_rows=rows, grid_cols=cols, tissue_downsample=tissue_downsample,
-        model_classes=model.classes, mask_classes=model.mask_classes, postprocess=model.postprocess,
-        calibration=calibration, elapsed_s=time.monotonic() - t0,
+        tiles=tiles,
+        geometry=geom,
+        spec=spec,
+        slide_id=slide_id,
+        model=model.name,
+        model_checksum=model.checksum,
+        halo=model.halo,
+        grid_rows=rows,
+        grid_cols=cols,
+        tissue_downsample=tissue_downsample,
+        model_classes=model.classes,
+        mask_classes=model.mask_classes,
+        postprocess=model.postprocess,
+        calibration=calibration,
+        elapsed_s=time.monotonic() - t0,
     )
     plan.write(out_tsv, out_json)
     return plan

@@ -46,12 +46,14 @@ class TileWriter:
     """labels -> tissue clip -> store, for one tile; the same in every process.
 
     ``labeler(out, keep, th, tw)`` is the model's per-tile post-processing
-    (:meth:`wsiseg.models.ModelSpec.labeler`); each forked worker opens the store itself; ``tissue`` a boolean mask with one px per
+    (:meth:`wsiseg.models.ModelSpec.labeler`); each forked worker opens the store itself;
+    ``tissue`` a boolean mask with one px per
     ``tissue_downsample`` level-0 px (None: no clipping); ``scale0`` level-0 px per target px.
     """
 
-    def __init__(self, store_path: str, labeler, keep: slice, scale0: float, tissue=None,
-                 tissue_downsample: float = 1.0):
+    def __init__(
+        self, store_path: str, labeler, keep: slice, scale0: float, tissue=None, tissue_downsample: float = 1.0
+    ):
         self.store_path, self.labeler, self.keep = store_path, labeler, keep
         self.scale0, self.tissue, self.tissue_downsample = scale0, tissue, tissue_downsample
         self._store = None
@@ -135,8 +137,10 @@ class PostprocessPool:
             # fork, all workers at once, now: before the DataLoader starts and before the network runs
             # (a stage script's __main__ cannot be re-imported, as 'spawn' would)
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=mp.get_context("fork"),
-                initializer=_init_worker, initargs=(writer, os.getpid()),
+                max_workers=self.workers,
+                mp_context=mp.get_context("fork"),
+                initializer=_init_worker,
+                initargs=(writer, os.getpid()),
             )
             self._pool.submit(int).result()  # launches every worker (fork: all at the first submit)
 

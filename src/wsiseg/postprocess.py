@@ -121,8 +121,9 @@ def haematoxylin(rgb: np.ndarray, mpp: float, params: BaselineParams) -> np.ndar
     return ndi.gaussian_filter(rgb2hed(rgb)[..., 0], params.smooth_um / mpp)
 
 
-def classical_instances(rgb: np.ndarray, mpp: float, params: BaselineParams | None = None,
-                        threshold: float | None = None) -> np.ndarray:
+def classical_instances(
+    rgb: np.ndarray, mpp: float, params: BaselineParams | None = None, threshold: float | None = None
+) -> np.ndarray:
     """Haematoxylin + Otsu + opening + distance-transform watershed (instance ids).
 
     ``threshold`` on the smoothed haematoxylin channel; None = Otsu's threshold of
@@ -139,8 +140,9 @@ def classical_instances(rgb: np.ndarray, mpp: float, params: BaselineParams | No
     blobs = remove_small(blobs, int(round(params.min_object_um2 / (mpp * mpp))))
     mask = blobs > 0
     dist = ndi.distance_transform_edt(mask)
-    peaks = peak_local_max(dist, min_distance=max(1, int(round(params.min_distance_um / mpp))), labels=blobs,
-                           exclude_border=False)
+    peaks = peak_local_max(
+        dist, min_distance=max(1, int(round(params.min_distance_um / mpp))), labels=blobs, exclude_border=False
+    )
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     ids = watershed(-dist, markers=markers, mask=mask)

@@ -20,8 +20,9 @@ def pad_to(x: torch.Tensor, multiple: int, margin: int) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def predict_probs(module, image: np.ndarray, align: int = 16, margin: int = 32, tta: bool = True,
-                  device="cpu") -> np.ndarray:
+def predict_probs(
+    module, image: np.ndarray, align: int = 16, margin: int = 32, tta: bool = True, device="cpu"
+) -> np.ndarray:
     """Softmax probabilities (K, H, W) for a whole (small) RGB image, mirror-padded.
 
     ``tta`` averages the 8 flips/rotations (dihedral group), undone exactly.

@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import SlideError
 from .geometry import Geometry, read_window
-from .slide import open_slide
 from .postpool import PostprocessPool, TileJob, TileWriter
+from .slide import open_slide
 from .store import TileStore
 from .tiling import TileSpec
 from .unet import softmax_tta
@@ -93,20 +93,40 @@ class StoreMerger:
     whatever the number.
     """
 
-    def __init__(self, path: str, geom: Geometry, spec: TileSpec, tissue=None, tissue_downsample: float = 1.0,
-                 labels=None, workers: int = 0, slide_name: str = "", depth: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        geom: Geometry,
+        spec: TileSpec,
+        tissue=None,
+        tissue_downsample: float = 1.0,
+        labels=None,
+        workers: int = 0,
+        slide_name: str = "",
+        depth: int | None = None,
+    ):
         from .models.spec import TileLabeler
 
         self.store = TileStore.create(path, geom.height, geom.width, spec.tile_size)
         self.geom, self.spec = geom, spec
-        writer = TileWriter(path, labels or TileLabeler(None, geom.target_mpp), spec.keep, geom.scale0, tissue,
-                            tissue_downsample)
+        writer = TileWriter(
+            path, labels or TileLabeler(None, geom.target_mpp), spec.keep, geom.scale0, tissue, tissue_downsample
+        )
         self.pool = PostprocessPool(writer, workers, slide_name or os.path.basename(path), depth=depth)
 
     def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
         assert keep == self.spec.keep
-        self.pool.submit(TileJob(int(tile.row), int(tile.col), int(tile.tx), int(tile.ty), int(tile.tw), int(tile.th),
-                                 out.float().cpu().numpy()))
+        self.pool.submit(
+            TileJob(
+                int(tile.row),
+                int(tile.col),
+                int(tile.tx),
+                int(tile.ty),
+                int(tile.tw),
+                int(tile.th),
+                out.float().cpu().numpy(),
+            )
+        )
 
     def finalize(self) -> TileStore:
         self.pool.drain()
@@ -171,8 +191,12 @@ def run_segmentation(
         torch.backends.cudnn.benchmark = True
     ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
     loader = DataLoader(
-        ds, batch_size=batch_size, num_workers=workers, shuffle=False,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        ds,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
         prefetch_factor=2 if workers else None,
     )
     keep = spec.keep
@@ -183,8 +207,25 @@ def run_segmentation(
     timings = {} if timings is None else timings
     timings.update(read_cpu_s=0.0, network_s=0.0)
     try:
-        _loop(loader, model, merger, device, keep, use_amp, amp_dtype, tta, rows, unreadable, slide_name, len(ds),
-              max_unreadable_fraction, log_fn, log_every_s, t0, timings)
+        _loop(
+            loader,
+            model,
+            merger,
+            device,
+            keep,
+            use_amp,
+            amp_dtype,
+            tta,
+            rows,
+            unreadable,
+            slide_name,
+            len(ds),
+            max_unreadable_fraction,
+            log_fn,
+            log_every_s,
+            t0,
+            timings,
+        )
     except BaseException:
         abort = getattr(merger, "abort", None)
         if abort is not None:
@@ -193,8 +234,25 @@ def run_segmentation(
     return merger.finalize()
 
 
-def _loop(loader, model, merger, device, keep, use_amp, amp_dtype, tta, rows, unreadable, slide_name, n_tiles,
-          max_unreadable_fraction, log_fn, log_every_s, t0, timings):
+def _loop(
+    loader,
+    model,
+    merger,
+    device,
+    keep,
+    use_amp,
+    amp_dtype,
+    tta,
+    rows,
+    unreadable,
+    slide_name,
+    n_tiles,
+    max_unreadable_fraction,
+    log_fn,
+    log_every_s,
+    t0,
+    timings,
+):
     cuda = device.type == "cuda"
     last, done = t0, 0
     with torch.inference_mode():
@@ -216,8 +274,10 @@ def _loop(loader, model, merger, device, keep, use_amp, amp_dtype, tta, rows, un
                 tile = rows[i]
                 if errors[j]:
                     unreadable.append((int(tile.row), int(tile.col), errors[j]))
-                    log_fn(f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
-                           f"y={tile.y0}) could not be read and is left as background: {errors[j]}")
+                    log_fn(
+                        f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
+                        f"y={tile.y0}) could not be read and is left as background: {errors[j]}"
+                    )
                     if len(unreadable) > max_unreadable_fraction * n_tiles:
                         raise SlideError(
                             slide_name,
@@ -234,8 +294,10 @@ def _loop(loader, model, merger, device, keep, use_amp, amp_dtype, tta, rows, un
             if now - last >= log_every_s or done == n_tiles:
                 rate = done / max(now - t0, 1e-9)
                 eta = (n_tiles - done) / max(rate, 1e-9)
-                log_fn(f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), "
-                       f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s")
+                log_fn(
+                    f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), "
+                    f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s"
+                )
                 last = now
 
 
@@ -267,9 +329,23 @@ def _sigterm_as_exit():
         signal.signal(signal.SIGTERM, old)
 
 
-def run(*, slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, tissue_png: str, model_cfg: dict,
-        tiling_cfg: dict, device: str, clip_to_tissue: bool, out_store: str, out_json: str, threads: int = 1,
-        log=log.info) -> dict:
+def run(
+    *,
+    slide_path: str,
+    slide_id: str,
+    mpp,
+    plan_tsv: str,
+    plan_json: str,
+    tissue_png: str,
+    model_cfg: dict,
+    tiling_cfg: dict,
+    device: str,
+    clip_to_tissue: bool,
+    out_store: str,
+    out_json: str,
+    threads: int = 1,
+    log=log.info,
+) -> dict:
     """Segment stage: labels of every planned tile into a chunked store."""
     from .models import load_model
     from .runner import write_json
@@ -287,30 +363,65 @@ def run(*, slide_path: str, slide_id: str, mpp, plan_tsv: str, plan_json: str, t
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     geom, spec = plan.geometry, plan.spec
     post_workers = postprocess_workers(tiling_cfg, threads)
-    merger = StoreMerger(out_store, geom, spec, tissue, plan.tissue_downsample, labels=model.labeler(),
-                         workers=post_workers, slide_name=slide_id)
+    merger = StoreMerger(
+        out_store,
+        geom,
+        spec,
+        tissue,
+        plan.tissue_downsample,
+        labels=model.labeler(),
+        workers=post_workers,
+        slide_name=slide_id,
+    )
     if model.postprocess:
         log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
     tta = bool(model_cfg.get("tta", False)) and model.supports_tta
-    log(f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
+    log(
+        f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
         f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} reading workers, {post_workers} post-processing "
         f"workers, amp={dev.type == 'cuda'}, "
-        f"tta={'8 flips/rotations' if tta else 'off'})")
+        f"tta={'8 flips/rotations' if tta else 'off'})"
+    )
     unreadable, timings = [], {}
     with _sigterm_as_exit():  # SIGTERM (scancel, a killed job) ends the workers too
-        run_segmentation(slide_path, slide_id, mpp, geom, spec, tiles, model.module, merger, dev,
-                         batch_size=int(tiling_cfg["batch_size"]), workers=int(tiling_cfg["workers"]),
-                         amp=bool(tiling_cfg.get("amp", True)), log_fn=log,
-                         max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
-                         unreadable=unreadable, tta=tta, timings=timings)
+        run_segmentation(
+            slide_path,
+            slide_id,
+            mpp,
+            geom,
+            spec,
+            tiles,
+            model.module,
+            merger,
+            dev,
+            batch_size=int(tiling_cfg["batch_size"]),
+            workers=int(tiling_cfg["workers"]),
+            amp=bool(tiling_cfg.get("amp", True)),
+            log_fn=log,
+            max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
+            unreadable=unreadable,
+            tta=tta,
+            timings=timings,
+        )
     merger.store.close()
     elapsed = time.monotonic() - t0
     mpx = float((tiles.tw * tiles.th).sum()) / 1e6 if len(tiles) else 0.0
-    log(f"{mpx:.1f} output Mpx; CPU s per Mpx: reading {timings['read_cpu_s'] / max(mpx, 1e-9):.3f}, "
-        f"post-processing {merger.pool.post_cpu_s / max(mpx, 1e-9):.3f}, writes {merger.pool.write_cpu_s / max(mpx, 1e-9):.4f} "
-        f"({post_workers or 'no'} post-processing worker{'s' if post_workers != 1 else ''}); network {timings['network_s']:.1f} s")
-    info = dict(slide_id=slide_id, device=str(dev), tta=tta, n_tiles=len(tiles), elapsed_s=elapsed,
-                tiles_per_s=len(tiles) / max(elapsed, 1e-9), tiles_unreadable=len(unreadable),
-                unreadable=[dict(row=r, col=c, error=e) for r, c, e in unreadable])
+    log(
+        f"{mpx:.1f} output Mpx; CPU s per Mpx: reading {timings['read_cpu_s'] / max(mpx, 1e-9):.3f}, "
+        f"post-processing {merger.pool.post_cpu_s / max(mpx, 1e-9):.3f}, "
+        f"writes {merger.pool.write_cpu_s / max(mpx, 1e-9):.4f} "
+        f"({post_workers or 'no'} post-processing worker{'s' if post_workers != 1 else ''}); "
+        f"network {timings['network_s']:.1f} s"
+    )
+    info = dict(
+        slide_id=slide_id,
+        device=str(dev),
+        tta=tta,
+        n_tiles=len(tiles),
+        elapsed_s=elapsed,
+        tiles_per_s=len(tiles) / max(elapsed, 1e-9),
+        tiles_unreadable=len(unreadable),
+        unreadable=[dict(row=r, col=c, error=e) for r, c, e in unreadable],
+    )
     write_json(out_json, info)
     return info

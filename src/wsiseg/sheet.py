@@ -61,7 +61,10 @@ def read_sheet(path: str) -> pd.DataFrame:
     sheet = read_tsv(path, dtype={"slide_id": str, "path": str})
     missing = {"slide_id", "path"} - set(sheet.columns)
     if missing:
-        raise SheetError(f"sample sheet {path} lacks column(s) {sorted(missing)}; it needs slide_id, path and optionally mpp (tab-separated)")
+        raise SheetError(
+            f"sample sheet {path} lacks column(s) {sorted(missing)}; "
+            "it needs slide_id, path and optionally mpp (tab-separated)"
+        )
     return sheet
 
 
@@ -76,8 +79,10 @@ def check_sheet(sheet: pd.DataFrame) -> pd.DataFrame:
         raise SheetError(f"slide_id {bad} in the sample sheet: use only letters, digits, '.', '_' and '-'")
     reserved = sorted(set(sheet["slide_id"]) & RESERVED_IDS)
     if reserved:
-        raise SheetError(f"slide_id {reserved} in the sample sheet is a name the workflow writes in the results "
-                         f"folder ({', '.join(sorted(RESERVED_IDS))}); rename the slide")
+        raise SheetError(
+            f"slide_id {reserved} in the sample sheet is a name the workflow writes in the results "
+            f"folder ({', '.join(sorted(RESERVED_IDS))}); rename the slide"
+        )
     dup = sorted(set(sheet["slide_id"][sheet["slide_id"].duplicated()]))
     if dup:
         clash = sheet[sheet["slide_id"].isin(dup)][["slide_id", "path"]].to_string(index=False)

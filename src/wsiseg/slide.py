@@ -79,7 +79,7 @@ class Slide:
     mpp_source: str  # 'metadata', 'sheet' or 'missing'
     _handle: object = field(default=None, repr=False)
     _pages: list = field(default_factory=list, repr=False)
-    _segment_cache: "_SegmentCache" = field(default=None, repr=False)
+    _segment_cache: _SegmentCache = field(default=None, repr=False)
     metadata_mpp: float | None = None  # what the file says, whatever the sheet says
     openslide_error: str | None = None  # why OpenSlide refused it (tifffile backend)
 
@@ -140,8 +140,7 @@ class Slide:
                 why = f"OpenSlide: {self.openslide_error}; tifffile: {why}"
             raise SlideError(
                 self.name,
-                f"pixel data could not be decoded at level {level}, region x={x} y={y} "
-                f"w={w} h={h} ({why})",
+                f"pixel data could not be decoded at level {level}, region x={x} y={y} w={w} h={h} ({why})",
                 "the file is damaged or truncated: re-export or re-scan it, or remove it from the sheet",
             ) from exc
 
@@ -363,8 +362,7 @@ def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> 
         else:
             raise SlideError(
                 name,
-                "not a slide format OpenSlide or tifffile can read"
-                + (f" ({os_error})" if os_error else ""),
+                "not a slide format OpenSlide or tifffile can read" + (f" ({os_error})" if os_error else ""),
                 "check the file is a complete whole-slide image (SVS, NDPI, MRXS, DICOM, SCN, TIFF) "
                 "and not a placeholder or a channel-set file such as .ndpis; re-export it otherwise",
             )
@@ -404,9 +402,16 @@ def inspect_slide(path: str, name: str, mpp: float | None = None) -> dict:
             )
         return dict(
             warnings=warnings,
-            slide_id=name, path=path, backend=slide.backend, vendor=slide.vendor,
-            width=slide.dimensions[0], height=slide.dimensions[1],
-            level_count=slide.level_count, level_dimensions=slide.level_dimensions,
-            level_downsamples=slide.level_downsamples, mpp=slide.mpp, mpp_source=slide.mpp_source,
+            slide_id=name,
+            path=path,
+            backend=slide.backend,
+            vendor=slide.vendor,
+            width=slide.dimensions[0],
+            height=slide.dimensions[1],
+            level_count=slide.level_count,
+            level_dimensions=slide.level_dimensions,
+            level_downsamples=slide.level_downsamples,
+            mpp=slide.mpp,
+            mpp_source=slide.mpp_source,
             metadata_mpp=slide.metadata_mpp,
         )

@@ -39,8 +39,19 @@ def measure(mask_path: str, classes: list, mpp: float, outlines=None) -> tuple[d
     return row, counts
 
 
-def run(*, mask_path: str, slide_json: str, tissue_json: str, plan_json: str, timing_jsons: list, classes: list,
-        out_csv: str, objects_csv: str | None = None, outlines_geojson: str | None = None, log=print) -> dict:
+def run(
+    *,
+    mask_path: str,
+    slide_json: str,
+    tissue_json: str,
+    plan_json: str,
+    timing_jsons: list,
+    classes: list,
+    out_csv: str,
+    objects_csv: str | None = None,
+    outlines_geojson: str | None = None,
+    log=print,
+) -> dict:
     """Stats stage: one-row stats.csv for a slide, (``objects_csv``) one row per object and
     (``outlines_geojson``) every object's outline for QuPath."""
     t0 = time.monotonic()
@@ -50,10 +61,19 @@ def run(*, mask_path: str, slide_json: str, tissue_json: str, plan_json: str, ti
     mpp = geom.target_mpp
     classes = pl.mask_classes or classes  # the plan knows the model's mask classes
     row = dict(
-        slide_id=rec.slide_id, path=rec.path, status="ok", error="",
-        vendor=sl["vendor"], width_px=sl["width"], height_px=sl["height"],
-        slide_mpp=sl["mpp"], mpp_source=sl["mpp_source"], mpp_used=mpp,
-        level_read=geom.level, tissue_method=ti.method, tissue_area_mm2=ti.tissue_area_mm2,
+        slide_id=rec.slide_id,
+        path=rec.path,
+        status="ok",
+        error="",
+        vendor=sl["vendor"],
+        width_px=sl["width"],
+        height_px=sl["height"],
+        slide_mpp=sl["mpp"],
+        mpp_source=sl["mpp_source"],
+        mpp_used=mpp,
+        level_read=geom.level,
+        tissue_method=ti.method,
+        tissue_area_mm2=ti.tissue_area_mm2,
         n_tiles=pl.n_tiles,
     )
     scale0 = geom.scale0  # level-0 px per mask px, as the plan used it
@@ -74,8 +94,7 @@ def run(*, mask_path: str, slide_json: str, tissue_json: str, plan_json: str, ti
         row["model_tta"] = any(bool(i.get("tta", False)) for i in stage_info)
         row["tiles_unreadable"] = sum(int(i.get("tiles_unreadable", 0)) for i in stage_info)
         timings = [i.get("elapsed_s", 0.0) for i in stage_info]
-        row["wall_time_s"] = round(sum(timings) + pl.elapsed_s + ti.elapsed_s
-                                   + time.monotonic() - t0, 2)
+        row["wall_time_s"] = round(sum(timings) + pl.elapsed_s + ti.elapsed_s + time.monotonic() - t0, 2)
         # stable column order: identity, slide, tissue, per class, model, time
         cols = list(row)
         if objects_csv:

@@ -10,14 +10,25 @@ from .store import TileStore
 
 #: overlay colours per class index (class 0 is not drawn)
 PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [145, 30, 180],
-     [70, 240, 240], [245, 130, 48], [240, 50, 230], [210, 245, 60]],
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [0, 130, 200],
+        [255, 225, 25],
+        [145, 30, 180],
+        [70, 240, 240],
+        [245, 130, 48],
+        [240, 50, 230],
+        [210, 245, 60],
+    ],
     np.uint8,
 )
 
 
-def overlay(thumb: np.ndarray, mask_path: str, alpha: float = 0.45, tissue: np.ndarray | None = None,
-            strip: int = 256) -> np.ndarray:
+def overlay(
+    thumb: np.ndarray, mask_path: str, alpha: float = 0.45, tissue: np.ndarray | None = None, strip: int = 256
+) -> np.ndarray:
     """Thumbnail with the mask's classes drawn over it (and the tissue outline).
 
     Works in strips of ``strip`` rows, so temporaries stay small whatever the thumbnail size.
@@ -46,8 +57,21 @@ def overlay(thumb: np.ndarray, mask_path: str, alpha: float = 0.45, tissue: np.n
             out[y0:y1][edge[y0:y1]] = (0, 0, 0)
     return out
 
-def run(*, store_path: str, plan_json: str, thumb_png: str, tissue_png: str, slide_id: str, out_mask: str,
-        out_overlay: str, out_json: str, tiff_tile: int = 512, compression: str = "zlib", log=print) -> dict:
+
+def run(
+    *,
+    store_path: str,
+    plan_json: str,
+    thumb_png: str,
+    tissue_png: str,
+    slide_id: str,
+    out_mask: str,
+    out_overlay: str,
+    out_json: str,
+    tiff_tile: int = 512,
+    compression: str = "zlib",
+    log=print,
+) -> dict:
     """Stitch stage: mask.ome.tif (pyramidal) and overlay.png."""
     import time
 
@@ -60,7 +84,14 @@ def run(*, store_path: str, plan_json: str, thumb_png: str, tissue_png: str, sli
     t0 = time.monotonic()
     mpp = Plan.read_meta(plan_json).geometry.target_mpp
     with TileStore(store_path) as store:
-        n = write_ome_tiff(store, out_mask, mpp, name=slide_id, tile=tiff_tile, compression=None if compression == "none" else compression)
+        n = write_ome_tiff(
+            store,
+            out_mask,
+            mpp,
+            name=slide_id,
+            tile=tiff_tile,
+            compression=None if compression == "none" else compression,
+        )
         log(f"mask {store.width}x{store.height} px at {mpp} µm/px, {n} levels -> {out_mask}")
     thumb = np.asarray(Image.open(thumb_png).convert("RGB"))
     Image.fromarray(overlay(thumb, out_mask, tissue=load_mask(tissue_png))).save(out_overlay)

@@ -27,7 +27,7 @@ class TileStore:
         self._fd = os.open(os.path.join(path, "data.bin"), flags)
 
     @classmethod
-    def create(cls, path: str, height: int, width: int, chunk: int) -> "TileStore":
+    def create(cls, path: str, height: int, width: int, chunk: int) -> TileStore:
         os.makedirs(path, exist_ok=True)
         rows, cols = math.ceil(height / chunk), math.ceil(width / chunk)
         with open(os.path.join(path, "data.bin"), "wb") as fh:
@@ -71,7 +71,7 @@ class TileStore:
                     out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = tile[iy0 - ty0 : iy1 - ty0, ix0 - tx0 : ix1 - tx0]
         return out
 
-    def downsample2(self, path: str) -> "TileStore":
+    def downsample2(self, path: str) -> TileStore:
         """A new store at half resolution (nearest: every second px), chunk by chunk."""
         h, w = math.ceil(self.height / 2), math.ceil(self.width / 2)
         out = TileStore.create(path, h, w, self.chunk)

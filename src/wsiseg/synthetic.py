@@ -53,8 +53,9 @@ def make_he_image(width: int, height: int, mpp: float, seed: int = 0) -> tuple[n
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def write_pyramid_tiff(path: str, img: np.ndarray, mpp: float, tile: int = 256, min_size: int = 256,
-                       compression: str = "jpeg") -> None:
+def write_pyramid_tiff(
+    path: str, img: np.ndarray, mpp: float, tile: int = 256, min_size: int = 256, compression: str = "jpeg"
+) -> None:
     """Tiled pyramidal RGB TIFF, levels downsampled by 2 (box filter) as successive IFDs."""
     levels = [img]
     while max(levels[-1].shape[:2]) > min_size * 2:
@@ -66,8 +67,12 @@ def write_pyramid_tiff(path: str, img: np.ndarray, mpp: float, tile: int = 256, 
         for i, lvl in enumerate(levels):
             lvl_mpp = mpp * img.shape[1] / lvl.shape[1]
             tif.write(
-                lvl, tile=(tile, tile), photometric="rgb", compression=compression,
-                resolution=(1e4 / lvl_mpp, 1e4 / lvl_mpp), resolutionunit="CENTIMETER",
+                lvl,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                resolution=(1e4 / lvl_mpp, 1e4 / lvl_mpp),
+                resolutionunit="CENTIMETER",
                 subfiletype=0 if i == 0 else 1,
                 description="wsiseg synthetic H&E example slide" if i == 0 else None,
             )

@@ -86,9 +86,19 @@ def plan_tiles(geom: Geometry, spec: TileSpec, tissue: np.ndarray | None, tissue
                 continue
             recs.append(
                 dict(
-                    row=r, col=c, tx=tx, ty=ty, tw=tw, th=th,
-                    wx=tx - spec.margin, wy=ty - spec.margin, n=spec.window,
-                    x0=int(round(x0)), y0=int(round(y0)), w0=int(round(w0)), h0=int(round(h0)),
+                    row=r,
+                    col=c,
+                    tx=tx,
+                    ty=ty,
+                    tw=tw,
+                    th=th,
+                    wx=tx - spec.margin,
+                    wy=ty - spec.margin,
+                    n=spec.window,
+                    x0=int(round(x0)),
+                    y0=int(round(y0)),
+                    w0=int(round(w0)),
+                    h0=int(round(h0)),
                     tissue_fraction=round(frac, 4),
                 )
             )
@@ -130,38 +140,57 @@ class Plan:
     def write(self, path_tsv: str, path_json: str) -> None:
         self.tiles.to_csv(path_tsv, sep="\t", index=False)
         meta = dict(
-            geometry=self.geometry.to_dict(), tiles=asdict(self.spec), n_tiles=self.n_tiles,
-            slide_id=self.slide_id, model=self.model, model_checksum=self.model_checksum, halo=self.halo,
-            grid_rows=self.grid_rows, grid_cols=self.grid_cols, elapsed_s=self.elapsed_s,
-            tissue_downsample=self.tissue_downsample, model_classes=self.model_classes,
-            mask_classes=self.mask_classes, postprocess=self.postprocess, **self.calibration,
+            geometry=self.geometry.to_dict(),
+            tiles=asdict(self.spec),
+            n_tiles=self.n_tiles,
+            slide_id=self.slide_id,
+            model=self.model,
+            model_checksum=self.model_checksum,
+            halo=self.halo,
+            grid_rows=self.grid_rows,
+            grid_cols=self.grid_cols,
+            elapsed_s=self.elapsed_s,
+            tissue_downsample=self.tissue_downsample,
+            model_classes=self.model_classes,
+            mask_classes=self.mask_classes,
+            postprocess=self.postprocess,
+            **self.calibration,
         )
         with open(path_json, "w") as fh:
             json.dump(meta, fh, indent=2)
 
     @classmethod
-    def read_meta(cls, path_json: str) -> "Plan":
+    def read_meta(cls, path_json: str) -> Plan:
         """plan.json alone (no tile table: ``tiles`` is empty)."""
         return cls._from(path_json, None)
 
     @classmethod
-    def read(cls, path_tsv: str, path_json: str) -> "Plan":
+    def read(cls, path_tsv: str, path_json: str) -> Plan:
         return cls._from(path_json, path_tsv)
 
     @classmethod
-    def _from(cls, path_json: str, path_tsv: str | None) -> "Plan":
+    def _from(cls, path_json: str, path_tsv: str | None) -> Plan:
         with open(path_json) as fh:
             meta = json.load(fh)
         tiles = pd.read_csv(path_tsv, sep="\t") if path_tsv else pd.DataFrame(columns=PLAN_COLUMNS)
         known = set(cls.__dataclass_fields__)
         return cls(
-            tiles=tiles, geometry=Geometry(**meta["geometry"]), spec=TileSpec(**meta["tiles"]),
-            slide_id=meta["slide_id"], model=meta["model"], model_checksum=meta["model_checksum"],
-            halo=meta.get("halo"), grid_rows=meta["grid_rows"], grid_cols=meta["grid_cols"],
-            tissue_downsample=meta["tissue_downsample"], model_classes=meta["model_classes"],
-            mask_classes=meta["mask_classes"], postprocess=meta.get("postprocess"),
+            tiles=tiles,
+            geometry=Geometry(**meta["geometry"]),
+            spec=TileSpec(**meta["tiles"]),
+            slide_id=meta["slide_id"],
+            model=meta["model"],
+            model_checksum=meta["model_checksum"],
+            halo=meta.get("halo"),
+            grid_rows=meta["grid_rows"],
+            grid_cols=meta["grid_cols"],
+            tissue_downsample=meta["tissue_downsample"],
+            model_classes=meta["model_classes"],
+            mask_classes=meta["mask_classes"],
+            postprocess=meta.get("postprocess"),
             calibration={k: v for k, v in meta.items() if k not in known and k not in ("geometry", "tiles")},
-            elapsed_s=meta.get("elapsed_s", 0.0), n_tiles=meta["n_tiles"] if path_tsv is None else None,
+            elapsed_s=meta.get("elapsed_s", 0.0),
+            n_tiles=meta["n_tiles"] if path_tsv is None else None,
         )
 
 
@@ -187,7 +216,8 @@ def plan_margin(spec, margin, allow_small: bool, log=print) -> int:
             )
         log(
             f"WARNING: tiling.margin={margin} px is below the theoretical halo of {spec.halo} px "
-            "(allowed by tiling.allow_small_margin); the mask may differ slightly from a one-pass result near tile borders"
+            "(allowed by tiling.allow_small_margin); "
+            "the mask may differ slightly from a one-pass result near tile borders"
         )
     return margin
 

@@ -92,8 +92,19 @@ def detect_tissue(
     return mask, method
 
 
-def run(*, slide_path: str, slide_id: str, mpp, out_png: str, out_thumb: str, out_json: str,
-        method: str = "auto", tissue_mpp: float = 4.0, min_area_um2: float = 10000.0, log=print) -> dict:
+def run(
+    *,
+    slide_path: str,
+    slide_id: str,
+    mpp,
+    out_png: str,
+    out_thumb: str,
+    out_json: str,
+    method: str = "auto",
+    tissue_mpp: float = 4.0,
+    min_area_um2: float = 10000.0,
+    log=print,
+) -> dict:
     """Tissue stage: thumbnail.png, tissue.png (0/255) and tissue.json (scale, area)."""
     import time
 
@@ -109,15 +120,31 @@ def run(*, slide_path: str, slide_id: str, mpp, out_png: str, out_thumb: str, ou
     px_um = ds0 * mpp0
     mask, used = detect_tissue(thumb, px_um, method, min_area_um2)
     if used != method:
-        log(f"tissue method '{method}' -> '{used}'" + (" (dark background: fluorescence)" if used == "brightness" else ""))
+        log(
+            f"tissue method '{method}' -> '{used}'"
+            + (" (dark background: fluorescence)" if used == "brightness" else "")
+        )
     area_mm2 = float(mask.sum()) * px_um * px_um / 1e6
-    log(f"thumbnail {thumb.shape[1]}x{thumb.shape[0]} px at {px_um:.3f} µm/px; tissue {100 * mask.mean():.1f}% = {area_mm2:.3f} mm²")
+    log(
+        f"thumbnail {thumb.shape[1]}x{thumb.shape[0]} px at {px_um:.3f} µm/px; "
+        f"tissue {100 * mask.mean():.1f}% = {area_mm2:.3f} mm²"
+    )
     if not mask.any():
-        log(f"WARNING: no tissue found on slide '{slide_id}'; its mask will be empty (set tissue.method: all to segment everything)")
+        log(
+            f"WARNING: no tissue found on slide '{slide_id}'; its mask will be empty "
+            "(set tissue.method: all to segment everything)"
+        )
     Image.fromarray(thumb).save(out_thumb)
     Image.fromarray((mask * 255).astype(np.uint8)).save(out_png)
-    info = dict(slide_id=slide_id, method=used, thumbnail_downsample=ds0, thumbnail_mpp=px_um,
-                tissue_area_mm2=area_mm2, tissue_fraction=float(mask.mean()), elapsed_s=time.monotonic() - t0)
+    info = dict(
+        slide_id=slide_id,
+        method=used,
+        thumbnail_downsample=ds0,
+        thumbnail_mpp=px_um,
+        tissue_area_mm2=area_mm2,
+        tissue_fraction=float(mask.mean()),
+        elapsed_s=time.monotonic() - t0,
+    )
     write_json(out_json, info)
     return info
 
@@ -135,12 +162,18 @@ class TissueInfo:
     elapsed_s: float = 0.0
 
     @classmethod
-    def read(cls, path: str) -> "TissueInfo":
+    def read(cls, path: str) -> TissueInfo:
         with open(path) as fh:
             d = json.load(fh)
-        return cls(slide_id=d["slide_id"], method=d["method"], downsample=d["thumbnail_downsample"],
-                   mpp=d["thumbnail_mpp"], tissue_area_mm2=d["tissue_area_mm2"],
-                   tissue_fraction=d["tissue_fraction"], elapsed_s=d.get("elapsed_s", 0.0))
+        return cls(
+            slide_id=d["slide_id"],
+            method=d["method"],
+            downsample=d["thumbnail_downsample"],
+            mpp=d["thumbnail_mpp"],
+            tissue_area_mm2=d["tissue_area_mm2"],
+            tissue_fraction=d["tissue_fraction"],
+            elapsed_s=d.get("elapsed_s", 0.0),
+        )
 
 
 def load_mask(png_path: str) -> np.ndarray:

@@ -89,8 +89,10 @@ class TrainConfig:
 def classes_for(target: str, object_class: str = "nucleus") -> list:
     """Class names of the model: background, the objects, and the boundary of the 3-class target."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", object_class or "") or object_class in ("background", "boundary"):
-        raise ConfigError(f"train.object_class={object_class!r}: name the annotated objects with letters, digits "
-                          "and _ (e.g. nucleus, gland), other than 'background' and 'boundary'")
+        raise ConfigError(
+            f"train.object_class={object_class!r}: name the annotated objects with letters, digits "
+            "and _ (e.g. nucleus, gland), other than 'background' and 'boundary'"
+        )
     if target == "three_class":
         return ["background", object_class, "boundary"]
     if target == "weight_map":
@@ -206,14 +208,20 @@ def validate(model, batches, cfg: TrainConfig, device) -> tuple[float, float]:
 
 def _rng_state(rng: np.random.Generator) -> dict:
     st = rng.bit_generator.state
-    return dict(state=str(st["state"]["state"]), inc=str(st["state"]["inc"]),
-                has_uint32=int(st["has_uint32"]), uinteger=int(st["uinteger"]))
+    return dict(
+        state=str(st["state"]["state"]),
+        inc=str(st["state"]["inc"]),
+        has_uint32=int(st["has_uint32"]),
+        uinteger=int(st["uinteger"]),
+    )
 
 
 def _set_rng_state(rng: np.random.Generator, d: dict) -> None:
     rng.bit_generator.state = dict(
-        bit_generator="PCG64", state=dict(state=int(d["state"]), inc=int(d["inc"])),
-        has_uint32=int(d["has_uint32"]), uinteger=int(d["uinteger"]),
+        bit_generator="PCG64",
+        state=dict(state=int(d["state"]), inc=int(d["inc"])),
+        has_uint32=int(d["has_uint32"]),
+        uinteger=int(d["uinteger"]),
     )
 
 
@@ -234,19 +242,30 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
 
     samples = L.load_set(cfg.sheet, cfg.mpp, keep_native=True)
     train_s, val_s = split_samples(samples, cfg.val_fraction, cfg.seed)
-    log(f"training on {len(train_s)} images ({', '.join(s.name for s in train_s)}); "
-        f"validating on {len(val_s)} ({', '.join(s.name for s in val_s)}); mpp {cfg.mpp}; device {device}")
+    log(
+        f"training on {len(train_s)} images ({', '.join(s.name for s in train_s)}); "
+        f"validating on {len(val_s)} ({', '.join(s.name for s in val_s)}); mpp {cfg.mpp}; device {device}"
+    )
 
-    model = UNet(n_classes=len(classes), depth=cfg.depth, base_width=cfg.base_width, padding="same",
-                 batch_norm=cfg.batch_norm, dropout=cfg.dropout, **(init["norm"] if init else {})).to(device)
+    model = UNet(
+        n_classes=len(classes),
+        depth=cfg.depth,
+        base_width=cfg.base_width,
+        padding="same",
+        batch_norm=cfg.batch_norm,
+        dropout=cfg.dropout,
+        **(init["norm"] if init else {}),
+    ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience)
     start_epoch, best_loss, bad_epochs, steps = 0, float("inf"), 0, 0
     init_sha = init["sha256"] if init else None
     ck = torch.load(last_path, map_location=device, weights_only=True) if resume and os.path.exists(last_path) else None
     if ck is not None and ck["extra"]["train"].get("init_sha256") != init_sha:
-        log(f"not resuming from {last_path}: it was started from other weights than train.init now names; "
-            "training starts over")
+        log(
+            f"not resuming from {last_path}: it was started from other weights than train.init now names; "
+            "training starts over"
+        )
         ck = None
     if ck is not None:
         model.load_state_dict(ck["state_dict"])
@@ -262,8 +281,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
             os.remove(csv_path)
         if init:
             load_in_order(model, init["state_dict"], cfg.init)
-            log(f"starting from the weights of {cfg.init} (sha256 {init['sha256'][:12]}…), "
-                "not from He initialisation")
+            log(f"starting from the weights of {cfg.init} (sha256 {init['sha256'][:12]}…), not from He initialisation")
 
     sampler = CropSampler(train_s, cfg, rng)
     vb = val_batches(val_s, cfg, 2**cfg.depth)
@@ -291,24 +309,54 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         improved = vloss < best_loss
         if improved:
             best_loss, bad_epochs = vloss, 0
-            save_checkpoint(best_path, model, classes, cfg.mpp, cfg.name,
-                            extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)))
+            save_checkpoint(
+                best_path,
+                model,
+                classes,
+                cfg.mpp,
+                cfg.name,
+                extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
+            )
         else:
             bad_epochs += 1
-        row = dict(epoch=epoch, steps=steps, train_loss=float(np.mean(losses)), val_loss=vloss, val_dice=round(vdice, 4),
-                   lr=lr_used, seconds=round(time.monotonic() - t0, 1), best=int(improved))
+        row = dict(
+            epoch=epoch,
+            steps=steps,
+            train_loss=float(np.mean(losses)),
+            val_loss=vloss,
+            val_dice=round(vdice, 4),
+            lr=lr_used,
+            seconds=round(time.monotonic() - t0, 1),
+            best=int(improved),
+        )
         new = not os.path.exists(csv_path)
         with open(csv_path, "a", newline="") as fh:
             wr = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if new:
                 wr.writeheader()
             wr.writerow(row)
-        log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {vloss:.4f}"
-            f"{' (best)' if improved else ''}, validation Dice {vdice:.3f}, {row['seconds']} s")
-        resume_state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, best_loss=best_loss, bad_epochs=bad_epochs,
-                            steps=steps, torch_rng=torch.get_rng_state(), numpy_rng=_rng_state(rng))
-        save_checkpoint(last_path, model, classes, cfg.mpp, cfg.name,
-                        extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)))
+        log(
+            f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {vloss:.4f}"
+            f"{' (best)' if improved else ''}, validation Dice {vdice:.3f}, {row['seconds']} s"
+        )
+        resume_state = dict(
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            epoch=epoch,
+            best_loss=best_loss,
+            bad_epochs=bad_epochs,
+            steps=steps,
+            torch_rng=torch.get_rng_state(),
+            numpy_rng=_rng_state(rng),
+        )
+        save_checkpoint(
+            last_path,
+            model,
+            classes,
+            cfg.mpp,
+            cfg.name,
+            extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
+        )
         if bad_epochs >= cfg.patience:
             stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
             break
@@ -316,19 +364,34 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
             stop_reason = "max_steps"
             break
     log(f"stopped after epoch {epoch} ({stop_reason}); best validation loss {best_loss:.4f}")
-    summary = dict(best=best_path, last=last_path, metrics=csv_path, epochs=epoch, steps=steps,
-                   best_val_loss=best_loss, stop=stop_reason)
+    summary = dict(
+        best=best_path,
+        last=last_path,
+        metrics=csv_path,
+        epochs=epoch,
+        steps=steps,
+        best_val_loss=best_loss,
+        stop=stop_reason,
+    )
     if cfg.tune_postprocess and cfg.target == "three_class" and os.path.exists(best_path):
         summary["postprocess"] = tune_postprocess(best_path, val_s, device, log)
     if os.path.exists(best_path):
-        summary["validation"] = score_validation(best_path, val_s, device, os.path.join(cfg.out_dir, "validation.csv"), log)
+        summary["validation"] = score_validation(
+            best_path, val_s, device, os.path.join(cfg.out_dir, "validation.csv"), log
+        )
     return summary
 
 
 def _train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha: str | None) -> dict:
-    info = dict(config=asdict(cfg), epoch=epoch, steps=steps, val_loss=vloss,
-                train_images=[s.name for s in train_s], val_images=[s.name for s in val_s],
-                torch=str(torch.__version__))
+    info = dict(
+        config=asdict(cfg),
+        epoch=epoch,
+        steps=steps,
+        val_loss=vloss,
+        train_images=[s.name for s in train_s],
+        val_images=[s.name for s in val_s],
+        torch=str(torch.__version__),
+    )
     if init_sha:
         info["init_sha256"] = init_sha  # the weights training started from (train.init)
     return info
@@ -344,28 +407,41 @@ def read_init(cfg: TrainConfig, classes: list) -> dict:
     """
     path = cfg.init
     if not os.path.isfile(path):
-        raise ConfigError(f"train.init={path!r}: no such file; name a checkpoint written by `snakemake train` "
-                          "(e.g. models/nuclei-unet.pt) or remove train.init to train from scratch")
+        raise ConfigError(
+            f"train.init={path!r}: no such file; name a checkpoint written by `snakemake train` "
+            "(e.g. models/nuclei-unet.pt) or remove train.init to train from scratch"
+        )
     if is_torchscript(path):
-        raise ConfigError(f"train.init={path!r} is TorchScript; fine-tuning needs a wsiseg checkpoint "
-                          "(written by `snakemake train` or wsiseg.models.checkpoint.save_checkpoint)")
+        raise ConfigError(
+            f"train.init={path!r} is TorchScript; fine-tuning needs a wsiseg checkpoint "
+            "(written by `snakemake train` or wsiseg.models.checkpoint.save_checkpoint)"
+        )
     spec = load_model({"weights": path, "name": "init"}, geometry=False)
     arch = spec.module.config
     wanted = dict(depth=cfg.depth, base_width=cfg.base_width, batch_norm=cfg.batch_norm, padding="same")
     for key, val in wanted.items():
         if arch[key] != val:
-            fix = (f"set train.{key}: {arch[key]!r}" if key != "padding"
-                   else "train makes 'same' U-Nets only; train from scratch")
-            raise ConfigError(f"train.init={path!r} is a U-Net with {key}={arch[key]!r}, but train.{key} is "
-                              f"{val!r}: {fix}")
+            fix = (
+                f"set train.{key}: {arch[key]!r}"
+                if key != "padding"
+                else "train makes 'same' U-Nets only; train from scratch"
+            )
+            raise ConfigError(
+                f"train.init={path!r} is a U-Net with {key}={arch[key]!r}, but train.{key} is {val!r}: {fix}"
+            )
     if spec.classes != list(classes):
-        raise ConfigError(f"train.init={path!r} has classes {spec.classes}, but train.target={cfg.target!r} "
-                          f"trains {classes}: set train.target and train.object_class to the checkpoint's")
+        raise ConfigError(
+            f"train.init={path!r} has classes {spec.classes}, but train.target={cfg.target!r} "
+            f"trains {classes}: set train.target and train.object_class to the checkpoint's"
+        )
     if abs(spec.mpp / cfg.mpp - 1) > 0.01:
-        raise ConfigError(f"train.init={path!r} was trained at {spec.mpp} µm/px, but train.mpp is {cfg.mpp}: "
-                          f"set train.mpp: {spec.mpp}")
-    return dict(state_dict=spec.module.state_dict(), sha256=spec.checksum,
-                norm=dict(mean=arch["mean"], std=arch["std"]))
+        raise ConfigError(
+            f"train.init={path!r} was trained at {spec.mpp} µm/px, but train.mpp is {cfg.mpp}: "
+            f"set train.mpp: {spec.mpp}"
+        )
+    return dict(
+        state_dict=spec.module.state_dict(), sha256=spec.checksum, norm=dict(mean=arch["mean"], std=arch["std"])
+    )
 
 
 def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
@@ -378,8 +454,10 @@ def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
     own = model.state_dict()
     theirs = list(state_dict.values())
     if len(own) != len(theirs) or any(a.shape != b.shape for a, b in zip(own.values(), theirs)):
-        raise ConfigError(f"train.init={source!r}: its tensors do not fit the U-Net being trained "
-                          "(depth, base_width, batch_norm or classes differ); use a matching checkpoint")
+        raise ConfigError(
+            f"train.init={source!r}: its tensors do not fit the U-Net being trained "
+            "(depth, base_width, batch_norm or classes differ); use a matching checkpoint"
+        )
     model.load_state_dict(dict(zip(own.keys(), theirs)))
 
 
@@ -390,14 +468,14 @@ def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
 
     ck = torch.load(best_path, map_location="cpu", weights_only=True)
     model = load_model({"weights": best_path, "name": ck["name"]}, device=str(device), geometry=False).module
-    probs = [resize_probs(predict_probs(model, s.image, 2**model.depth, device=device), s.native_shape)
-             for s in val_s]
+    probs = [resize_probs(predict_probs(model, s.image, 2**model.depth, device=device), s.native_shape) for s in val_s]
     best, best_aji = InstanceParams(), -1.0
     for fg in (0.5, 0.6, 0.7, 0.8):
         for seed in (0.5, 0.7, 0.8, 0.9, 0.95):
             p = InstanceParams(fg_threshold=fg, seed_threshold=seed)
-            a = float(np.mean([aji(s.native_instances, instances_from_probs(pr, s.mpp, p))
-                               for s, pr in zip(val_s, probs)]))
+            a = float(
+                np.mean([aji(s.native_instances, instances_from_probs(pr, s.mpp, p)) for s, pr in zip(val_s, probs)])
+            )
             if a > best_aji:
                 best, best_aji = p, a
     log(f"post-processing chosen on the validation images: {best.as_dict()} (validation AJI {best_aji:.4f})")
@@ -425,6 +503,8 @@ def score_validation(best_path: str, val_s, device, out_csv: str, log=print) -> 
     rows = []
     for s in val_s:
         prob = resize_probs(predict_probs(spec.module, s.image, spec.align, tta=False, device=device), s.native_shape)
-        rows.append(dict(image=s.name, mpp=s.mpp, **all_metrics(s.native_instances, instances_from_probs(prob, s.mpp, params))))
+        rows.append(
+            dict(image=s.name, mpp=s.mpp, **all_metrics(s.native_instances, instances_from_probs(prob, s.mpp, params)))
+        )
     write_metrics(rows, out_csv, log=lambda m: log(f"validation images ({params.as_dict()}): {m}"))
     return out_csv

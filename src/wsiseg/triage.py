@@ -29,7 +29,7 @@ class SlideRecord:
     info: dict = field(default_factory=dict)  # the slide's description (wsiseg.slide.inspect_slide)
 
     @classmethod
-    def read(cls, path: str) -> "SlideRecord":
+    def read(cls, path: str) -> SlideRecord:
         with open(path) as fh:
             d = json.load(fh)
         return cls(slide_id=d["slide_id"], path=d["path"], status=d["status"], error=d.get("error", ""), info=d)
@@ -40,8 +40,10 @@ def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
     try:
         info = inspect_slide(path, slide_id, mpp)
         info["status"] = "ok"
-        log.info(f"{slide_id}: {info['vendor']} {info['width']}x{info['height']} px, {info['level_count']} levels, "
-                 f"{info['mpp']:.4f} µm/px ({info['mpp_source']})")
+        log.info(
+            f"{slide_id}: {info['vendor']} {info['width']}x{info['height']} px, {info['level_count']} levels, "
+            f"{info['mpp']:.4f} µm/px ({info['mpp_source']})"
+        )
         for w in info["warnings"]:
             log.warning(f"{slide_id}: {w}")
     except SlideError as exc:

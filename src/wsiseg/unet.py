@@ -77,8 +77,14 @@ class UNet(nn.Module):
         if padding not in ("same", "valid"):
             raise ConfigError(f"model padding must be 'same' or 'valid', not {padding!r}")
         self.config = dict(
-            n_classes=n_classes, depth=depth, base_width=base_width, padding=padding,
-            batch_norm=batch_norm, dropout=dropout, mean=list(mean), std=list(std),
+            n_classes=n_classes,
+            depth=depth,
+            base_width=base_width,
+            padding=padding,
+            batch_norm=batch_norm,
+            dropout=dropout,
+            mean=list(mean),
+            std=list(std),
         )
         pad = 1 if padding == "same" else 0
         self.padding = padding

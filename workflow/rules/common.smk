@@ -87,7 +87,7 @@ def model_cfg(tta=True):
 def gpu_request(device):
     """The gpu resource (SLURM: sbatch --gpus) of a rule that runs a U-Net on ``device``.
 
-    'cuda'/'gpu' -> 1; 'cpu' -> 0; 'auto' -> 1 when the jobs go to a cluster executor
+    'cuda' or 'gpu' -> 1; 'cpu' -> 0; 'auto' -> 1 when the jobs go to a cluster executor
     (--executor slurm: the login node cannot tell whether the nodes have GPUs, so the
     job asks for one and 'auto' uses it), 0 on a workstation, where a gpu resource would
     only serialise CPU jobs under the default profile's `resources: gpu: 1`. Evaluated
@@ -201,6 +201,38 @@ def get_final_outputs(wildcards):
     return [f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
 
 
+# ------------------------------------------- training and evaluation targets
+# Training and evaluation targets (not part of `all`):
+#   snakemake train --cores 2        -> results/training/<train.name>/best.pt, metrics.csv, validation.csv (work/: last.pt)
+#   snakemake evaluate --cores 2     -> results/evaluation/<set>/<method>/metrics.csv + overlays, comparison.csv
+TRAIN = config.get("train", {})
+EVAL = config.get("evaluate", {})
+TRAIN_DIR = f"{config['results']}/training/{TRAIN.get('name', 'unet')}"
+EVAL_DIR = f"{config['results']}/evaluation"
+
+
+def eval_methods():
+    """'<model name>' (the inference model in `model:`) and/or 'classical-baseline'."""
+    out = []
+    for m in EVAL.get("methods", ["model", "baseline"]):
+        out.append(MODEL if m == "model" else "classical-baseline")
+    return out
+
+
+def get_train_sheet(wildcards):
+    """train.sheet; asked for only when the train target is in the run."""
+    if not TRAIN.get("sheet"):
+        raise WorkflowError(
+            "the train target needs train.sheet: a labeled-set TSV (image, labels, mpp[, split]); "
+            "set it in config.yaml's train: block or with --config, see config/README.md"
+        )
+    return TRAIN["sheet"]
+
+
+def get_eval_sheet(wildcards):
+    return EVAL["sets"][wildcards.set]
+
+
 onsuccess:
     failed = []
     for s in SLIDES.index:
@@ -211,5 +243,7 @@ onsuccess:
             if info.get("status") != "ok":
                 failed.append(f"  {s}: {info.get('error')}")
     if failed:
-        print(f"WARNING: {len(failed)} slide(s) could not be processed (see {RESULTS}/summary.csv):", file=sys.stderr)
+        print(
+            f"WARNING: {len(failed)} slide(s) could not be processed (see {RESULTS}/summary.csv):", file=sys.stderr
+        )
         print("\n".join(failed), file=sys.stderr)

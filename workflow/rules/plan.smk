@@ -8,18 +8,18 @@ rule plan:
     output:
         tsv=f"{RESULTS}/{{slide}}/plan.tsv",
         json=f"{RESULTS}/{{slide}}/plan.json",
-    params:
-        mpp=get_slide_mpp,
-        model=model_cfg(tta=False),
-        tiling=config["tiling"],
     log:
         f"{LOGS}/{{slide}}/plan.log",
     group:
         "prep"
+    conda:
+        "../../envs/torch.yaml"
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=lambda wildcards, attempt: 10 * attempt,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        mpp=get_slide_mpp,
+        model=model_cfg(tta=False),
+        tiling=config["tiling"],
     script:
         "../../scripts/plan.py"

@@ -9,23 +9,23 @@ rule segment:
     output:
         store=temp(directory(f"{RESULTS}/{{slide}}/work/labels.store")),
         json=f"{RESULTS}/{{slide}}/work/segment.json",
-    params:
-        mpp=get_slide_mpp,
-        model=model_cfg(),
-        tiling=config["tiling"],
-        device=config["device"],
-        clip=config["tissue"]["clip_mask"],
-    threads: segment_threads()
-    resources:
-        gpu=segment_resources_gpu,  # 1 for a U-Net on a cluster (device auto/cuda), 0 for device cpu or the classical model
-        cpus_per_task=lambda wildcards, threads: threads,  # reading workers + the network's process + post-processing workers
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
-        runtime=segment_runtime,  # minutes, from the slide's tile count
     log:
         f"{LOGS}/{{slide}}/segment.log",
     benchmark:
         f"{BENCH}/{{slide}}/segment.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: segment_threads()
+    resources:
+        gpu=segment_resources_gpu,  # 1 for a U-Net on a cluster (device auto/cuda), 0 for device cpu or the classical model
+        cpus_per_task=lambda wildcards, threads: threads,  # reading workers + the network's process + post-processing workers
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=segment_runtime,  # minutes, from the slide's tile count
+    params:
+        mpp=get_slide_mpp,
+        model=model_cfg(),
+        tiling=config["tiling"],
+        device=config["device"],
+        clip=config["tissue"]["clip_mask"],
     script:
         "../../scripts/segment.py"

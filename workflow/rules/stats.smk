@@ -7,19 +7,19 @@ rule stats:
         timings=[f"{RESULTS}/{{slide}}/work/segment.json", f"{RESULTS}/{{slide}}/work/stitch.json"],
     output:
         **stats_outputs(),
-    params:
-        classes=config["model"].get("classes", []),
     log:
         f"{LOGS}/{{slide}}/stats.log",
     benchmark:
         f"{BENCH}/{{slide}}/stats.tsv"
     group:
         "post"
+    conda:
+        "../../envs/wsi.yaml"
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=stats_runtime,  # minutes, from the mask's size (the outlines' worst case)
-    conda:
-        "../../envs/wsi.yaml"
+    params:
+        classes=config["model"].get("classes", []),
     script:
         "../../scripts/stats.py"
 

@@ -14,18 +14,18 @@ rule stitch:
             labels={"slide": "{slide}"},
         ),
         json=f"{RESULTS}/{{slide}}/work/stitch.json",
-    params:
-        cfg=config["stitch"],
     log:
         f"{LOGS}/{{slide}}/stitch.log",
     benchmark:
         f"{BENCH}/{{slide}}/stitch.tsv"
     group:
         "post"  # one cluster job per slide for stitch + stats
+    conda:
+        "../../envs/wsi.yaml"
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=mask_runtime,  # minutes, from the mask's size
-    conda:
-        "../../envs/wsi.yaml"
+    params:
+        cfg=config["stitch"],
     script:
         "../../scripts/stitch.py"

@@ -11,19 +11,19 @@ rule tissue:
         ),
         thumb=f"{RESULTS}/{{slide}}/work/thumbnail.png",
         json=f"{RESULTS}/{{slide}}/work/tissue.json",
-    params:
-        mpp=get_slide_mpp,
-        cfg=config["tissue"],
     log:
         f"{LOGS}/{{slide}}/tissue.log",
     benchmark:
         f"{BENCH}/{{slide}}/tissue.tsv"
     group:
         "prep"  # one cluster job per slide for tissue + plan (see README, "On a SLURM cluster")
+    conda:
+        "../../envs/wsi.yaml"
     resources:
         mem_mb=tissue_mem_mb,
         runtime=lambda wildcards, attempt: 10 * attempt,
-    conda:
-        "../../envs/wsi.yaml"
+    params:
+        mpp=get_slide_mpp,
+        cfg=config["tissue"],
     script:
         "../../scripts/tissue.py"

@@ -5,13 +5,13 @@ rule inspect:
         get_inspect_input,
     output:
         f"{RESULTS}/{{slide}}/slide.json",
-    params:
-        path=get_slide_path,
-        mpp=get_slide_mpp,
     log:
         f"{LOGS}/{{slide}}/inspect.log",
     conda:
         "../../envs/wsi.yaml"
+    params:
+        path=get_slide_path,
+        mpp=get_slide_mpp,
     script:
         "../../scripts/inspect_slide.py"
 

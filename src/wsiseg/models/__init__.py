@@ -58,8 +58,7 @@ def is_torchscript(path: str) -> bool:
 def _declared(cfg: dict) -> str:
     name = cfg.get("format", "auto") or "auto"
     if name != "auto" and name not in FORMATS:
-        raise ConfigError(f"model.format={name!r} is not a known model format; use one of "
-                          f"{['auto', *FORMATS]}")
+        raise ConfigError(f"model.format={name!r} is not a known model format; use one of {['auto', *FORMATS]}")
     return name
 
 

@@ -33,8 +33,13 @@ def sha256(path: str) -> str:
 def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extra: dict | None = None) -> None:
     """Checkpoint that embeds what inference needs (architecture, classes, mpp); atomic."""
     ckpt = dict(
-        format=CHECKPOINT_FORMAT, name=name, classes=list(classes), mpp=float(mpp),
-        config=model.config, state_dict=model.state_dict(), extra=extra or {},
+        format=CHECKPOINT_FORMAT,
+        name=name,
+        classes=list(classes),
+        mpp=float(mpp),
+        config=model.config,
+        state_dict=model.state_dict(),
+        extra=extra or {},
     )
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)

@@ -43,11 +43,12 @@ class ClassicalSpec(ModelSpec):
             try:
                 for i in rows:
                     try:
-                        yield read_window(slide, geom, int(tiles.wx.iat[i]), int(tiles.wy.iat[i]),
-                                          int(tiles.n.iat[i]))
+                        yield read_window(slide, geom, int(tiles.wx.iat[i]), int(tiles.wy.iat[i]), int(tiles.n.iat[i]))
                     except SlideError as exc:
-                        log(f"classical model: sampled tile row {tiles.row.iat[i]} col {tiles.col.iat[i]} "
-                            f"skipped: {exc.problem}")
+                        log(
+                            f"classical model: sampled tile row {tiles.row.iat[i]} col {tiles.col.iat[i]} "
+                            f"skipped: {exc.problem}"
+                        )
                         slide.close()
                         slide = opener()
             finally:
@@ -63,8 +64,10 @@ class ClassicalSpec(ModelSpec):
 
     def apply_calibration(self, calibration: dict, log) -> bool:
         self.module.threshold = calibration.get("classical_threshold")
-        log(f"classical model (no GPU): haematoxylin threshold {self.module.threshold}, "
-            f"settings {self.module.params.as_dict()}")
+        log(
+            f"classical model (no GPU): haematoxylin threshold {self.module.threshold}, "
+            f"settings {self.module.params.as_dict()}"
+        )
         return self.module.threshold is not None
 
     @property
@@ -85,5 +88,14 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> ClassicalSpec
     params = classical.params_from_cfg(cfg)
     mpp = float(cfg["mpp"])
     module = classical.ClassicalNuclei(mpp, params)
-    return ClassicalSpec(module, list(classical.CLASSES), mpp, cfg["name"], classical.checksum(params), "classical",
-                         1, 0, classical.halo_px(params, mpp))
+    return ClassicalSpec(
+        module,
+        list(classical.CLASSES),
+        mpp,
+        cfg["name"],
+        classical.checksum(params),
+        "classical",
+        1,
+        0,
+        classical.halo_px(params, mpp),
+    )

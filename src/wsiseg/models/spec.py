@@ -82,7 +82,7 @@ class ModelSpec:
         return True
 
     # ---- per-tile post-processing (segment stage)
-    def labeler(self) -> "TileLabeler":
+    def labeler(self) -> TileLabeler:
         """The per-tile post-processing as a small callable without the network (it runs in the segment
         stage's worker processes, which do not get the network)."""
         return TileLabeler(self.postprocess, self.mpp)
@@ -100,9 +100,12 @@ class ModelSpec:
         from ..predict import predict_probs, resize_probs
 
         prob = predict_probs(self.module, sample.image, align=self.align, tta=tta, device=device)
-        return instances_from_probs(resize_probs(prob, sample.native_image.shape[:2]), sample.mpp,
-                                    InstanceParams(**(self.postprocess or {})))
+        return instances_from_probs(
+            resize_probs(prob, sample.native_image.shape[:2]), sample.mpp, InstanceParams(**(self.postprocess or {}))
+        )
 
     def describe(self) -> str:
-        return (f"model {self.name} ({self.kind}): mpp {self.mpp}, classes {self.classes}, "
-                f"post-processing {self.postprocess}")
+        return (
+            f"model {self.name} ({self.kind}): mpp {self.mpp}, classes {self.classes}, "
+            f"post-processing {self.postprocess}"
+        )

@@ -32,8 +32,9 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSpec:
     border = halo = None
     if geometry:
         border, halo = measured_geometry(module, checksum, align)
-    return ModelSpec(module, list(cfg["classes"]), float(cfg["mpp"]), cfg["name"], checksum, "torchscript",
-                     align, border, halo)
+    return ModelSpec(
+        module, list(cfg["classes"]), float(cfg["mpp"]), cfg["name"], checksum, "torchscript", align, border, halo
+    )
 
 
 def cache_dir() -> Path:
