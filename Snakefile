@@ -16,6 +16,7 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/stitch.smk"
 include: "workflow/rules/stats.smk"
+include: "workflow/rules/provenance.smk"
 include: "workflow/rules/train.smk"
 
 

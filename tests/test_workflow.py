@@ -2,7 +2,10 @@
 format (plus bad ones) in one archive run. Outputs are checked, not just present."""
 
 import json
+import os
 import re
+import socket
+from datetime import UTC, datetime
 
 import numpy as np
 import openslide
@@ -17,6 +20,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+import wsiseg
+from wsiseg import provenance
 from wsiseg.models.checkpoint import save_checkpoint
 from wsiseg.unet import UNet
 
@@ -219,7 +224,8 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     finally:
         out.with_name("aside.gz").rename(out)
     print("outlines on:", jobs)
-    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {"stats": 1, "aggregate": 1}
+    # (the slide's provenance follows its stats record)
+    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {"stats": 1, "aggregate": 1, "provenance": 1}
 
 
 def test_tta_reruns_segmentation_only_and_averages_eight_views(archive, tmp_path):
@@ -277,6 +283,66 @@ def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
         res = snakemake(wd, dev_cfg, "-n", "-R", "segment")
         seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
         assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg), device
+
+
+# ------------------------------------------------------ provenance
+def test_provenance_of_every_slide(archive):
+    """provenance.json of each slide against what ran: this clone's commit, the installed
+    packages, this host, the CPU used for the GPU asked for, the slide file's size and mtime,
+    each stage's config as the rules passed it, the stages in the order they ran; and
+    stats.csv's provenance columns."""
+    wd, cfgfile, rows = archive
+    cfg = yaml.safe_load(open(cfgfile))
+    head = provenance.git_commit(REPO)
+    assert head or not (REPO / ".git").exists()
+    for sid, path, _ in rows:
+        out = wd / "results" / MODEL / sid
+        if sid not in OK:  # failed at inspection: slide.json holds the run that said so
+            run = json.load(open(out / "slide.json"))["run"]
+            assert run["stage"] == "inspect" and run["inputs"][0]["exists"] == os.path.exists(path)
+            continue
+        prov = json.load(open(out / "provenance.json"))
+        st = os.stat(path)
+        mtime = datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="milliseconds")
+        assert prov["slide_id"] == sid and prov["input"] == dict(
+            path=os.path.abspath(path), exists=True, size_bytes=st.st_size, mtime=mtime
+        )
+        assert prov["wsiseg_version"] == wsiseg.__version__ and prov["git_commit"] == head
+        assert prov["host"] == socket.gethostname()
+        p = prov["packages"]
+        assert (
+            p["torch"] == torch.__version__ and p["numpy"] == np.__version__ and p["tifffile"] == tifffile.__version__
+        )
+        assert p["openslide-python"] == openslide.__version__ and p["openslide"] == openslide.__library_version__
+        assert prov["device"] == dict(used="cpu", name=provenance.cpu_name(), cuda_version=None, asked="cuda")
+        stages = prov["stages"]
+        assert list(stages) == list(provenance.STAGES)
+        seg = stages["segment"]
+        assert {k: seg["params"]["tiling"][k] for k in cfg["tiling"]} == cfg["tiling"]  # + the schema's defaults
+        # threads: the job's, as Snakemake ran it (1 + 1 + 2 asked, --cores 2)
+        assert seg["params"]["model"]["weights"] == cfg["model"]["weights"] and seg["threads"] == 2
+        assert stages["tissue"]["params"]["cfg"]["method"] == cfg["tissue"]["method"]
+        assert stages["stats"]["params"]["classes"] == CLASSES and stages["inspect"]["params"]["path"] == str(path)
+        for a, b in zip(provenance.STAGES, provenance.STAGES[1:]):  # each stage needs the one before
+            assert stages[a]["finished"] <= stages[b]["started"], (sid, a, b)
+        assert prov["started"] == stages["inspect"]["started"]
+        assert prov["finished"] == stages[provenance.STAGES[-1]]["finished"]
+        row = pd.read_csv(out / "stats.csv").iloc[0]
+        assert row.device == "cpu" and row.wsiseg_version == wsiseg.__version__
+        assert (row.git_commit if isinstance(row.git_commit, str) else None) == head
+    summary = pd.read_csv(wd / "results" / MODEL / "summary.csv")
+    assert (summary.loc[summary.status == "ok", "device"] == "cpu").all()
+
+
+def test_rerun_that_changes_nothing_keeps_provenance(archive):
+    """A real run (not a dry run) of the finished archive does nothing: provenance.json is
+    not rewritten (the same bytes, the same mtime)."""
+    wd, cfgfile, _ = archive
+    files = [wd / "results" / MODEL / sid / "provenance.json" for sid in OK]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    res = snakemake(wd, cfgfile)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
 
 
 # ------------------------------------------------------ train and evaluate targets

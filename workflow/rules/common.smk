@@ -65,6 +65,7 @@ def stats_outputs():
     out = {"stats": f"{RESULTS}/{{slide}}/stats.csv", "objects": f"{RESULTS}/{{slide}}/objects.csv.gz"}
     if OUTLINES:
         out["outlines"] = f"{RESULTS}/{{slide}}/outlines.geojson.gz"
+    out["record"] = f"{RESULTS}/{{slide}}/work/stats.json"  # the stage's run (times, software): provenance.json
     return out
 
 
@@ -195,10 +196,23 @@ def get_failed(wildcards):
 
 def get_final_outputs(wildcards):
     ok = ok_slides()
-    per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz"]
+    per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz", "provenance.json"]
     if OUTLINES:
         per_slide.append("outlines.geojson.gz")
     return [f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
+
+
+def provenance_records(wildcards):
+    """{stage: record} of one slide: the JSON each stage writes with its run block."""
+    d = f"{RESULTS}/{wildcards.slide}"
+    return {
+        "inspect": f"{d}/slide.json",
+        "tissue": f"{d}/work/tissue.json",
+        "plan": f"{d}/plan.json",
+        "segment": f"{d}/work/segment.json",
+        "stitch": f"{d}/work/stitch.json",
+        "stats": f"{d}/work/stats.json",
+    }
 
 
 # ------------------------------------------- training and evaluation targets
