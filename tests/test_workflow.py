@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 import wsiseg
-from wsiseg import provenance
+from wsiseg import provenance, report
 from wsiseg.models.checkpoint import save_checkpoint
 from wsiseg.unet import UNet
 
@@ -224,8 +224,14 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     finally:
         out.with_name("aside.gz").rename(out)
     print("outlines on:", jobs)
-    # (the slide's provenance follows its stats record)
-    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {"stats": 1, "aggregate": 1, "provenance": 1}
+    # (the slide's provenance and object histograms follow its stats records, the archive's plots the summary)
+    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {
+        "stats": 1,
+        "aggregate": 1,
+        "provenance": 1,
+        "report_histograms": 1,
+        "report_plots": 1,
+    }
 
 
 def test_tta_reruns_segmentation_only_and_averages_eight_views(archive, tmp_path):
@@ -285,7 +291,7 @@ def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
         assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg), device
 
 
-# ------------------------------------------------------ provenance
+# ------------------------------------------------------ provenance and the report
 def test_provenance_of_every_slide(archive):
     """provenance.json of each slide against what ran: this clone's commit, the installed
     packages, this host, the CPU used for the GPU asked for, the slide file's size and mtime,
@@ -343,6 +349,33 @@ def test_rerun_that_changes_nothing_keeps_provenance(archive):
     res = snakemake(wd, cfgfile)
     assert "Nothing to be done" in res.stdout + res.stderr
     assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+
+
+def test_report_shows_the_plots_in_a_browser(archive, tmp_path):
+    """`snakemake --report report.html` after the archive run, opened in headless Chromium as a
+    person would: the four archive plots and every slide's overlay are listed, and each,
+    clicked, shows a picture (not a blank one); the page needs nothing but itself."""
+    from browser import check_not_blank, show_category
+
+    wd, cfgfile, _ = archive
+    html = tmp_path / "report.html"
+    snakemake(wd, cfgfile, "--report", str(html))
+    plots = show_category(html, "Archive plots", tmp_path / "plots")
+    assert [s.label for s in plots] == ["failed slides", "object shapes", "object sizes", "objects per slide"]
+    for s in plots:
+        check_not_blank(s)
+        assert s.width > 500 and s.height > 150, s
+    overlays = show_category(html, "Overlays", tmp_path / "overlays")
+    assert sorted(s.label for s in overlays) == sorted(OK)
+    for s in overlays:
+        check_not_blank(s)
+    # the figures drew what the archive has: the shape columns objects.csv.gz has (none
+    # before the stats stage measures them), the failed slides
+    log = (wd / "logs" / MODEL / "report_plots.log").read_text()
+    header = pd.read_csv(wd / "results" / MODEL / "cmu" / "objects.csv.gz", nrows=0).columns
+    shapes = [m.column for m in report.SHAPE_METRICS if m.column in header]
+    assert f"shapes: {', '.join(shapes) or '-'} ->" in log and f"({len(archive[2]) - len(OK)} failed)" in log
+    assert "sizes: area_um2, equivalent_diameter_um" in log
 
 
 # ------------------------------------------------------ train and evaluate targets

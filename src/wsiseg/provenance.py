@@ -1,7 +1,8 @@
 """Provenance (rule 'provenance'): what made a slide's results, in one provenance.json.
 
 Each stage adds a ``run`` block to the record it writes (slide.json, work/tissue.json,
-plan.json, work/segment.json, work/stitch.json, work/stats.json): start and end time,
+plan.json, work/segment.json, work/stitch.json, work/stats.json,
+work/object_histograms.json): start and end time,
 host, the project's version and git commit, package versions, the stage's effective
 config (its rule's params) and the size and mtime of the slide it read. The writer is
 :func:`wsiseg.runner.stage`; this module says what goes into the block
@@ -27,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 #: the stages of one slide, in the order they run, as provenance.json lists them
-STAGES = ("inspect", "tissue", "plan", "segment", "stitch", "stats")
+STAGES = ("inspect", "tissue", "plan", "segment", "stitch", "stats", "report_histograms")
 #: distributions whose versions every stage records (None: not installed in its environment)
 PACKAGES = (
     "torch",

@@ -194,12 +194,17 @@ def get_failed(wildcards):
     return [f"{RESULTS}/{s}/slide.json" for s in SLIDES.index if t.loc[s, "status"] != "ok"]
 
 
+def get_object_histograms(wildcards):
+    return expand(f"{RESULTS}/{{slide}}/work/object_histograms.json", slide=ok_slides())
+
+
 def get_final_outputs(wildcards):
     ok = ok_slides()
     per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz", "provenance.json"]
     if OUTLINES:
         per_slide.append("outlines.geojson.gz")
-    return [f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
+    plots = [f"{RESULTS}/report/{f}.svg" for f in ("slides", "object_sizes", "object_shapes", "failed_slides")]
+    return [f"{RESULTS}/summary.csv"] + plots + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
 
 
 def provenance_records(wildcards):
@@ -212,6 +217,7 @@ def provenance_records(wildcards):
         "segment": f"{d}/work/segment.json",
         "stitch": f"{d}/work/stitch.json",
         "stats": f"{d}/work/stats.json",
+        "report_histograms": f"{d}/work/object_histograms.json",  # last in the post group: provenance runs after it
     }
 
 
