@@ -181,3 +181,16 @@ def test_a_missing_slide_is_recorded_as_missing(tmp_path):
     rec = read_json(out)
     assert rec["status"] == "failed" and rec["run"]["inputs"] == [dict(path=path, exists=False)]
     assert provenance.build({"inspect": out})["input"] == dict(path=path, exists=False)
+
+
+def test_rule_job_is_only_a_rule_scripts_snakemake_object(monkeypatch):
+    """runner.stage takes a record's facts from the rule script's `snakemake` object; a
+    __main__ that merely imported the snakemake package gives none (no run block)."""
+    import sys
+
+    import snakemake as package
+
+    from wsiseg.runner import rule_job
+
+    monkeypatch.setattr(sys.modules["__main__"], "snakemake", package, raising=False)
+    assert rule_job() is None

@@ -68,7 +68,8 @@ def rule_job():
     Snakemake puts into a ``script:``'s globals (None elsewhere). Read here, not passed by
     the scripts, so that recording a stage's run changes no rule script: Snakemake reruns
     a job whose script is newer than its outputs, and a whole archive would be redone."""
-    return getattr(sys.modules.get("__main__"), "snakemake", None)
+    job = getattr(sys.modules.get("__main__"), "snakemake", None)
+    return job if hasattr(job, "output") and hasattr(job, "params") else None  # not the snakemake package
 
 
 def add_run(*, record: str, slide: str, stage: str, started: float, params=None, threads=None, inputs=()) -> None:
