@@ -16,6 +16,8 @@ include: "workflow/rules/plan.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/stitch.smk"
 include: "workflow/rules/stats.smk"
+include: "workflow/rules/provenance.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/train.smk"
 
 
@@ -25,6 +27,7 @@ localrules:
     inspect,
     triage,
     aggregate,
+    report_plots,
     evaluate,
 
 

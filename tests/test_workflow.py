@@ -2,7 +2,10 @@
 format (plus bad ones) in one archive run. Outputs are checked, not just present."""
 
 import json
+import os
 import re
+import socket
+from datetime import UTC, datetime
 
 import numpy as np
 import openslide
@@ -17,6 +20,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+import wsiseg
+from wsiseg import provenance, report
 from wsiseg.models.checkpoint import save_checkpoint
 from wsiseg.unet import UNet
 
@@ -219,7 +224,14 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     finally:
         out.with_name("aside.gz").rename(out)
     print("outlines on:", jobs)
-    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {"stats": 1, "aggregate": 1}
+    # (the slide's provenance and object histograms follow its stats records, the archive's plots the summary)
+    assert {k: v for k, v in jobs.items() if k not in ("all", "total")} == {
+        "stats": 1,
+        "aggregate": 1,
+        "provenance": 1,
+        "report_histograms": 1,
+        "report_plots": 1,
+    }
 
 
 def test_tta_reruns_segmentation_only_and_averages_eight_views(archive, tmp_path):
@@ -277,6 +289,93 @@ def test_gpu_request_is_declared_to_the_scheduler(archive, tmp_path):
         res = snakemake(wd, dev_cfg, "-n", "-R", "segment")
         seg = re.findall(r"rule segment:\n(?:    .*\n)+", res.stdout)
         assert len(seg) == len(OK) and not any(re.search(r"gpu=1", b) for b in seg), device
+
+
+# ------------------------------------------------------ provenance and the report
+def test_provenance_of_every_slide(archive):
+    """provenance.json of each slide against what ran: this clone's commit, the installed
+    packages, this host, the CPU used for the GPU asked for, the slide file's size and mtime,
+    each stage's config as the rules passed it, the stages in the order they ran; and
+    stats.csv's provenance columns."""
+    wd, cfgfile, rows = archive
+    cfg = yaml.safe_load(open(cfgfile))
+    head = provenance.git_commit(REPO)
+    assert head or not (REPO / ".git").exists()
+    for sid, path, _ in rows:
+        out = wd / "results" / MODEL / sid
+        if sid not in OK:  # failed at inspection: slide.json holds the run that said so
+            run = json.load(open(out / "slide.json"))["run"]
+            assert run["stage"] == "inspect" and run["inputs"][0]["exists"] == os.path.exists(path)
+            continue
+        prov = json.load(open(out / "provenance.json"))
+        st = os.stat(path)
+        mtime = datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="milliseconds")
+        assert prov["slide_id"] == sid and prov["input"] == dict(
+            path=os.path.abspath(path), exists=True, size_bytes=st.st_size, mtime=mtime
+        )
+        assert prov["wsiseg_version"] == wsiseg.__version__ and prov["git_commit"] == head
+        assert prov["host"] == socket.gethostname()
+        p = prov["packages"]
+        assert (
+            p["torch"] == torch.__version__ and p["numpy"] == np.__version__ and p["tifffile"] == tifffile.__version__
+        )
+        assert p["openslide-python"] == openslide.__version__ and p["openslide"] == openslide.__library_version__
+        assert prov["device"] == dict(used="cpu", name=provenance.cpu_name(), cuda_version=None, asked="cuda")
+        stages = prov["stages"]
+        assert list(stages) == list(provenance.STAGES)
+        seg = stages["segment"]
+        assert {k: seg["params"]["tiling"][k] for k in cfg["tiling"]} == cfg["tiling"]  # + the schema's defaults
+        # threads: the job's, as Snakemake ran it (1 + 1 + 2 asked, --cores 2)
+        assert seg["params"]["model"]["weights"] == cfg["model"]["weights"] and seg["threads"] == 2
+        assert stages["tissue"]["params"]["cfg"]["method"] == cfg["tissue"]["method"]
+        assert stages["stats"]["params"]["classes"] == CLASSES and stages["inspect"]["params"]["path"] == str(path)
+        for a, b in zip(provenance.STAGES, provenance.STAGES[1:]):  # each stage needs the one before
+            assert stages[a]["finished"] <= stages[b]["started"], (sid, a, b)
+        assert prov["started"] == stages["inspect"]["started"]
+        assert prov["finished"] == stages[provenance.STAGES[-1]]["finished"]
+        row = pd.read_csv(out / "stats.csv").iloc[0]
+        assert row.device == "cpu" and row.wsiseg_version == wsiseg.__version__
+        assert (row.git_commit if isinstance(row.git_commit, str) else None) == head
+    summary = pd.read_csv(wd / "results" / MODEL / "summary.csv")
+    assert (summary.loc[summary.status == "ok", "device"] == "cpu").all()
+
+
+def test_rerun_that_changes_nothing_keeps_provenance(archive):
+    """A real run (not a dry run) of the finished archive does nothing: provenance.json is
+    not rewritten (the same bytes, the same mtime)."""
+    wd, cfgfile, _ = archive
+    files = [wd / "results" / MODEL / sid / "provenance.json" for sid in OK]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    res = snakemake(wd, cfgfile)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+
+
+def test_report_shows_the_plots_in_a_browser(archive, tmp_path):
+    """`snakemake --report report.html` after the archive run, opened in headless Chromium as a
+    person would: the four archive plots and every slide's overlay are listed, and each,
+    clicked, shows a picture (not a blank one); the page needs nothing but itself."""
+    from browser import check_not_blank, show_category
+
+    wd, cfgfile, _ = archive
+    html = tmp_path / "report.html"
+    snakemake(wd, cfgfile, "--report", str(html))
+    plots = show_category(html, "Archive plots", tmp_path / "plots")
+    assert [s.label for s in plots] == ["failed slides", "object shapes", "object sizes", "objects per slide"]
+    for s in plots:
+        check_not_blank(s)
+        assert s.width > 500 and s.height > 150, s
+    overlays = show_category(html, "Overlays", tmp_path / "overlays")
+    assert sorted(s.label for s in overlays) == sorted(OK)
+    for s in overlays:
+        check_not_blank(s)
+    # the figures drew what the archive has: the shape columns objects.csv.gz has (none
+    # before the stats stage measures them), the failed slides
+    log = (wd / "logs" / MODEL / "report_plots.log").read_text()
+    header = pd.read_csv(wd / "results" / MODEL / "cmu" / "objects.csv.gz", nrows=0).columns
+    shapes = [m.column for m in report.SHAPE_METRICS if m.column in header]
+    assert f"shapes: {', '.join(shapes) or '-'} ->" in log and f"({len(archive[2]) - len(OK)} failed)" in log
+    assert "sizes: area_um2, equivalent_diameter_um" in log
 
 
 # ------------------------------------------------------ train and evaluate targets

@@ -1,4 +1,5 @@
-"""Glue shared by the stage entry points: logging to the rule's log, timing, JSON."""
+"""Glue shared by the stage entry points: logging to the rule's log, timing, JSON, and
+the run block of each stage's record (:mod:`wsiseg.provenance`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 from .errors import ConfigError, SlideError
+from .provenance import run_info
 
 
 def setup_logging(log_path: str | None) -> logging.Logger:
@@ -28,10 +30,14 @@ def setup_logging(log_path: str | None) -> logging.Logger:
 
 
 @contextmanager
-def stage(name: str, slide: str, log_path: str | None):
-    """Log start/end of a stage; user-facing errors are logged as one clear line."""
+def stage(name: str, slide: str, log_path: str | None, **run):
+    """Log start/end of a stage; user-facing errors are logged as one clear line. Once the
+    stage is done, its record gets the run block of provenance.json (:func:`add_run`):
+    the record and its facts are the running rule script's (:func:`rule_job`), or ``run``
+    (keywords of :func:`add_run`) where given."""
     logger = setup_logging(log_path)
     t0 = time.monotonic()
+    started = time.time()
     logger.info(f"{name} {slide}: start")
     try:
         yield logger
@@ -42,6 +48,39 @@ def stage(name: str, slide: str, log_path: str | None):
         logger.exception(f"{name} {slide}: unexpected error")
         raise
     logger.info(f"{name} {slide}: done in {time.monotonic() - t0:.1f} s")
+    job = rule_job()
+    if job is not None:
+        run = (
+            dict(
+                record=job.output.get("record") or job.output.get("json"),
+                params=job.params,
+                threads=job.threads,
+                inputs=[job.input.slide] if job.input.get("slide") else [],
+            )
+            | run
+        )
+    if run.get("record"):
+        add_run(slide=slide, stage=name, started=started, **run)
+
+
+def rule_job():
+    """The job of the rule script running in this process: the ``snakemake`` object that
+    Snakemake puts into a ``script:``'s globals (None elsewhere). Read here, not passed by
+    the scripts, so that recording a stage's run changes no rule script: Snakemake reruns
+    a job whose script is newer than its outputs, and a whole archive would be redone."""
+    job = getattr(sys.modules.get("__main__"), "snakemake", None)
+    return job if hasattr(job, "output") and hasattr(job, "params") else None  # not the snakemake package
+
+
+def add_run(*, record: str, slide: str, stage: str, started: float, params=None, threads=None, inputs=()) -> None:
+    """Write the run block of a stage that started at ``started`` (epoch s) and ends now into
+    its JSON record (the stage's output named ``record`` or ``json``; created with the
+    slide id if the stage wrote none): times, host, software, ``threads``, the effective
+    config ``params`` (the rule's params) and size and mtime of ``inputs`` (the slide).
+    The one writer of run blocks; what goes in them: :func:`wsiseg.provenance.run_info`."""
+    data = read_json(record) if os.path.exists(record) else dict(slide_id=slide)
+    data["run"] = run_info(stage, started, time.time(), params=params, threads=threads, inputs=inputs)
+    write_json(record, data)
 
 
 def write_json(path: str, data: dict) -> None:

@@ -348,6 +348,7 @@ def run(
 ) -> dict:
     """Segment stage: labels of every planned tile into a chunked store."""
     from .models import load_model
+    from .provenance import device_facts
     from .runner import write_json
     from .tiling import Plan
     from .tissue import load_mask
@@ -416,6 +417,7 @@ def run(
     info = dict(
         slide_id=slide_id,
         device=str(dev),
+        **device_facts(dev),  # the CPU's or GPU's name, the CUDA version
         tta=tta,
         n_tiles=len(tiles),
         elapsed_s=elapsed,

@@ -13,6 +13,7 @@ import pandas as pd
 from .mask import MaskReader
 from .objects import count_objects, object_rows, write_objects
 from .outlines import OutlineCollector, write_geojson
+from .provenance import device_label, software
 from .runner import read_json
 from .tiling import Plan
 from .tissue import TissueInfo
@@ -93,6 +94,9 @@ def run(
         stage_info = [read_json(p) for p in timing_jsons]
         row["model_tta"] = any(bool(i.get("tta", False)) for i in stage_info)
         row["tiles_unreadable"] = sum(int(i.get("tiles_unreadable", 0)) for i in stage_info)
+        # provenance (every stage's in provenance.json): the device that ran the model, the code of this row
+        row["device"] = next((device_label(i) for i in stage_info if "device" in i), "")
+        row["wsiseg_version"], row["git_commit"] = software()["wsiseg_version"], software()["git_commit"] or ""
         timings = [i.get("elapsed_s", 0.0) for i in stage_info]
         row["wall_time_s"] = round(sum(timings) + pl.elapsed_s + ti.elapsed_s + time.monotonic() - t0, 2)
         # stable column order: identity, slide, tissue, per class, model, time

@@ -188,7 +188,7 @@ class Plan:
             model_classes=meta["model_classes"],
             mask_classes=meta["mask_classes"],
             postprocess=meta.get("postprocess"),
-            calibration={k: v for k, v in meta.items() if k not in known and k not in ("geometry", "tiles")},
+            calibration={k: v for k, v in meta.items() if k not in known and k not in ("geometry", "tiles", "run")},
             elapsed_s=meta.get("elapsed_s", 0.0),
             n_tiles=meta["n_tiles"] if path_tsv is None else None,
         )

@@ -8,12 +8,13 @@ the DAG holds only the good slides. :class:`SlideRecord` is slide.json's one rea
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from .errors import SlideError
-from .runner import write_json
+from .runner import add_run, write_json
 from .slide import inspect_slide
 
 
@@ -36,7 +37,9 @@ class SlideRecord:
 
 
 def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
-    """slide.json for one slide: its description, or why it cannot be processed."""
+    """slide.json for one slide: its description, or why it cannot be processed; with the
+    run block of provenance.json (the rule's params: ``path``, ``mpp``)."""
+    started = time.time()
     try:
         info = inspect_slide(path, slide_id, mpp)
         info["status"] = "ok"
@@ -50,6 +53,14 @@ def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
         info = dict(slide_id=slide_id, path=path, status="failed", error=str(exc))
         log.error(f"SKIPPING {exc}")
     write_json(out_json, info)
+    add_run(
+        record=out_json,
+        slide=slide_id,
+        stage="inspect",
+        started=started,
+        params=dict(path=path, mpp=mpp),
+        inputs=[path],
+    )
     return info
 
 

@@ -65,6 +65,7 @@ def stats_outputs():
     out = {"stats": f"{RESULTS}/{{slide}}/stats.csv", "objects": f"{RESULTS}/{{slide}}/objects.csv.gz"}
     if OUTLINES:
         out["outlines"] = f"{RESULTS}/{{slide}}/outlines.geojson.gz"
+    out["record"] = f"{RESULTS}/{{slide}}/work/stats.json"  # the stage's run (times, software): provenance.json
     return out
 
 
@@ -193,12 +194,31 @@ def get_failed(wildcards):
     return [f"{RESULTS}/{s}/slide.json" for s in SLIDES.index if t.loc[s, "status"] != "ok"]
 
 
+def get_object_histograms(wildcards):
+    return expand(f"{RESULTS}/{{slide}}/work/object_histograms.json", slide=ok_slides())
+
+
 def get_final_outputs(wildcards):
     ok = ok_slides()
-    per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz"]
+    per_slide = ["mask.ome.tif", "tissue.png", "overlay.png", "stats.csv", "objects.csv.gz", "provenance.json"]
     if OUTLINES:
         per_slide.append("outlines.geojson.gz")
-    return [f"{RESULTS}/summary.csv"] + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
+    plots = [f"{RESULTS}/report/{f}.svg" for f in ("slides", "object_sizes", "object_shapes", "failed_slides")]
+    return [f"{RESULTS}/summary.csv"] + plots + [f"{RESULTS}/{s}/{f}" for s in ok for f in per_slide]
+
+
+def provenance_records(wildcards):
+    """{stage: record} of one slide: the JSON each stage writes with its run block."""
+    d = f"{RESULTS}/{wildcards.slide}"
+    return {
+        "inspect": f"{d}/slide.json",
+        "tissue": f"{d}/work/tissue.json",
+        "plan": f"{d}/plan.json",
+        "segment": f"{d}/work/segment.json",
+        "stitch": f"{d}/work/stitch.json",
+        "stats": f"{d}/work/stats.json",
+        "report_histograms": f"{d}/work/object_histograms.json",  # last in the post group: provenance runs after it
+    }
 
 
 # ------------------------------------------- training and evaluation targets
