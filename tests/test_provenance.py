@@ -86,7 +86,9 @@ def test_software_of_this_process():
     assert p["numpy"] == np.__version__ and p["tifffile"] == tifffile.__version__
     assert p["torch"] == torch.__version__ and p["openslide-python"] == openslide.__version__
     assert p["openslide"] == openslide.__library_version__
-    assert provenance.device_facts(torch.device("cpu")) == dict(device_name=provenance.cpu_name(), cuda_version=None)
+    from wsiseg.segment import device_facts
+
+    assert device_facts(torch.device("cpu")) == dict(device_name=provenance.cpu_name(), cuda_version=None)
     assert provenance.cpu_name()  # /proc/cpuinfo's model name on Linux
     assert provenance.device_label({"device": "cpu"}) == "cpu"
     gpu = {"device": "cuda", "device_name": "NVIDIA H100", "cuda_version": "12.8"}

@@ -149,15 +149,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_facts(device) -> dict:
-    """The device a torch model ran on: its name and, for a GPU, the CUDA version."""
-    if getattr(device, "type", str(device)) == "cuda":
-        import torch
-
-        return dict(device_name=torch.cuda.get_device_name(device), cuda_version=torch.version.cuda)
-    return dict(device_name=cpu_name(), cuda_version=None)
-
-
 def device_label(segment_info: dict) -> str:
     """One line for a table: 'cpu', or 'cuda: <GPU name>, CUDA <version>'."""
     dev = str(segment_info.get("device", ""))

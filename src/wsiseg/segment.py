@@ -138,6 +138,15 @@ class StoreMerger:
         self.pool.close(cancel=True)
 
 
+def device_facts(device: torch.device) -> dict:
+    """The device the network ran on, for provenance: its name and, for a GPU, the CUDA version."""
+    from .provenance import cpu_name
+
+    if device.type == "cuda":
+        return dict(device_name=torch.cuda.get_device_name(device), cuda_version=torch.version.cuda)
+    return dict(device_name=cpu_name(), cuda_version=None)
+
+
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
     """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning."""
     if requested in ("auto", "cuda", "gpu") and torch.cuda.is_available():
@@ -348,7 +357,6 @@ def run(
 ) -> dict:
     """Segment stage: labels of every planned tile into a chunked store."""
     from .models import load_model
-    from .provenance import device_facts
     from .runner import write_json
     from .tiling import Plan
     from .tissue import load_mask
