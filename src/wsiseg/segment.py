@@ -21,6 +21,7 @@ not depend on the number of workers of either kind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import SlideError
 from .geometry import Geometry, read_window
-from .postpool import PostprocessPool, TileJob, TileWriter
+from .postpool import WORKER_NICE, PostprocessPool, TileJob, TileWriter, lower_priority
 from .slide import open_slide
 from .store import TileStore
 from .tiling import TileSpec
@@ -89,8 +90,9 @@ class StoreMerger:
     labels: the model's per-tile post-processing, a small callable without the network
     (:meth:`~wsiseg.models.ModelSpec.labeler`; default: argmax). ``tissue`` (a boolean mask,
     one px per ``tissue_downsample`` level-0 px) clips them. With ``workers`` > 0 that work and
-    the store writes run in worker processes (:mod:`wsiseg.postpool`); the store is the same
-    whatever the number.
+    the store writes run in worker processes (:mod:`wsiseg.postpool`), which get each output
+    through shared memory sized for ``channels`` (the network's output classes) x the window;
+    the store is the same whatever the number.
     """
 
     def __init__(
@@ -104,6 +106,8 @@ class StoreMerger:
         workers: int = 0,
         slide_name: str = "",
         depth: int | None = None,
+        channels: int | None = None,
+        nice: int = WORKER_NICE,
     ):
         from .models.spec import TileLabeler
 
@@ -112,7 +116,15 @@ class StoreMerger:
         writer = TileWriter(
             path, labels or TileLabeler(None, geom.target_mpp), spec.keep, geom.scale0, tissue, tissue_downsample
         )
-        self.pool = PostprocessPool(writer, workers, slide_name or os.path.basename(path), depth=depth)
+        side = spec.window - 2 * spec.out_offset  # the network's output over a read window
+        self.pool = PostprocessPool(
+            writer,
+            workers,
+            slide_name or os.path.basename(path),
+            depth=depth,
+            output_shape=None if channels is None else (int(channels), side, side),
+            nice=nice,
+        )
 
     def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
         assert keep == self.spec.keep
@@ -124,7 +136,7 @@ class StoreMerger:
                 int(tile.ty),
                 int(tile.tw),
                 int(tile.th),
-                out.float().cpu().numpy(),
+                out,
             )
         )
 
@@ -136,6 +148,11 @@ class StoreMerger:
     def abort(self) -> None:
         """End the workers now, without waiting for the tiles in flight (errors, Ctrl-C, SIGTERM)."""
         self.pool.close(cancel=True)
+
+
+def _reader_init(nice: int, worker_id: int) -> None:
+    if nice:
+        lower_priority(nice)
 
 
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
@@ -169,6 +186,7 @@ def run_segmentation(
     unreadable: list | None = None,
     tta: bool = False,
     timings: dict | None = None,
+    worker_nice: int = WORKER_NICE,
 ):
     """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``.
 
@@ -182,6 +200,7 @@ def run_segmentation(
 
     ``timings`` (a dict) receives ``read_cpu_s``, the CPU seconds of reading the windows
     (in the DataLoader workers), and ``network_s``, the wall time of the network's calls.
+    The reading workers run at niceness ``worker_nice`` (:func:`wsiseg.postpool.lower_priority`).
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
@@ -198,6 +217,7 @@ def run_segmentation(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if workers else None,
+        worker_init_fn=functools.partial(_reader_init, worker_nice) if workers else None,
     )
     keep = spec.keep
     use_amp = amp and cuda
@@ -311,6 +331,18 @@ def postprocess_workers(tiling_cfg: dict, threads: int) -> int:
     return int(n)
 
 
+def network_threads(tiling_cfg: dict, threads: int, device: torch.device) -> int:
+    """Torch threads of the network's process in a job of ``threads`` CPUs. On the CPU the
+    network takes them all: the reading and post-processing workers run at a lower priority
+    (:func:`wsiseg.postpool.lower_priority`) and use what the network leaves, so neither
+    waits for the other and no core idles. On a GPU the process only drives the device: the
+    CPUs the workers do not take."""
+    if device.type == "cpu":
+        return max(1, int(threads))
+    workers = int(tiling_cfg.get("workers", 0)) + postprocess_workers(tiling_cfg, threads)
+    return max(1, int(threads) - workers)
+
+
 @contextlib.contextmanager
 def _sigterm_as_exit():
     """Turn SIGTERM into SystemExit while the stage runs, so that its clean-up (ending the
@@ -356,6 +388,7 @@ def run(
     torch.set_num_threads(max(1, int(threads)))
     model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
     dev = pick_device(device, log) if model.wants_gpu else torch.device("cpu")
+    torch.set_num_threads(network_threads(tiling_cfg, threads, dev))
     plan = Plan.read(plan_tsv, plan_json)
     if plan.model_checksum != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
@@ -372,6 +405,7 @@ def run(
         labels=model.labeler(),
         workers=post_workers,
         slide_name=slide_id,
+        channels=len(model.classes),
     )
     if model.postprocess:
         log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
@@ -379,7 +413,7 @@ def run(
     log(
         f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
         f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} reading workers, {post_workers} post-processing "
-        f"workers, amp={dev.type == 'cuda'}, "
+        f"workers, {torch.get_num_threads()} network threads, amp={dev.type == 'cuda'}, "
         f"tta={'8 flips/rotations' if tta else 'off'})"
     )
     unreadable, timings = [], {}
