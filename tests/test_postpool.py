@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 
 from wsiseg.geometry import Geometry
 from wsiseg.models import load_model
-from wsiseg.postpool import WORKER_NICE, PostprocessError, PostprocessPool, TileJob, TileWriter
+from wsiseg.postpool import PostprocessError, PostprocessPool, TileJob, TileWriter
 from wsiseg.segment import StoreMerger, run_segmentation
 from wsiseg.slide import open_slide
 from wsiseg.store import TileStore
@@ -146,11 +146,6 @@ def alive(pid):
         return False
 
 
-def nice(pid):
-    with open(f"/proc/{pid}/stat") as fh:
-        return int(fh.read().rsplit(")", 1)[1].split()[16])  # field 19: the nice value
-
-
 def shm_files(pid):
     """Files under /dev/shm that a process maps and that would stay there if it died (a named
     shared-memory segment would be one; multiprocessing's semaphores are unlinked at once)."""
@@ -161,8 +156,7 @@ def shm_files(pid):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_no_worker_outlives_the_stage(tmp_path, sig):
     """Workers end with the stage, whatever ends it; the outputs they are handed live in an
-    anonymous shared mapping, so no /dev/shm segment can be left behind either; and they run
-    at a lower priority than the network's process."""
+    anonymous shared mapping, so no /dev/shm segment can be left behind either."""
     code = STAGE.format(tests=str(REPO / "tests"), src=str(REPO / "src"), store=str(tmp_path / "s"))
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
@@ -174,7 +168,6 @@ def test_no_worker_outlives_the_stage(tmp_path, sig):
             time.sleep(0.1)
         assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else workers
         time.sleep(1.0)  # let them pick up tiles
-        assert all(nice(p) == nice(proc.pid) + WORKER_NICE for p in workers)
         assert not shm_files(proc.pid) and not any(shm_files(p) for p in workers)
         proc.send_signal(sig)
         proc.wait(timeout=120)  # they sleep 30 s a tile: the stage must not wait for them
@@ -207,15 +200,16 @@ def test_outputs_reach_the_workers_through_the_ring(tmp_path):
 
 
 def test_a_jobs_cpus_are_split_between_the_network_and_the_workers():
-    """auto: the post-processing workers take what the reading workers and the network's loop
-    leave; on the CPU the network's threads take every CPU (the workers are niced), on a GPU
-    the loop keeps what the workers do not take."""
+    """auto: on a GPU the post-processing workers take what the reading workers and the
+    network's loop leave, and the loop keeps what the workers do not take; on the CPU the
+    network keeps every CPU and post-processes in its own process."""
     from wsiseg.segment import network_threads, postprocess_workers
 
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto, fixed = dict(workers=2, postprocess_workers="auto"), dict(workers=2, postprocess_workers=4)
-    assert postprocess_workers(auto, 16) == 13 and postprocess_workers(auto, 2) == 0
-    assert postprocess_workers(fixed, 16) == 4
-    assert network_threads(auto, 16, torch.device("cpu")) == 16
-    assert network_threads(auto, 16, torch.device("cuda")) == 1
-    assert network_threads(fixed, 16, torch.device("cuda")) == 10
-    assert network_threads(fixed, 2, torch.device("cuda")) == 1
+    assert postprocess_workers(auto, 16, cuda) == 13 and postprocess_workers(auto, 2, cuda) == 0
+    assert postprocess_workers(auto, 16, cpu) == 0 and postprocess_workers(fixed, 16, cpu) == 4
+    assert network_threads(auto, 16, cpu) == 16 and network_threads(fixed, 16, cpu) == 16
+    assert network_threads(auto, 16, cuda) == 1
+    assert network_threads(fixed, 16, cuda) == 10
+    assert network_threads(fixed, 2, cuda) == 1

@@ -153,27 +153,11 @@ def _die_with_parent() -> None:
         pass
 
 
-WORKER_NICE = 10  # the stage's worker processes yield the CPU to the network's process
-
-
-def lower_priority(nice: int = WORKER_NICE) -> None:
-    """Make this (worker) process yield the CPU to the network's process when they compete:
-    the network's threads then run undisturbed, and the workers use what CPU the network
-    leaves. Where the network waits for them (the queue is empty or full), they have the CPU
-    to themselves, so nothing is lost."""
-    try:
-        os.nice(nice)
-    except OSError:
-        pass
-
-
-def _init_worker(writer: TileWriter, ring: OutputRing, parent: int, nice: int) -> None:
+def _init_worker(writer: TileWriter, ring: OutputRing, parent: int) -> None:
     global _WRITER, _RING
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-    if nice:
-        lower_priority(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the stage, which ends the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the stage's handler, if it was inherited
     import torch
@@ -205,7 +189,6 @@ class PostprocessPool:
         slide_name: str,
         depth: int | None = None,
         output_shape: tuple | None = None,
-        nice: int = WORKER_NICE,
     ):
         self.writer, self.workers, self.slide_name = writer, int(workers), slide_name
         self.depth = depth or max(2, 2 * self.workers)
@@ -224,7 +207,7 @@ class PostprocessPool:
                 max_workers=self.workers,
                 mp_context=mp.get_context("fork"),
                 initializer=_init_worker,
-                initargs=(writer, self.ring, os.getpid(), nice),
+                initargs=(writer, self.ring, os.getpid()),
             )
             self._pool.submit(int).result()  # launches every worker (fork: all at the first submit)
 

@@ -21,7 +21,6 @@ not depend on the number of workers of either kind.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import SlideError
 from .geometry import Geometry, read_window
-from .postpool import WORKER_NICE, PostprocessPool, TileJob, TileWriter, lower_priority
+from .postpool import PostprocessPool, TileJob, TileWriter
 from .slide import open_slide
 from .store import TileStore
 from .tiling import TileSpec
@@ -107,7 +106,6 @@ class StoreMerger:
         slide_name: str = "",
         depth: int | None = None,
         channels: int | None = None,
-        nice: int = WORKER_NICE,
     ):
         from .models.spec import TileLabeler
 
@@ -123,7 +121,6 @@ class StoreMerger:
             slide_name or os.path.basename(path),
             depth=depth,
             output_shape=None if channels is None else (int(channels), side, side),
-            nice=nice,
         )
 
     def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
@@ -148,11 +145,6 @@ class StoreMerger:
     def abort(self) -> None:
         """End the workers now, without waiting for the tiles in flight (errors, Ctrl-C, SIGTERM)."""
         self.pool.close(cancel=True)
-
-
-def _reader_init(nice: int, worker_id: int) -> None:
-    if nice:
-        lower_priority(nice)
 
 
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
@@ -186,7 +178,6 @@ def run_segmentation(
     unreadable: list | None = None,
     tta: bool = False,
     timings: dict | None = None,
-    worker_nice: int = WORKER_NICE,
 ):
     """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``.
 
@@ -200,7 +191,6 @@ def run_segmentation(
 
     ``timings`` (a dict) receives ``read_cpu_s``, the CPU seconds of reading the windows
     (in the DataLoader workers), and ``network_s``, the wall time of the network's calls.
-    The reading workers run at niceness ``worker_nice`` (:func:`wsiseg.postpool.lower_priority`).
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
@@ -217,7 +207,6 @@ def run_segmentation(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if workers else None,
-        worker_init_fn=functools.partial(_reader_init, worker_nice) if workers else None,
     )
     keep = spec.keep
     use_amp = amp and cuda
@@ -321,25 +310,28 @@ def _loop(
                 last = now
 
 
-def postprocess_workers(tiling_cfg: dict, threads: int) -> int:
+def postprocess_workers(tiling_cfg: dict, threads: int, device: torch.device | None = None) -> int:
     """Post-processing worker processes of a segment job: ``tiling.postprocess_workers``, or for
     'auto' the job's CPUs (Snakemake threads, SLURM cpus_per_task) less one for the network's
-    loop and one per reading worker; 0 runs the post-processing in the network's process."""
+    loop and one per reading worker; 0 runs the post-processing in the network's process, as
+    'auto' does on the CPU, where the network needs the cores (post-processing is about a
+    tenth of its time there: benchmarks/README.md)."""
     n = tiling_cfg.get("postprocess_workers", "auto")
     if n in (None, "auto"):
+        if device is not None and device.type == "cpu":
+            return 0
         return max(0, int(threads) - 1 - int(tiling_cfg.get("workers", 0)))
     return int(n)
 
 
 def network_threads(tiling_cfg: dict, threads: int, device: torch.device) -> int:
-    """Torch threads of the network's process in a job of ``threads`` CPUs. On the CPU the
-    network takes them all: the reading and post-processing workers run at a lower priority
-    (:func:`wsiseg.postpool.lower_priority`) and use what the network leaves, so neither
-    waits for the other and no core idles. On a GPU the process only drives the device: the
-    CPUs the workers do not take."""
+    """Torch threads of the network's process in a job of ``threads`` CPUs. On a GPU the
+    process only drives the device: it keeps the CPUs that the reading and post-processing
+    workers do not take, so that none of them competes for a core. On the CPU the network
+    is most of the work and keeps them all (as before the pipeline existed)."""
     if device.type == "cpu":
         return max(1, int(threads))
-    workers = int(tiling_cfg.get("workers", 0)) + postprocess_workers(tiling_cfg, threads)
+    workers = int(tiling_cfg.get("workers", 0)) + postprocess_workers(tiling_cfg, threads, device)
     return max(1, int(threads) - workers)
 
 
@@ -395,7 +387,7 @@ def run(
     tiles = plan.tiles if model.apply_calibration(plan.calibration, log) else plan.tiles.iloc[:0]
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     geom, spec = plan.geometry, plan.spec
-    post_workers = postprocess_workers(tiling_cfg, threads)
+    post_workers = postprocess_workers(tiling_cfg, threads, dev)
     merger = StoreMerger(
         out_store,
         geom,
