@@ -50,8 +50,21 @@ WEIGHTS = os.path.join(REPO, "models", "nuclei-unet.pt")
 RULES = ("tissue", "segment", "stitch", "stats")
 
 
-def workflow(wd, slide, model_cfg, tiling, cores, cache):
-    """Run the whole workflow on one slide; (wall s, {rule: s})."""
+def _elapsed(wd):
+    """Wall time of the last Snakemake run in ``wd``, from its log ('Elapsed time: h:mm:ss.f')."""
+    import glob
+
+    log = sorted(glob.glob(os.path.join(wd, ".snakemake", "log", "*.snakemake.log")))[-1]
+    with open(log) as fh:
+        h, m, sec = [line for line in fh if line.startswith("Elapsed time:")][-1].split(": ", 1)[1].split(":")
+    return 3600 * int(h) + 60 * int(m) + float(sec)
+
+
+def workflow(wd, slide, model_cfg, tiling, cores, cache, reuse=False):
+    """Run the whole workflow on one slide (``reuse``: read a finished run's figures); (wall s, {rule: s})."""
+    bdir = os.path.join(wd, "benchmarks", model_cfg["name"], "slide")
+    if reuse and os.path.exists(os.path.join(bdir, "stats.tsv")):
+        return _elapsed(wd), {r: float(pd.read_csv(os.path.join(bdir, f"{r}.tsv"), sep="\t").s.iloc[0]) for r in RULES}
     os.makedirs(wd, exist_ok=True)
     with open(os.path.join(REPO, "config", "config.yaml")) as fh:
         cfg = yaml.safe_load(fh)
@@ -69,7 +82,6 @@ def workflow(wd, slide, model_cfg, tiling, cores, cache):
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, env=dict(os.environ, WSISEG_CACHE=cache))
     wall = time.monotonic() - t0
-    bdir = os.path.join(wd, "benchmarks", model_cfg["name"], "slide")
     rules = {r: float(pd.read_csv(os.path.join(bdir, f"{r}.tsv"), sep="\t").s.iloc[0]) for r in RULES}
     return wall, rules
 
@@ -91,6 +103,7 @@ def main():
     ap.add_argument("--tiling", nargs="*", default=[], help="tiling settings for our workflow, key=value")
     ap.add_argument("--sw-batch", type=int, default=1, help="MONAI's sw_batch_size")
     ap.add_argument("--workdir")
+    ap.add_argument("--reuse", action="store_true", help="take the workflow runs already in --workdir")
     args = ap.parse_args()
     try:
         from monai.inferers import sliding_window_inference
@@ -105,24 +118,27 @@ def main():
     spec = load_model(dict(name="nuclei", weights=WEIGHTS))
     ts_path = os.path.join(wd, "nuclei-unet.ts")
     os.makedirs(wd, exist_ok=True)
-    torch.jit.save(torch.jit.script(spec.module), ts_path)
+    if not (args.reuse and os.path.exists(ts_path)):
+        torch.jit.save(torch.jit.script(spec.module), ts_path)
 
     # ---- ours: the whole workflow (checkpoint; TorchScript with a cold, then a warm halo cache)
     runs = []
     ck = dict(name="nuclei-unet", weights=WEIGHTS, classes=spec.classes, mpp=spec.mpp)
     ts = dict(name="nuclei-ts", weights=ts_path, format="torchscript", classes=spec.classes, mpp=spec.mpp, depth=4)
     cache = os.path.join(wd, "cache")
-    runs.append(("ours, checkpoint", *workflow(os.path.join(wd, "ck"), args.slide, ck, tiling, args.cores, cache)))
+    runs.append(
+        ("ours, checkpoint", *workflow(os.path.join(wd, "ck"), args.slide, ck, tiling, args.cores, cache, args.reuse))
+    )
     runs.append(
         (
             "ours, TorchScript, first slide",
-            *workflow(os.path.join(wd, "ts1"), args.slide, ts, tiling, args.cores, cache),
+            *workflow(os.path.join(wd, "ts1"), args.slide, ts, tiling, args.cores, cache, args.reuse),
         )
     )
     runs.append(
         (
             "ours, TorchScript, next slides",
-            *workflow(os.path.join(wd, "ts2"), args.slide, ts, tiling, args.cores, cache),
+            *workflow(os.path.join(wd, "ts2"), args.slide, ts, tiling, args.cores, cache, args.reuse),
         )
     )
 
