@@ -6,13 +6,19 @@ are recorded; then the segment stage (reading workers, the loop, the post-proces
 the store) runs again with the network replaced by a replay of those outputs, so the
 network takes no time and everything else is measured: tiles/s, output Mpx/s, and CPU
 seconds per output Mpx for reading (decode + resample), post-processing (the instance
-watershed) and store writes, for 0 (in the loop), 1 and 2 post-processing workers. The
-plan is the slide's whole grid, repeated ``--repeat`` times (each window is read again).
+watershed), store writes and the loop itself (the network's process: batches, hand-over to
+the workers), for 0 (in the loop), 1 and 2 post-processing workers. The loop's process
+gets one torch thread, as on a GPU node. The plan is the slide's whole grid, repeated
+``--repeat`` times (each window is read again).
 
-``--efficiency`` also runs the real network on the same windows: the model alone on the
-windows in memory against the whole stage (segment Mpx/s / model Mpx/s).
+``--efficiency`` runs the real network as a CPU-only user runs the stage: the job's CPUs
+(``--cpus``, default all) split by the stage's own rules (wsiseg.segment.network_threads,
+postprocess_workers) for each ``--configs`` entry batch/reading workers/post-processing
+workers, against the model alone on the same windows in memory with as many torch threads
+(segment Mpx/s / model Mpx/s).
 
-    python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1] [--efficiency]
+    python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
+        [--efficiency] [--cpus N] [--configs 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
 
@@ -30,7 +36,7 @@ import torch  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_window  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, network_threads, postprocess_workers, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
@@ -52,12 +58,13 @@ class Replay(torch.nn.Module):
 
 
 def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_workers, batch):
+    """(seconds, read CPU s, post CPU s, write CPU s, loop CPU s) of one segment stage run."""
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
         merger = StoreMerger(
-            os.path.join(tmp, "s"), geom, spec, labels=labeler, workers=post_workers, slide_name="bench"
+            os.path.join(tmp, "s"), geom, spec, labels=labeler, workers=post_workers, slide_name="bench", channels=3
         )
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         run_segmentation(
             slide,
             "bench",
@@ -73,10 +80,45 @@ def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_worke
             log_fn=lambda m: None,
             timings=timings,
         )
-        dt = time.monotonic() - t0
+        dt, loop_s = time.monotonic() - t0, time.process_time() - c0
         post_s, write_s = merger.pool.post_cpu_s, merger.pool.write_cpu_s
+        if not post_workers:  # done in the loop's process: not the loop's own work
+            loop_s -= post_s + write_s
+        if not read_workers:
+            loop_s -= timings["read_cpu_s"]
         merger.store.close()
-    return dt, timings.get("read_cpu_s", 0.0), post_s, write_s
+    return dt, timings.get("read_cpu_s", 0.0), post_s, write_s, loop_s
+
+
+def efficiency(args, model, geom, spec, grid, windows):
+    """The real network through the stage as a CPU-only job runs it, against the model alone."""
+    if args.tiles:
+        grid, windows = grid.iloc[: args.tiles], windows[: args.tiles]
+    cpus = args.cpus or os.cpu_count()
+    dev = torch.device("cpu")
+    grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
+    print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
+    print(
+        f"{'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} {'model Mpx/s':>11} "
+        f"{'efficiency':>10}"
+    )
+    for cfg in args.configs:
+        batch, read, post = cfg.split("/")
+        batch, read, post = int(batch), int(read), post if post == "auto" else int(post)
+        tiling = dict(batch_size=batch, workers=read, postprocess_workers=post)
+        threads = network_threads(tiling, cpus, dev)
+        post = postprocess_workers(tiling, cpus, dev)
+        torch.set_num_threads(threads)
+        t_model = 0.0
+        with torch.inference_mode():  # the model alone on the windows in memory, same threads
+            for w in windows:
+                x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
+                t0 = time.monotonic()
+                model.module(x)
+                t_model += time.monotonic() - t0
+        dt, *_ = run_stage(args.slide, geom, spec, grid, model.module, model.labeler(), post, read, batch)
+        m_rate, s_rate = grid_mpx / t_model, grid_mpx / dt
+        print(f"{batch:>5} {read:>6} {post:>6} {threads:>7} {s_rate:>11.3f} {m_rate:>11.3f} {s_rate / m_rate:>10.2f}")
 
 
 def main():
@@ -85,11 +127,19 @@ def main():
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=8)
     ap.add_argument("--read-workers", type=int, default=1)
-    ap.add_argument("--post-workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--post-workers", type=int, nargs="*", default=[0, 1, 2], help="none: skip the replay")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--efficiency", action="store_true")
+    ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
+    ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["1/0/0", "1/1/0", "1/1/1", "4/2/0"],
+        help="batch/reading workers/post-processing workers (or auto)",
+    )
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the loop's process: the workers are the parallelism
+    torch.set_num_threads(1)  # the loop's process as on a GPU node: the workers are the parallelism
     model = load_model(dict(name="nuclei", weights=os.path.join(HERE, "..", "models", "nuclei-unet.pt")))
     spec = tile_spec_for(model, args.tile, plan_margin(model, "auto", False))
     with open_slide(args.slide) as s:
@@ -98,55 +148,39 @@ def main():
         windows = [read_window(s, geom, int(r.wx), int(r.wy), int(r.n)) for r in grid.itertuples()]
     plan = pd.concat([grid] * args.repeat, ignore_index=True)
     order = [i % len(grid) for i in range(len(plan))]
-    outputs = []
-    with torch.inference_mode():
-        for w in windows:  # the model alone, on the windows in memory
-            x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
-            outputs.append(model.module(x)[0].float())
-    out_mpx = plan.tw.mul(plan.th).sum() / 1e6
-    grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"command: python {' '.join(sys.argv)}")
     print(
         f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {model.mpp} µm/px; "
         f"{len(grid)} tiles of {spec.tile_size} (window {spec.window}) x {args.repeat} = {len(plan)} tiles, "
-        f"{out_mpx:.1f} output Mpx; {args.read_workers} reading worker(s), batch {args.batch}; "
-        f"{os.cpu_count()} CPUs"
+        f"{plan.tw.mul(plan.th).sum() / 1e6:.1f} output Mpx; {args.read_workers} reading worker(s), "
+        f"batch {args.batch}; {os.cpu_count()} CPUs"
     )
-    print("\nreplayed network (zero network time):")
-    print(
-        f"{'post workers':>12} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>6} {'read CPU s/Mpx':>14} "
-        f"{'post CPU s/Mpx':>14} {'write CPU s/Mpx':>15}"
-    )
-    rates = {}
-    for pw in args.post_workers:
-        dt, read_s, post_s, write_s = run_stage(
-            args.slide, geom, spec, plan, Replay(outputs, order), model.labeler(), pw, args.read_workers, args.batch
-        )
-        rates[pw] = out_mpx / dt
-        print(
-            f"{pw:>12} {dt:>8.1f} {len(plan) / dt:>8.2f} {out_mpx / dt:>6.2f} {read_s / out_mpx:>14.3f} "
-            f"{post_s / out_mpx:>14.3f} {write_s / out_mpx:>15.4f}"
-        )
-    if 1 in rates and 2 in rates:
-        print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
-    if args.efficiency:
-        torch.set_num_threads(os.cpu_count())
-        t_model = 0.0
+    if args.post_workers:
+        outputs = []
         with torch.inference_mode():
-            for w in windows:
+            for w in windows:  # the recorded outputs
                 x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
-                t0 = time.monotonic()
-                model.module(x)
-                t_model += time.monotonic() - t0
-        model_rate = grid_mpx / t_model
-        dt, *_ = run_stage(
-            args.slide, geom, spec, grid, model.module, model.labeler(), 0, args.read_workers, args.batch
-        )
-        print(f"\nreal network, {torch.get_num_threads()} torch threads, the grid once ({len(grid)} tiles):")
+                outputs.append(model.module(x)[0].float())
+        out_mpx = plan.tw.mul(plan.th).sum() / 1e6
+        print("\nreplayed network (zero network time), CPU s per output Mpx:")
         print(
-            f"model alone on the windows in memory: {model_rate:.3f} Mpx/s; whole segment stage "
-            f"(0 post workers): {grid_mpx / dt:.3f} Mpx/s; efficiency {grid_mpx / dt / model_rate:.2f}"
+            f"{'post workers':>12} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>6} {'read':>6} {'post':>6} "
+            f"{'write':>6} {'loop':>6}"
         )
+        rates = {}
+        for pw in args.post_workers:
+            dt, read_s, post_s, write_s, loop_s = run_stage(
+                args.slide, geom, spec, plan, Replay(outputs, order), model.labeler(), pw, args.read_workers, args.batch
+            )
+            rates[pw] = out_mpx / dt
+            print(
+                f"{pw:>12} {dt:>8.1f} {len(plan) / dt:>8.2f} {out_mpx / dt:>6.2f} {read_s / out_mpx:>6.3f} "
+                f"{post_s / out_mpx:>6.3f} {write_s / out_mpx:>6.4f} {loop_s / out_mpx:>6.3f}"
+            )
+        if 1 in rates and 2 in rates:
+            print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
+    if args.efficiency:
+        efficiency(args, model, geom, spec, grid, windows)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,40 @@ def test_separated_mask_keeps_touching_objects_apart():
     assert m[5, 5] == 1 and m[5, 14] == 1 and m[5, 9] == 0 and m[5, 10] == 0
 
 
+def test_separated_mask_and_remove_small_equal_their_definitions():
+    """The vectorised separated_mask (4 directions, both ends of each pair; ``crop`` from a 1-px
+    surround) and remove_small (one lookup) give exactly what their definitions give:
+    8-neighbour clashes over the whole zero-padded image, and removal then renumbering by
+    wsiseg.labels.relabel."""
+    from wsiseg.postprocess import remove_small
+
+    def clash_by_definition(ids):
+        pad, (h, w) = np.pad(ids, 1), ids.shape
+        clash = np.zeros(ids.shape, bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    n = pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+                    clash |= (n > 0) & (n != ids)
+        return ((ids > 0) & ~clash).astype(np.uint8)
+
+    rng = np.random.default_rng(1)
+    for it in range(200):
+        ids = rng.integers(0, rng.integers(1, 30), tuple(rng.integers(1, 30, 2))).astype(np.int32)
+        if it % 2:  # objects of several px
+            ids = np.repeat(np.repeat(ids, 3, 0), 3, 1)
+        ref = clash_by_definition(ids)
+        assert np.array_equal(separated_mask(ids), ref)
+        y0, x0 = rng.integers(0, ids.shape[0]), rng.integers(0, ids.shape[1])
+        y1, x1 = rng.integers(y0, ids.shape[0] + 1), rng.integers(x0, ids.shape[1] + 1)
+        assert np.array_equal(separated_mask(ids, (slice(y0, y1), slice(x0, x1))), ref[y0:y1, x0:x1])
+        for min_px in (2, 5, 40):
+            sizes = np.bincount(ids.ravel())
+            want = np.where((sizes[ids] >= min_px) & (ids > 0), ids, 0)
+            got = remove_small(ids, min_px)
+            assert got.dtype == np.int32 and np.array_equal(got, L.relabel(want))
+
+
 def test_instances_from_probs_splits_at_the_boundary():
     gt = boxes((30, 40), (5, 25, 5, 20), (5, 25, 20, 35))
     t = L.three_class_target(gt)

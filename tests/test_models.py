@@ -92,6 +92,27 @@ def test_torchscript_geometry_is_measured_once_per_weights_file(tmp_path, monkey
     assert len(calls) == 1
 
 
+def test_unet_halo_is_measured_once_per_depth_and_code(tmp_path, monkeypatch):
+    """A checkpoint's 'same' U-Net halo comes from the architecture by a gradient probe that
+    every plan job would repeat; it is measured once per depth and version of the U-Net code
+    and read from the cache after that (the same value)."""
+    from wsiseg.models import checkpoint
+
+    monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "cache"))
+    checkpoint.unet_same_halo.cache_clear()
+    halo = checkpoint.unet_same_halo(2)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.name.startswith("unet-same-halo-depth2-")
+    calls = []
+    monkeypatch.setattr(checkpoint, "measure_halo", lambda *a, **k: calls.append(a) or -1)
+    checkpoint.unet_same_halo.cache_clear()
+    assert checkpoint.unet_same_halo(2) == halo and calls == []  # read, not measured again
+    checkpoint.unet_same_halo.cache_clear()
+    monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "other"))
+    assert checkpoint.unet_same_halo(2) == -1 and len(calls) == 1  # an empty cache: measured
+    checkpoint.unet_same_halo.cache_clear()
+
+
 def test_margin_below_halo_refused_unless_opted_in(tmp_path):
     p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="same")
     spec = load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CMU, REPO, corrupt_slide, needs_data
-from helpers import FailingLabeler
+from helpers import FailingLabeler, FirstChannelLabeler
 from scipy import ndimage as ndi
 
 from wsiseg.geometry import Geometry
@@ -37,7 +37,9 @@ def segment_store(path, slide, spec, geom, tiles, plan, workers, **kw):
         tiles,
         plan,
         spec.module,
-        StoreMerger(str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s"),
+        StoreMerger(
+            str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s", channels=len(spec.classes)
+        ),
         torch.device("cpu"),
         batch_size=3,
         **kw,
@@ -100,14 +102,16 @@ def jobs(nan_at=None):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_failing_tile_names_itself(tmp_path, workers):
     with pytest.raises(PostprocessError, match=r"s1: post-processing tile row 1 col 2 failed: ValueError: NaN"):
-        with PostprocessPool(writer(tmp_path, FailingLabeler()), workers, "s1") as pool:
+        with PostprocessPool(writer(tmp_path, FailingLabeler()), workers, "s1", output_shape=(2, 32, 32)) as pool:
             for job in jobs(nan_at=(1, 2)):
                 pool.submit(job)
 
 
 def test_a_dying_worker_fails_the_slide_without_hanging(tmp_path):
     with pytest.raises(PostprocessError, match=r"s1: a post-processing worker died .* tiling.postprocess_workers"):
-        with PostprocessPool(writer(tmp_path, FailingLabeler(exit_process=True)), 2, "s1") as pool:
+        with PostprocessPool(
+            writer(tmp_path, FailingLabeler(exit_process=True)), 2, "s1", output_shape=(2, 32, 32)
+        ) as pool:
             for job in jobs(nan_at=(0, 1)):
                 pool.submit(job)
 
@@ -122,7 +126,7 @@ STAGE = textwrap.dedent("""
     from wsiseg.store import TileStore
     TileStore.create({store!r}, 320, 320, 32).close()
     writer = TileWriter({store!r}, SlowLabeler(30.0), slice(0, 32), 1.0)
-    with _sigterm_as_exit(), PostprocessPool(writer, 2, "s1") as pool:
+    with _sigterm_as_exit(), PostprocessPool(writer, 2, "s1", output_shape=(2, 32, 32)) as pool:
         for r in range(10):
             for c in range(10):
                 pool.submit(TileJob(r, c, 32 * c, 32 * r, 32, 32, np.zeros((2, 32, 32), np.float32)))
@@ -142,8 +146,17 @@ def alive(pid):
         return False
 
 
+def shm_files(pid):
+    """Files under /dev/shm that a process maps and that would stay there if it died (a named
+    shared-memory segment would be one; multiprocessing's semaphores are unlinked at once)."""
+    with open(f"/proc/{pid}/maps") as fh:
+        return {line.split(None, 5)[5].strip() for line in fh if "/dev/shm/" in line and "(deleted)" not in line}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_no_worker_outlives_the_stage(tmp_path, sig):
+    """Workers end with the stage, whatever ends it; the outputs they are handed live in an
+    anonymous shared mapping, so no /dev/shm segment can be left behind either."""
     code = STAGE.format(tests=str(REPO / "tests"), src=str(REPO / "src"), store=str(tmp_path / "s"))
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
@@ -155,6 +168,7 @@ def test_no_worker_outlives_the_stage(tmp_path, sig):
             time.sleep(0.1)
         assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else workers
         time.sleep(1.0)  # let them pick up tiles
+        assert not shm_files(proc.pid) and not any(shm_files(p) for p in workers)
         proc.send_signal(sig)
         proc.wait(timeout=120)  # they sleep 30 s a tile: the stage must not wait for them
         for _ in range(300):
@@ -165,3 +179,37 @@ def test_no_worker_outlives_the_stage(tmp_path, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_outputs_reach_the_workers_through_the_ring(tmp_path):
+    """Each output goes through a slot of the shared ring (no pickled array), slots are reused
+    once their tile is written, and the tiles land where they belong."""
+    w = writer(tmp_path, FirstChannelLabeler())
+    with PostprocessPool(w, 2, "s1", depth=2, output_shape=(2, 32, 32)) as pool:
+        assert pool.ring is not None and len(pool.ring.free) == 2
+        for job in jobs():
+            out = job.output
+            out[1] = 10 * job.row + job.col
+            pool.submit(job)
+            out[:] = -1  # the caller may reuse its buffer at once: the ring holds a copy
+            assert len(pool.ring.free) <= 2
+    with TileStore(str(tmp_path / "s")) as st:
+        got = st.read(0, 0, 96, 64)
+    want = np.kron(np.array([[0, 1, 2], [10, 11, 12]], np.uint8), np.ones((32, 32), np.uint8))
+    assert np.array_equal(got, want)
+
+
+def test_a_jobs_cpus_are_split_between_the_network_and_the_workers():
+    """auto: on a GPU the post-processing workers take what the reading workers and the
+    network's loop leave, and the loop keeps what the workers do not take; on the CPU the
+    network keeps every CPU and post-processes in its own process."""
+    from wsiseg.segment import network_threads, postprocess_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto, fixed = dict(workers=2, postprocess_workers="auto"), dict(workers=2, postprocess_workers=4)
+    assert postprocess_workers(auto, 16, cuda) == 13 and postprocess_workers(auto, 2, cuda) == 0
+    assert postprocess_workers(auto, 16, cpu) == 0 and postprocess_workers(fixed, 16, cpu) == 4
+    assert network_threads(auto, 16, cpu) == 16 and network_threads(fixed, 16, cpu) == 16
+    assert network_threads(auto, 16, cuda) == 1
+    assert network_threads(fixed, 16, cuda) == 10
+    assert network_threads(fixed, 2, cuda) == 1

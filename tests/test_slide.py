@@ -69,6 +69,11 @@ def test_rgba_composited_on_white():
     rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 255], [0, 0, 0, 128]]], np.uint8)
     out = composite_on_white(rgba)
     assert out.tolist() == [[[255, 255, 255], [255, 0, 0], [127, 127, 127]]]
+    # an opaque region (the fast path) is its RGB, as the compositing formula gives it
+    opaque = np.random.default_rng(0).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    opaque[..., 3] = 255
+    rgb = opaque[..., :3].astype(np.uint16)
+    assert np.array_equal(composite_on_white(opaque), ((rgb * 255 + 127) // 255).astype(np.uint8))
 
 
 def test_missing_mpp_names_slide_and_fix():

@@ -59,14 +59,15 @@ def fill_small_holes(mask: np.ndarray, mpp: float, max_um2: float = MAX_HOLE_UM2
 
 
 def remove_small(ids: np.ndarray, min_px: int) -> np.ndarray:
+    """Objects of fewer than ``min_px`` px removed, the rest renumbered 1..N in the order of
+    their ids (as :func:`wsiseg.labels.relabel` numbers them), in one lookup."""
     if min_px <= 1 or ids.max() == 0:
         return ids
-    sizes = np.bincount(ids.ravel())
-    small = sizes < min_px
-    small[0] = False
-    ids = ids.copy()
-    ids[small[ids]] = 0
-    return relabel(ids)
+    keep = np.bincount(ids.ravel()) >= min_px
+    keep[0] = False
+    lut = np.cumsum(keep, dtype=np.int32)  # rank of each kept id
+    lut[~keep] = 0
+    return lut[ids]
 
 
 def instances_from_probs(prob: np.ndarray, mpp: float, params: InstanceParams | None = None) -> np.ndarray:
@@ -85,22 +86,32 @@ def instances_from_probs(prob: np.ndarray, mpp: float, params: InstanceParams | 
     return remove_small(ids.astype(np.int32), int(round(params.min_object_um2 * px)))
 
 
-def separated_mask(ids: np.ndarray) -> np.ndarray:
+def separated_mask(ids: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
     """Binary object mask (uint8) in which different objects never touch, not even diagonally.
 
     Pixels with an 8-neighbour of another object are cleared, so that counting
-    8-connected components of the mask counts the objects.
+    8-connected components of the mask counts the objects. ``crop`` (two slices): only
+    that part of the mask, computed from it and its 1-px surround (the same pixels as
+    cropping the whole mask).
     """
-    pad = np.pad(ids, 1)
-    c = pad[1:-1, 1:-1]
+    if crop is not None:
+        h, w = ids.shape
+        ys, xs = (s.indices(n) for s, n in zip(crop, (h, w)))
+        y0, y1, x0, x1 = max(ys[0] - 1, 0), min(ys[1] + 1, h), max(xs[0] - 1, 0), min(xs[1] + 1, w)
+        return separated_mask(ids[y0:y1, x0:x1])[ys[0] - y0 : ys[1] - y0, xs[0] - x0 : xs[1] - x0]
+    obj = ids > 0
     clash = np.zeros(ids.shape, bool)
-    h, w = ids.shape
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                n = pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-                clash |= (n > 0) & (n != c)
-    return ((ids > 0) & ~clash).astype(np.uint8)
+    # each of the 4 forward directions, pair by pair: two touching pixels of different objects both clash
+    for a, b in (
+        ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),  # right
+        ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),  # down
+        ((slice(None, -1), slice(None, -1)), (slice(1, None), slice(1, None))),  # down-right
+        ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))),  # down-left
+    ):
+        pair = obj[a] & obj[b] & (ids[a] != ids[b])
+        clash[a] |= pair
+        clash[b] |= pair
+    return (obj & ~clash).astype(np.uint8)
 
 
 @dataclass

@@ -89,8 +89,9 @@ class StoreMerger:
     labels: the model's per-tile post-processing, a small callable without the network
     (:meth:`~wsiseg.models.ModelSpec.labeler`; default: argmax). ``tissue`` (a boolean mask,
     one px per ``tissue_downsample`` level-0 px) clips them. With ``workers`` > 0 that work and
-    the store writes run in worker processes (:mod:`wsiseg.postpool`); the store is the same
-    whatever the number.
+    the store writes run in worker processes (:mod:`wsiseg.postpool`), which get each output
+    through shared memory sized for ``channels`` (the network's output classes) x the window;
+    the store is the same whatever the number.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class StoreMerger:
         workers: int = 0,
         slide_name: str = "",
         depth: int | None = None,
+        channels: int | None = None,
     ):
         from .models.spec import TileLabeler
 
@@ -112,7 +114,14 @@ class StoreMerger:
         writer = TileWriter(
             path, labels or TileLabeler(None, geom.target_mpp), spec.keep, geom.scale0, tissue, tissue_downsample
         )
-        self.pool = PostprocessPool(writer, workers, slide_name or os.path.basename(path), depth=depth)
+        side = spec.window - 2 * spec.out_offset  # the network's output over a read window
+        self.pool = PostprocessPool(
+            writer,
+            workers,
+            slide_name or os.path.basename(path),
+            depth=depth,
+            output_shape=None if channels is None else (int(channels), side, side),
+        )
 
     def aggregate(self, tile, out: torch.Tensor, keep: slice) -> None:
         assert keep == self.spec.keep
@@ -124,7 +133,7 @@ class StoreMerger:
                 int(tile.ty),
                 int(tile.tw),
                 int(tile.th),
-                out.float().cpu().numpy(),
+                out,
             )
         )
 
@@ -310,14 +319,29 @@ def _loop(
                 last = now
 
 
-def postprocess_workers(tiling_cfg: dict, threads: int) -> int:
+def postprocess_workers(tiling_cfg: dict, threads: int, device: torch.device | None = None) -> int:
     """Post-processing worker processes of a segment job: ``tiling.postprocess_workers``, or for
     'auto' the job's CPUs (Snakemake threads, SLURM cpus_per_task) less one for the network's
-    loop and one per reading worker; 0 runs the post-processing in the network's process."""
+    loop and one per reading worker; 0 runs the post-processing in the network's process, as
+    'auto' does on the CPU, where the network needs the cores (post-processing is about a
+    tenth of its time there: benchmarks/README.md)."""
     n = tiling_cfg.get("postprocess_workers", "auto")
     if n in (None, "auto"):
+        if device is not None and device.type == "cpu":
+            return 0
         return max(0, int(threads) - 1 - int(tiling_cfg.get("workers", 0)))
     return int(n)
+
+
+def network_threads(tiling_cfg: dict, threads: int, device: torch.device) -> int:
+    """Torch threads of the network's process in a job of ``threads`` CPUs. On a GPU the
+    process only drives the device: it keeps the CPUs that the reading and post-processing
+    workers do not take, so that none of them competes for a core. On the CPU the network
+    is most of the work and keeps them all (as before the pipeline existed)."""
+    if device.type == "cpu":
+        return max(1, int(threads))
+    workers = int(tiling_cfg.get("workers", 0)) + postprocess_workers(tiling_cfg, threads, device)
+    return max(1, int(threads) - workers)
 
 
 @contextlib.contextmanager
@@ -365,13 +389,14 @@ def run(
     torch.set_num_threads(max(1, int(threads)))
     model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
     dev = pick_device(device, log) if model.wants_gpu else torch.device("cpu")
+    torch.set_num_threads(network_threads(tiling_cfg, threads, dev))
     plan = Plan.read(plan_tsv, plan_json)
     if plan.model_checksum != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
     tiles = plan.tiles if model.apply_calibration(plan.calibration, log) else plan.tiles.iloc[:0]
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     geom, spec = plan.geometry, plan.spec
-    post_workers = postprocess_workers(tiling_cfg, threads)
+    post_workers = postprocess_workers(tiling_cfg, threads, dev)
     merger = StoreMerger(
         out_store,
         geom,
@@ -381,6 +406,7 @@ def run(
         labels=model.labeler(),
         workers=post_workers,
         slide_name=slide_id,
+        channels=len(model.classes),
     )
     if model.postprocess:
         log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
@@ -388,7 +414,7 @@ def run(
     log(
         f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
         f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} reading workers, {post_workers} post-processing "
-        f"workers, amp={dev.type == 'cuda'}, "
+        f"workers, {torch.get_num_threads()} network threads, amp={dev.type == 'cuda'}, "
         f"tta={'8 flips/rotations' if tta else 'off'})"
     )
     unreadable, timings = [], {}

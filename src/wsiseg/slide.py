@@ -31,6 +31,8 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """RGBA (straight alpha, uint8) -> RGB composited on a white background."""
     if rgba.shape[-1] == 3:
         return rgba
+    if rgba[..., 3].min() == 255:  # opaque (the usual case): the composite is the RGB itself
+        return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.uint16)
     a = rgba[..., 3:4].astype(np.uint16)
     out = (rgb * a + 255 * (255 - a) + 127) // 255

@@ -8,15 +8,18 @@ post-processing chosen on the validation images), so ``model:`` needs only ``wei
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 
+from .. import unet
 from ..errors import ConfigError
 from ..unet import UNet
-from .probe import measure_halo
+from .probe import cached, measure_halo
 from .spec import ModelSpec
 
 CHECKPOINT_FORMAT = "wsiseg-unet/1"
@@ -54,17 +57,28 @@ class UNetSpec(ModelSpec):
         return self.module.output_size(n)
 
 
+@functools.cache
 def unet_same_halo(depth: int) -> int:
     """Receptive-field radius (px) of a 'same' U-Net of this depth, measured exactly.
 
-    Measured once on a structural copy with positive weights, so no ReLU is dead
-    and every pixel that *can* influence the centre does.
+    Measured on a structural copy with positive weights, so no ReLU is dead and every
+    pixel that *can* influence the centre does; once per depth and version of the U-Net's
+    code (kept in ``$WSISEG_CACHE``, :func:`wsiseg.models.probe.cached`), as the probe
+    takes seconds to minutes of CPU in every plan job otherwise.
     """
-    probe = UNet(n_classes=1, depth=depth, base_width=2, padding="same", batch_norm=False)
-    with torch.no_grad():
-        for p in probe.parameters():
-            p.fill_(0.1)
-    return measure_halo(probe, 2**depth, 0, positive=False)
+
+    def measure() -> dict:
+        probe = UNet(n_classes=1, depth=depth, base_width=2, padding="same", batch_norm=False)
+        with torch.no_grad():
+            for p in probe.parameters():
+                p.fill_(0.1)
+        return dict(depth=depth, halo=measure_halo(probe, 2**depth, 0, positive=False))
+
+    try:
+        code = hashlib.sha256(inspect.getsource(unet).encode()).hexdigest()[:16]
+    except (OSError, TypeError):  # no source to key the cache on: measure
+        return int(measure()["halo"])
+    return int(cached(f"unet-same-halo-depth{depth}-{code}", measure, ("halo",))["halo"])
 
 
 def _first_legal(module: UNet) -> int:

@@ -1,8 +1,13 @@
-"""Geometry of a network we cannot read analytically (TorchScript): measured by running it."""
+"""Geometry of a network we cannot read analytically (TorchScript): measured by running it,
+once (:func:`cached`)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,3 +73,31 @@ def measure_halo(module: nn.Module, align: int, border: int, positive: bool = Tr
         radius = 0
         if n > 4096:
             raise ConfigError("receptive field larger than 2048 px; set tiling.margin explicitly")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WSISEG_CACHE") or Path.home() / ".cache" / "wsiseg")
+
+
+def cached(name: str, compute: Callable[[], dict], keys: tuple) -> dict:
+    """``compute()`` (a dict with ``keys``), measured once and kept as ``$WSISEG_CACHE/<name>.json``
+    (default ``~/.cache/wsiseg``), so that the plan stage of the next slide reads it instead of
+    probing the network again. ``name`` must say everything the result depends on. A cache that
+    cannot be read or written is only a cost, never an error."""
+    path = cache_dir() / f"{name}.json"
+    try:
+        with open(path) as fh:
+            value = json.load(fh)
+        if isinstance(value, dict) and all(k in value for k in keys):
+            return value
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value

