@@ -284,13 +284,13 @@ def _colour_sums(pixels, x, y, w, h, nz, comp_of, boxes, m, colour) -> None:
             part = pixels(x + bx0, y + by0, bx1 - bx0, by1 - by0)
             if part is not None:
                 img[by0:by1, bx0:bx1] = part
-    rgb = np.asarray(img).reshape(-1, 3)[nz].astype(np.float64)
-    ok = np.isfinite(rgb).all(axis=1)
-    c, rgb = comp_of[ok], rgb[ok]
+        read = np.isfinite(img[..., 0]).ravel()[nz]
+        nz, comp_of = nz[read], comp_of[read]
+    rgb = np.asarray(img).reshape(-1, 3)[nz]
     hem, eos = mm.stain_od(rgb)
     for f, v in zip(COLOUR_FIELDS, (rgb[:, 0], rgb[:, 1], rgb[:, 2], hem, eos)):
-        colour[f].extend(np.bincount(c, weights=v, minlength=m + 1)[1:])
-    colour["colour_px"].extend(np.bincount(c, minlength=m + 1)[1:])
+        colour[f].extend(np.bincount(comp_of, weights=v, minlength=m + 1)[1:])
+    colour["colour_px"].extend(np.bincount(comp_of, minlength=m + 1)[1:])
 
 
 def _per_class(roots, cls_arr, c, hulls: _Hulls, pixels_total) -> dict:
