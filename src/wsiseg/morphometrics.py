@@ -47,34 +47,34 @@ PERIMETER_WEIGHTS = np.array([1.0, math.sqrt(2), (1 + math.sqrt(2)) / 2])  # of 
 HALO = 2  # a pixel's perimeter weight depends on the object within this many px
 
 
-def perimeter_classes(ext: np.ndarray, n_classes: int) -> np.ndarray:
-    """Weight class (0-3) of each pixel of ``ext[2:-2, 2:-2]`` on the border of its own
-    class's objects (``ext`` holds class indices, 0 = background, with a 2 px frame around).
+def perimeter_weights(ext: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of ``ext[2:-2, 2:-2]`` that add to the perimeter of their class's objects
+    (flat indices into that part) and their weight classes (1-3); ``ext`` holds class
+    indices, 0 = background, with a 2 px frame around.
 
     As ``skimage.measure.perimeter``: a pixel is on the border when one of its 4 neighbours
     is not of the object; a border pixel's weight class is :data:`WEIGHT_CLASS` of
     1 + 2 x (4-neighbours on the border) + 10 x (diagonal neighbours on the border).
     """
-    inner = ext[HALO:-HALO, HALO:-HALO]
-    out = np.zeros(inner.shape, np.uint8)
-    if not inner.size:
-        return out
-    present = np.flatnonzero(np.bincount(inner.ravel(), minlength=n_classes)[1:n_classes]) + 1
-    for k in present.tolist():
+    idxs, wcs = [np.zeros(0, np.int64)], [np.zeros(0, np.uint8)]
+    for k in range(1, n_classes):
         image = ext == k
+        if not image[HALO:-HALO, HALO:-HALO].any():
+            continue
         c = image[1:-1, 1:-1]  # 1 px in from ext's edge: its 4 neighbours are in ext
         border = c & ~(image[:-2, 1:-1] & image[2:, 1:-1] & image[1:-1, :-2] & image[1:-1, 2:])
         bw = border.shape[1]
         flat = border.ravel()
         idx = np.flatnonzero(border[1:-1, 1:-1])  # border pixels of the inner part
-        if not len(idx):
-            continue
         r, q = np.divmod(idx, bw - 2)
         at = (r + 1) * bw + q + 1  # the same pixels in ``border``'s flat index
         four = flat[at - bw].astype(np.uint8) + flat[at + bw] + flat[at - 1] + flat[at + 1]
         diag = flat[at - bw - 1].astype(np.uint8) + flat[at - bw + 1] + flat[at + bw - 1] + flat[at + bw + 1]
-        out.ravel()[idx] = WEIGHT_CLASS[1 + 2 * four + 10 * diag]
-    return out
+        wc = WEIGHT_CLASS[1 + 2 * four + 10 * diag]
+        adds = wc > 0
+        idxs.append(idx[adds])
+        wcs.append(wc[adds])
+    return np.concatenate(idxs), np.concatenate(wcs)
 
 
 class PerimeterBands:
@@ -89,6 +89,7 @@ class PerimeterBands:
     def __init__(self, width: int, n_classes: int):
         self.width, self.n_classes = width, n_classes
         self.row_y = None
+        # the last rows seen of each column: classes of 4 (context), piece ids of 2 (settled later)
         self.next_cls, self.next_ids = np.zeros((4, width), np.uint8), np.zeros((2, width), np.int64)
 
     def tile(self, x: int, y: int, t: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,31 +100,33 @@ class PerimeterBands:
             self.row_y = y
             self.above_cls, self.above_ids = self.next_cls, self.next_ids
             self.next_cls, self.next_ids = np.zeros_like(self.above_cls), np.zeros_like(self.above_ids)
-            self.left_cls, self.left_ids = np.zeros((h + 4, 4), np.uint8), np.zeros((h + 2, 2), np.int64)
+            self.left_cls, self.left_ids = np.zeros((h + 4, 4), np.uint8), np.zeros((h, 2), np.int64)
         col_cls = np.vstack([self.above_cls[:, x : x + w], t])  # rows y - 4 .. y + h
-        col_ids = np.vstack([self.above_ids[:, x : x + w], lab])  # rows y - 2 .. y + h
-        self.next_cls[:, x : x + w], self.next_ids[:, x : x + w] = col_cls[-4:], col_ids[-2:]
         ext = np.hstack([self.left_cls, col_cls])  # columns x - 4 .. x + w
-        ids = np.hstack([self.left_ids, col_ids])  # columns x - 2 .. x + w
-        self.left_cls, self.left_ids = ext[:, -4:], ids[:, -2:]
+        left_ids = self.left_ids  # the previous tile's last 2 columns (rows y .. y + h)
+        self.left_cls = ext[:, -4:]
+        self.left_ids = lab[:, -2:] if w >= 2 else np.hstack([left_ids, lab])[:, -2:]
+        self.next_cls[:, x : x + w] = col_cls[-4:]
+        self.next_ids[:, x : x + w] = lab[-2:] if h >= 2 else np.vstack([self.above_ids[:, x : x + w], lab])[-2:]
         if not ext.any():
-            return ids[:0, 0], ext[:0, 0]
+            return np.zeros(0, np.int64), np.zeros(0, np.uint8)
         if x + w >= self.width:  # the last tile of its row: settle the mask's last 2 columns too
             ext = np.pad(ext, ((0, 0), (0, 2)))
-            ids = ids[:h]
-        else:
-            ids = ids[:h, :w]
-        return self._settle(ext, ids)
+        idx, wc = perimeter_weights(ext, self.n_classes)
+        i, j = np.divmod(idx, ext.shape[1] - 4)  # in the settled block: rows y - 2 + i, columns x - 2 + j
+        ids = np.empty(len(idx), np.int64)
+        top = i < 2  # rows of the previous row of tiles
+        ids[top] = self.above_ids[i[top], x - 2 + j[top]]
+        left = ~top & (j < 2)  # columns of the previous tile
+        ids[left] = left_ids[i[left] - 2, j[left]]
+        rest = ~top & ~left
+        ids[rest] = lab[i[rest] - 2, j[rest] - 2]
+        return ids, wc
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """The mask's last 2 rows (after the last tile)."""
-        ext = np.pad(self.next_cls, ((0, 2), (2, 2)))
-        return self._settle(ext, self.next_ids)
-
-    def _settle(self, ext, ids):
-        wc = perimeter_classes(ext, self.n_classes)
-        keep = (wc > 0) & (ids > 0)
-        return ids[keep], wc[keep]
+        idx, wc = perimeter_weights(np.pad(self.next_cls, ((0, 2), (2, 2))), self.n_classes)
+        return self.next_ids.ravel()[idx], wc
 
 
 # ---------------------------------------------------------------- convex hull
