@@ -177,6 +177,14 @@ def check_outlines(path, mask, classes, mpp, scale0, objects=None):
         assert sorted(got.index) == sorted(t.index)
         assert (got["class"] == t.loc[got.index, "class"]).all()
         assert np.allclose(got["area_um2"], t.loc[got.index, "area_um2"], atol=0.01)
+        # the morphometrics QuPath shows: those of objects.csv.gz (absent where the table's is empty)
+        from wsiseg.outlines import MEASUREMENTS
+
+        m = pd.DataFrame([p["measurements"] for p in props]).set_index("object_id")  # every part of split ones
+        for f in MEASUREMENTS:
+            want = t.loc[m.index, f].to_numpy()
+            have = m[f].to_numpy() if f in m else np.full(len(m), np.nan)
+            assert np.array_equal(np.isnan(have), np.isnan(want)) and np.allclose(have, want, equal_nan=True), f
     return n
 
 
