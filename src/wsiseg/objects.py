@@ -507,7 +507,9 @@ def write_objects(path: str, tables: Iterable[pd.DataFrame]) -> int:
         out = csv.writer(fh, lineterminator="\n")
         out.writerow(OBJECT_COLUMNS)
         for t in tables:
-            out.writerows(zip(*(_text(t[c], DECIMALS.get(c, 2)) for c in t.columns)))
+            for i in range(0, len(t), 5000):  # the text of 5,000 rows at a time (about 8 MB)
+                part = t.iloc[i : i + 5000]
+                out.writerows(zip(*(_text(part[c], DECIMALS.get(c, 2)) for c in part.columns)))
             n += len(t)
     os.replace(tmp, path)
     return n
