@@ -20,5 +20,7 @@ with stage("stats", sm.wildcards.slide, sm.log[0]) as log:
         out_csv=sm.output.stats,
         objects_csv=sm.output.objects,
         outlines_geojson=sm.output.get("outlines"),
+        slide_path=sm.input.slide,
+        slide_mpp=sm.params.mpp,
         log=log.info,
     )

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO
 from PIL import Image
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from wsiseg.models.checkpoint import save_checkpoint
 from wsiseg.unet import UNet
@@ -176,6 +177,14 @@ def check_outlines(path, mask, classes, mpp, scale0, objects=None):
         assert sorted(got.index) == sorted(t.index)
         assert (got["class"] == t.loc[got.index, "class"]).all()
         assert np.allclose(got["area_um2"], t.loc[got.index, "area_um2"], atol=0.01)
+        # the morphometrics QuPath shows: those of objects.csv.gz (absent where the table's is empty)
+        from wsiseg.outlines import MEASUREMENTS
+
+        m = pd.DataFrame([p["measurements"] for p in props]).set_index("object_id")  # every part of split ones
+        for f in MEASUREMENTS:
+            want = t.loc[m.index, f].to_numpy()
+            have = m[f].to_numpy() if f in m else np.full(len(m), np.nan)
+            assert np.array_equal(np.isnan(have), np.isnan(want)) and np.allclose(have, want, equal_nan=True), f
     return n
 
 
@@ -220,6 +229,7 @@ def check_slide_outputs(wd, sid, path, mpp0=None):
         out / "outlines.geojson.gz", mask, CLASSES, 0.5, 0.5 / mpp0, objects=pd.read_csv(out / "objects.csv.gz")
     )
     assert len(st.model_sha256) == 64 and st.wall_time_s > 0
+    check_morphometrics(out, mask, path, st, mpp0)
     # tissue and overlay: images of the thumbnail's size; nothing labelled off tissue
     tissue = np.asarray(Image.open(out / "tissue.png"))
     overlay = Image.open(out / "overlay.png")
@@ -238,3 +248,72 @@ def check_slide_outputs(wd, sid, path, mpp0=None):
     assert "tiles (100%)" in seg_log and "CUDA is not available" in seg_log
     assert (wd / "benchmarks" / MODEL / sid / "segment.tsv").exists()
     assert not (out / "work" / "labels.store").exists()  # temporary intermediate removed
+
+
+def check_morphometrics(out, mask, path, st, mpp0):
+    """objects.csv.gz's morphometrics of one slide against its mask and the slide: every
+    perimeter weight counted once (their sum is skimage's perimeter of the whole mask),
+    colour equal to one read of a region of the slide at the mask's grid with the plan's
+    geometry (skimage's rgb2hed for the optical density), and stats.csv's per-mm² count and
+    medians equal to the table's."""
+    from skimage.color import rgb2hed
+    from skimage.measure import perimeter
+
+    from wsiseg.geometry import Geometry, read_target
+    from wsiseg.objects import OBJECT_COLUMNS
+    from wsiseg.slide import open_slide
+
+    objects = pd.read_csv(out / "objects.csv.gz")
+    assert objects.columns.tolist() == OBJECT_COLUMNS
+    assert st.nucleus_per_mm2 == pytest.approx(st.nucleus_count / st.tissue_area_mm2)
+    for col, src in (
+        ("perimeter_um", "perimeter_um"),
+        ("circularity", "circularity"),
+        ("eccentricity", "eccentricity"),
+        ("solidity", "solidity"),
+        ("hematoxylin_od", "mean_hematoxylin_od"),
+        ("nearest_neighbour_um", "nearest_neighbour_um"),
+    ):
+        tol = 0.005 if src.endswith("_um") else 0.00005  # the table's rounding
+        assert st[f"nucleus_median_{col}"] == pytest.approx(objects[src].median(), abs=tol, nan_ok=True), col
+    if not len(objects):
+        return
+    assert objects["perimeter_um"].sum() == pytest.approx(perimeter(mask == 1, 4) * 0.5, abs=0.005 * len(objects))
+    assert ((objects.solidity > 0) & (objects.solidity <= 1)).all() and objects.eccentricity.between(0, 1).all()
+    assert objects[["mean_red", "mean_hematoxylin_od"]].notna().all().all()
+    # colour: the objects inside a 512 px region around a middle-sized one, from one read of it
+    geom = Geometry(**json.load(open(out / "plan.json"))["geometry"])
+    if abs(geom.level_downsample - round(geom.level_downsample)) > 1e-9:
+        # OpenSlide interpolates a level whose downsample is not an integer (TCGA's level 1,
+        # 2.0005x) at the sub-pixel offset of each read's level-0 origin: two reads of the
+        # same pixels differ (slide.read_level), so only the table's own reads agree
+        return
+    lab, n = ndi.label(mask == 1, structure=np.ones((3, 3)))
+    com = np.array(ndi.center_of_mass(mask == 1, lab, np.arange(1, n + 1))) + 0.5  # (y, x); pixel i spans [i, i + 1)
+    boxes = ndi.find_objects(lab)
+    small = np.array([i for i, b in enumerate(boxes) if b[0].stop - b[0].start < 256 and b[1].stop - b[1].start < 256])
+    if not len(small):
+        return
+    area = np.bincount(lab.ravel())[1:]
+    cy, cx = com[small[np.argsort(area[small])[len(small) // 2]]].astype(int)
+    y0, x0 = max(0, cy - 256), max(0, cx - 256)
+    y1, x1 = min(mask.shape[0], y0 + 512), min(mask.shape[1], x0 + 512)
+    inside = np.array([b[0].start >= y0 and b[0].stop <= y1 and b[1].start >= x0 and b[1].stop <= x1 for b in boxes])
+    with open_slide(str(path), mpp=mpp0) as slide:
+        rgb = read_target(slide, geom, int(x0), int(y0), int(x1 - x0), int(y1 - y0)).astype(np.float64)
+    sub = np.where(inside[lab[y0:y1, x0:x1] - 1] & (lab[y0:y1, x0:x1] > 0), lab[y0:y1, x0:x1], 0)
+    sel = sub > 0
+    od = 6 * rgb2hed(rgb[sel][None] / 255)[0]  # base-10 optical density
+    dist, label = cKDTree(com[:, ::-1] * 0.5).query(objects[["centroid_x_um", "centroid_y_um"]].to_numpy())
+    assert dist.max() < 0.01 and len(set(label.tolist())) == n  # each object its label
+    rows = inside[label]
+    assert rows.sum() >= 1
+    count = np.bincount(sub[sel], minlength=n + 1)[1:]
+    for col, v, tol in (
+        ("mean_red", rgb[sel][:, 0], 0.006),
+        ("mean_blue", rgb[sel][:, 2], 0.006),
+        ("mean_hematoxylin_od", od[:, 0], 0.00006),
+        ("mean_eosin_od", od[:, 1], 0.00006),
+    ):
+        want = np.bincount(sub[sel], weights=v, minlength=n + 1)[1:] / np.maximum(count, 1)
+        assert np.allclose(objects[col].to_numpy()[rows], want[label[rows]], atol=tol), col

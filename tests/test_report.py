@@ -65,17 +65,22 @@ def test_histograms_read_in_chunks_equal_numpy_on_the_whole_table(tmp_path):
     h = report.object_histograms(path, chunk_rows=37)  # many chunks, classes mixed within them
     assert h == report.object_histograms(path)
     assert h["objects"] == t["class"].value_counts().to_dict() and sum(h["objects"].values()) == n > 100
-    assert set(h["metrics"]) == {"area_um2", "equivalent_diameter_um", "eccentricity", "solidity", "orientation_deg"}
+    # every column of the table the report knows (the stats stage writes shape, stain and spacing columns)
+    assert set(h["metrics"]) == set(report.METRICS) & set(t.columns)
+    assert {"area_um2", "equivalent_diameter_um", "eccentricity", "solidity", "circularity"} <= set(h["metrics"])
     for col, v in h["metrics"].items():
         m = report.METRICS[col]
         assert v["bins"] == m.spec()
         for cls, g in t.groupby("class"):
             e = m.edges()
             want = np.histogram(np.clip(g[col], e[0], e[-1]), e)[0]
-            assert v["counts"][cls] == want.tolist() and sum(v["counts"][cls]) == len(g)
-    # today's table (no shape columns): sizes only
+            assert v["counts"][cls] == want.tolist() and sum(v["counts"][cls]) == g[col].notna().sum()
+    # a table written before the morphometrics (results of an older version): sizes only
     plain = str(tmp_path / "plain.csv.gz")
     miccai_objects(plain, "s1")
+    old = pd.read_csv(plain)
+    morph = set(report.METRICS) - {"area_um2", "equivalent_diameter_um"}
+    old.drop(columns=[c for c in old.columns if c in morph]).to_csv(plain, index=False)
     assert set(report.object_histograms(plain)["metrics"]) == {"area_um2", "equivalent_diameter_um"}
 
 
@@ -165,8 +170,17 @@ def test_distributions_pooled_and_per_slide(tmp_path):
         ("empty", ""),
     ]
     fig = report.plot_distributions(dist, report.SHAPE_METRICS, "Object shapes", "none")
-    assert [m.column for m in dist.drawn(report.SHAPE_METRICS)] == ["eccentricity", "solidity", "orientation_deg"]
-    pooled, per_slide = fig.axes[0], fig.axes[1]  # eccentricity
+    # the columns with values (the colour ones stay empty: these tables were made without a slide)
+    assert [m.column for m in dist.drawn(report.SHAPE_METRICS)] == [
+        "circularity",
+        "eccentricity",
+        "solidity",
+        "orientation_deg",
+        "nearest_neighbour_um",
+        "neighbours_25um",
+    ]
+    k = [m.column for m in dist.drawn(report.SHAPE_METRICS)].index("eccentricity")
+    pooled, per_slide = fig.axes[2 * k], fig.axes[2 * k + 1]  # a row of two panels per metric
     whole = str(tmp_path / "whole.csv.gz")
     miccai_objects(whole, "whole", shapes=True)
     t = pd.read_csv(whole)
@@ -240,4 +254,6 @@ def test_archive_figures_are_svg_and_reproducible(tmp_path):
         assert a == b, k  # no date, fixed ids: the same inputs give the same bytes
         root = ET.fromstring(a)
         assert root.tag.endswith("svg") and float(root.get("width").rstrip("pt")) > 300
-    assert "sizes: area_um2, equivalent_diameter_um; shapes: -" in said[0] and "(5 failed)" in said[0]
+    sizes = "sizes: area_um2, equivalent_diameter_um, perimeter_um, major_axis_um, minor_axis_um"
+    shapes = "shapes: circularity, eccentricity, solidity, orientation_deg, nearest_neighbour_um, neighbours_25um"
+    assert f"{sizes}; {shapes}" in said[0] and "(5 failed)" in said[0]

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .objects import first_object_ids
+from .objects import DECIMALS, first_object_ids, shape_features
 from .stitch import PALETTE  # the overlay's class colours, so QuPath shows the same
 
 # directions of a unit edge, turning right in this order (y points down)
@@ -232,6 +232,10 @@ def geometries(
             yield lab_l[a], '{"type":"MultiPolygon","coordinates":[' + ",".join(polys) + "]}"
 
 
+#: objects.csv.gz columns each feature also carries as a measurement (QuPath can colour and
+#: filter detections by them without a join), rounded as in the table; empty ones are left out
+MEASUREMENTS = ("perimeter_um", "circularity", "solidity", "eccentricity", "mean_hematoxylin_od", "mean_eosin_od")
+
 MAX_OPEN_EDGES = 1_000_000  # boundary edges kept for objects still open (13 bytes each; tracing them: 250)
 MERGE_BATCH_EDGES = 500_000  # edges traced at once when merging (about 250 bytes each at the peak)
 
@@ -411,6 +415,7 @@ def write_geojson(
     """
     roots = collector.roots
     root_l, oid_l, cls_l, area_l = [], [], [], []
+    extra_l = {f: [] for f in MEASUREMENTS}
     first = first_object_ids(counts, len(classes))  # the ids of objects.csv.gz
     for k in range(1, len(classes)):
         o = counts[k]["objects"]
@@ -419,16 +424,19 @@ def write_geojson(
         oid_l.append(np.arange(first[k], first[k] + n_k))
         cls_l.append(np.full(n_k, k))
         area_l.append(o["area"] * mpp * mpp)
+        features = shape_features(o, mpp)
+        for f in MEASUREMENTS:
+            extra_l[f].append(features[f] if f in features else o.get(f, np.full(n_k, np.nan)))
     all_roots = np.concatenate(root_l) if root_l else np.zeros(0, np.int64)
     order = np.argsort(all_roots)
     sorted_roots = all_roots[order]
     oid, cls, area = (np.concatenate(a)[order] if a else np.zeros(0) for a in (oid_l, cls_l, area_l))
-
+    extra = [(f, np.concatenate(a)[order], DECIMALS.get(f, 2)) for f, a in extra_l.items() if a]
     tmp = path + ".part"
     ns = uuid.uuid5(uuid.NAMESPACE_URL, "wsiseg:" + slide_id)
     try:
         n, seen = _write_features(
-            tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, classes, ns
+            tmp, path.endswith(".gz"), collector, roots, sorted_roots, oid, cls, area, extra, classes, ns
         )
         if seen != len(all_roots):
             raise AssertionError(f"outlines for {seen} of {len(all_roots)} objects")
@@ -442,7 +450,7 @@ def write_geojson(
     return n
 
 
-def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, classes, ns) -> tuple[int, int]:
+def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, extra, classes, ns) -> tuple[int, int]:
     """(features written, objects that have one or more)."""
     n = 0
     parts = np.zeros(len(sorted_roots), np.int64)  # features so far per object
@@ -461,6 +469,9 @@ def _write_features(tmp, gz, collector, roots, sorted_roots, oid, cls, area, cla
                 "classification": {"name": classes[k], "color": PALETTE[k % len(PALETTE)].tolist()},
                 "measurements": {"object_id": object_id, "area_um2": round(float(area[i]), 2)},
             }
+            for f, v, d in extra:  # rounded as in objects.csv.gz; left out where empty
+                if v[i] == v[i]:
+                    props["measurements"][f] = round(float(v[i]), d)
             if is_part:
                 props["measurements"]["part"] = int(parts[i])
             fid = uuid.uuid5(ns, f"{object_id}/{parts[i]}" if is_part else str(object_id))

@@ -269,8 +269,9 @@ class Distributions:
         return list(dict.fromkeys(c for _, c in self.rows if c))
 
     def drawn(self, metrics) -> list:
-        """The metrics of ``metrics`` these histograms have."""
-        return [m for m in metrics if m.column in self.counts]
+        """The metrics of ``metrics`` these histograms have values of (a column left empty, e.g. the
+        colour of objects whose slide was not read, is not drawn)."""
+        return [m for m in metrics if m.column in self.counts and self.counts[m.column].any()]
 
 
 def _median_of(counts: np.ndarray, edges: np.ndarray, log: bool) -> float:

@@ -1,7 +1,8 @@
-"""Stats stage (rule 'stats'): one row of per-class areas and object counts per slide
-(stats.csv), one row per object (objects.csv.gz) and every object's outline for QuPath
-(outlines.geojson.gz), streamed tile by tile over the mask (:mod:`wsiseg.objects`,
-:mod:`wsiseg.outlines`)."""
+"""Stats stage (rule 'stats'): one row of per-class areas, object counts and morphometrics
+per slide (stats.csv), one row per object with its shape, stain and neighbourhood
+(objects.csv.gz) and every object's outline for QuPath (outlines.geojson.gz), streamed
+tile by tile over the mask (:mod:`wsiseg.objects`, :mod:`wsiseg.morphometrics`,
+:mod:`wsiseg.outlines`), with the slide read at the mask's grid for the stain."""
 
 from __future__ import annotations
 
@@ -10,21 +11,72 @@ import time
 import numpy as np
 import pandas as pd
 
+from .errors import SlideError
+from .geometry import Geometry, read_target
 from .mask import MaskReader
-from .objects import count_objects, object_rows, write_objects
+from .objects import add_neighbours, count_objects, object_rows, shape_features, write_objects
 from .outlines import OutlineCollector, write_geojson
 from .provenance import device_label, software
 from .runner import read_json
+from .slide import open_slide
 from .tiling import Plan
 from .tissue import TissueInfo
 from .triage import SlideRecord
 
 
-def measure(mask_path: str, classes: list, mpp: float, outlines=None) -> tuple[dict, dict]:
-    """(stats columns for each class, count_objects' result) of a mask at ``mpp`` µm/px."""
+class SlidePixels:
+    """RGB (0..255, float) of regions of the mask's grid, read from the slide as the segment
+    stage reads its tiles (:func:`wsiseg.geometry.read_target`: the same level and
+    resampling); None where the slide's pixels cannot be decoded (the tiles the segment stage
+    left as background), after which the slide is opened again (an OpenSlide handle stays in
+    an error state)."""
+
+    def __init__(self, path: str, slide_id: str, mpp: float | None, geom: Geometry):
+        self.path, self.slide_id, self.mpp, self.geom = path, slide_id, mpp, geom
+        self.unreadable = 0  # regions that could not be read
+        self._slide = None
+
+    def __call__(self, x: int, y: int, w: int, h: int):
+        if self._slide is None:
+            self._slide = open_slide(self.path, self.slide_id, self.mpp)
+        try:
+            return read_target(self._slide, self.geom, x, y, w, h)
+        except SlideError:
+            self.close()
+            self.unreadable += 1
+            return None
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+
+def _median(v) -> float:
+    v = np.asarray(v, np.float64)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else float("nan")
+
+
+#: stats.csv medians per class: column suffix -> objects.csv.gz column
+MEDIANS = {
+    "median_perimeter_um": "perimeter_um",
+    "median_circularity": "circularity",
+    "median_eccentricity": "eccentricity",
+    "median_solidity": "solidity",
+    "median_hematoxylin_od": "mean_hematoxylin_od",
+    "median_nearest_neighbour_um": "nearest_neighbour_um",
+}
+
+
+def measure(mask_path: str, classes: list, mpp: float, outlines=None, pixels=None) -> tuple[dict, dict]:
+    """(stats columns for each class, count_objects' result with each object's neighbours) of
+    a mask at ``mpp`` µm/px; ``pixels``: the slide's RGB on the mask's grid (:class:`SlidePixels`)
+    for the objects' colour."""
     mask = MaskReader(mask_path)
     h, w = mask.shape
-    counts = count_objects(mask.tiles(), w, len(classes), outlines=outlines)
+    counts = count_objects(mask.tiles(), w, len(classes), outlines=outlines, pixels=pixels)
+    add_neighbours(counts, len(classes), mpp)
     px_um2 = mpp * mpp
     row = {"mask_width_px": w, "mask_height_px": h}
     for k, name in enumerate(classes):
@@ -37,6 +89,11 @@ def measure(mask_path: str, classes: list, mpp: float, outlines=None) -> tuple[d
         row[f"{name}_count"] = int(len(areas))
         row[f"{name}_mean_area_um2"] = float(areas.mean()) if len(areas) else float("nan")
         row[f"{name}_median_area_um2"] = float(np.median(areas)) if len(areas) else float("nan")
+        o = c["objects"]
+        values = {**shape_features(o, mpp), "nearest_neighbour_um": o["nearest_um"]}
+        values["mean_hematoxylin_od"] = o.get("mean_hematoxylin_od", np.full(len(areas), np.nan))
+        for col, src in MEDIANS.items():
+            row[f"{name}_{col}"] = _median(values[src])
     return row, counts
 
 
@@ -51,10 +108,14 @@ def run(
     out_csv: str,
     objects_csv: str | None = None,
     outlines_geojson: str | None = None,
+    slide_path: str | None = None,
+    slide_mpp: float | None = None,
     log=print,
 ) -> dict:
     """Stats stage: one-row stats.csv for a slide, (``objects_csv``) one row per object and
-    (``outlines_geojson``) every object's outline for QuPath."""
+    (``outlines_geojson``) every object's outline for QuPath. ``slide_path`` (and the sample
+    sheet's ``slide_mpp``, as the segment stage opened it): the slide, for the objects' colour
+    (without it the colour columns are empty)."""
     t0 = time.monotonic()
     rec, ti, pl = SlideRecord.read(slide_json), TissueInfo.read(tissue_json), Plan.read_meta(plan_json)
     sl = rec.info  # the slide's description, as inspect recorded it
@@ -81,14 +142,22 @@ def run(
     collector = None
     if outlines_geojson:
         collector = OutlineCollector(outlines_geojson + ".pieces", scale0)
+    pixels = SlidePixels(slide_path, rec.slide_id, slide_mpp, geom) if slide_path else None
     try:
-        cls_row, counts = measure(mask_path, classes, mpp, outlines=collector)
+        cls_row, counts = measure(mask_path, classes, mpp, outlines=collector, pixels=pixels)
+        if pixels is not None and pixels.unreadable:
+            no_colour = sum(int(np.isnan(counts[k]["objects"]["mean_red"]).sum()) for k in range(1, len(classes)))
+            log(
+                f"{pixels.unreadable} regions of the slide could not be read: {no_colour} objects "
+                "have no colour measurements (empty in objects.csv.gz)"
+            )
         if (cls_row["mask_width_px"], cls_row["mask_height_px"]) != (geom.width, geom.height):
             raise RuntimeError("mask size differs from the tile plan's target size")
         row.update(cls_row)
         tissue = row["tissue_area_mm2"]
         for name in classes[1:]:
             row[f"{name}_fraction_of_tissue"] = row[f"{name}_area_mm2"] / tissue if tissue > 0 else float("nan")
+            row[f"{name}_per_mm2"] = row[f"{name}_count"] / tissue if tissue > 0 else float("nan")
         row["model"] = pl.model
         row["model_sha256"] = pl.model_checksum
         stage_info = [read_json(p) for p in timing_jsons]
@@ -111,5 +180,7 @@ def run(
         log(f"{row['slide_id']}: " + ", ".join(f"{c}={row[c]}" for c in cols if c.endswith(("_count", "_area_mm2"))))
         return row
     finally:
+        if pixels is not None:
+            pixels.close()
         if collector is not None:
             collector.discard()  # its temporary file, whether the outlines were written or not

@@ -1,6 +1,7 @@
 rule stats:
     input:
         mask=f"{RESULTS}/{{slide}}/mask.ome.tif",
+        slide=get_slide_path,  # the objects' colour, read at the mask's grid
         slide_json=f"{RESULTS}/{{slide}}/slide.json",
         tissue_json=f"{RESULTS}/{{slide}}/work/tissue.json",
         plan_json=f"{RESULTS}/{{slide}}/plan.json",
@@ -20,6 +21,7 @@ rule stats:
         runtime=stats_runtime,  # minutes, from the mask's size (the outlines' worst case)
     params:
         classes=config["model"].get("classes", []),
+        mpp=get_slide_mpp,
     script:
         "../../scripts/stats.py"
 
