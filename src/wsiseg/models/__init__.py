@@ -27,6 +27,7 @@ whether it wants a GPU while it builds the DAG.
 from __future__ import annotations
 
 import importlib
+import os
 import zipfile
 from dataclasses import dataclass
 
@@ -80,6 +81,24 @@ def wants_gpu(cfg: dict) -> bool:
     """Whether the model's jobs are worth a GPU (every weights-based format is)."""
     name = _declared(cfg)
     return name == "auto" or FORMATS[name].gpu
+
+
+def check_weights(cfg: dict) -> None:
+    """Refuse weights that no stage could load, in words that name the file and the fix:
+    asked once when the workflow starts, before any job runs. A checkpoint is read as
+    data (torch, imported here only); a TorchScript file is code and is not run here."""
+    if not weights_of(cfg):
+        return
+    path = cfg["weights"]
+    fix = "correct model.weights (relative to the folder you run snakemake from, or absolute)"
+    if not os.path.exists(path):
+        raise ConfigError(f"model.weights {path}: file not found. Fix: {fix}")
+    if os.path.isdir(path):
+        raise ConfigError(f"model.weights {path} is a folder, not a weights file. Fix: {fix}")
+    if format_of(cfg).name == "checkpoint":
+        from .checkpoint import check
+
+        check(cfg)
 
 
 def load_model(cfg: dict, device: str = "cpu", geometry: bool = True):
