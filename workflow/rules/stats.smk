@@ -8,9 +8,9 @@ rule stats:
     output:
         **stats_outputs(),
     log:
-        f"{LOGS}/{{slide}}/stats.log",
+        slide_log("stats"),
     benchmark:
-        f"{BENCH}/{{slide}}/stats.tsv"
+        slide_benchmark("stats")
     group:
         "post"
     conda:
@@ -27,7 +27,7 @@ rule stats:
 rule aggregate:
     input:
         stats=get_stats,
-        failed=get_failed,
+        slides=get_slide_jsons(),
     output:
         report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
     log:
