@@ -59,7 +59,8 @@ EXAMPLE_SLIDE = "resources/example/synthetic_he.tif"
 TRAIN = config.get("train", {})
 TRAIN_DIR = f"{config['results']}/training/{TRAIN.get('name', 'unet')}"
 MADE_HERE = {EXAMPLE_SLIDE: "example_slide", f"{TRAIN_DIR}/best.pt": "train"}
-KEYS = KeyCache(".snakemake/wsiseg/content-keys.tsv")  # per file state: a later run only stats
+# per file state, so a later run only stats; absolute: Snakemake leaves --directory before atexit
+KEYS = KeyCache(os.path.abspath(".snakemake/wsiseg/content-keys.tsv"))
 if workflow.is_main_process:
     atexit.register(KEYS.save)  # jobs read it; only the process that builds the DAG writes it
 
@@ -379,7 +380,11 @@ onsuccess:
     if any(j.rule.name == "aggregate" for j in workflow.dag.finished_jobs):
         from wsiseg.aggregate import outcome
 
-        for line in outcome(pd.read_csv(f"{RESULTS}/summary.csv", keep_default_na=False)):
+        try:
+            lines = outcome(pd.read_csv(f"{RESULTS}/summary.csv", keep_default_na=False))
+        except (OSError, ValueError) as exc:  # e.g. --touch over a summary.csv that is not one
+            lines = [f"{RESULTS}/summary.csv could not be read: {exc}"]
+        for line in lines:
             say(line)
 
 
