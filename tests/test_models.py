@@ -155,3 +155,33 @@ def test_empty_truncated_and_missing_weights_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match="trained at 0.5"):  # a config the checkpoint contradicts
         check_weights(dict(name="m", weights=str(good), mpp=0.25))
     check_weights(dict(name="c", format="classical", mpp=0.5))  # no weights, nothing to check
+
+
+def test_weights_checked_where_snakemake_runs_without_torch(tmp_path):
+    """With --use-conda, Snakemake's own environment may have no torch: the startup check reads
+    the pickle's opcodes instead (no unpickling), and still refuses the payload by name."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    pickle_payload(evil, marker)
+    p4 = tmp_path / "p4.pt"  # a checkpoint of ours in pickle protocol 4 (STACK_GLOBAL): accepted
+    m = UNet(n_classes=2, depth=2, base_width=4)
+    torch.save(dict(format="wsiseg-unet/1", state_dict=m.state_dict(), config=m.config), p4, pickle_protocol=4)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # import torch now fails, as without it
+        "from wsiseg.models import check_weights\n"
+        "from wsiseg.errors import ConfigError\n"
+        "for w in sys.argv[1:]:\n"
+        "    try:\n"
+        "        check_weights(dict(name='m', weights=w, mpp=0.5)); print('accepted', w)\n"
+        "    except ConfigError as e:\n"
+        "        print('refused', e)\n"
+    )
+    weights = [str(evil), str(p4), str(REPO / "models" / "nuclei-unet.pt")]
+    res = subprocess.run([sys.executable, "-c", code, *weights], capture_output=True, text=True, check=True)
+    said = res.stdout.splitlines()
+    assert said[0].startswith(f"refused model.weights {evil} is refused") and "calls posix.system" in said[0]
+    assert said[1:] == [f"accepted {p4}", f"accepted {weights[2]}"] and not marker.exists()

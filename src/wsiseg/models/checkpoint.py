@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..unet import UNet
 from .probe import measure_halo
 from .spec import ModelSpec
+from .weights import WEIGHTS_FIX, refused_pickle
 
 CHECKPOINT_FORMAT = "wsiseg-unet/1"
 
@@ -68,13 +69,6 @@ def _first_legal(module: UNet) -> int:
     return n
 
 
-#: what to use instead of weights that are refused
-_WEIGHTS_FIX = (
-    "point model.weights at a checkpoint written by this workflow (snakemake train, or "
-    "wsiseg.models.checkpoint.save_checkpoint), or at a TorchScript file (torch.jit.save) from a source you trust"
-)
-
-
 def _load_data(path: str, device: str):
     """torch.load as data only, with its failures said in our words (torch's own advice for
     a refused pickle is to load it as code, which is never what to do with weights)."""
@@ -83,10 +77,7 @@ def _load_data(path: str, device: str):
     except pickle.UnpicklingError as exc:
         m = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"calls {m.group(1)} when unpickled" if m else "holds Python objects other than tensors and numbers"
-        raise ConfigError(
-            f"model.weights {path} is refused: the file is a pickle that {what}, so loading it could run "
-            f"code hidden in it (weights are read as data only). Fix: {_WEIGHTS_FIX}"
-        ) from None
+        raise refused_pickle(path, what) from None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise ConfigError(
             f"model.weights {path} cannot be read: {exc.strerror}. Fix: correct model.weights, or let the "
@@ -100,7 +91,7 @@ def _load_data(path: str, device: str):
             detail = str(exc).split(". ")[0] or type(exc).__name__
             problem = f"is not a PyTorch checkpoint, or it is damaged or truncated ({size} bytes; {detail})"
         raise ConfigError(
-            f"model.weights {path} {problem}. Fix: copy it again from its source, or {_WEIGHTS_FIX}"
+            f"model.weights {path} {problem}. Fix: copy it again from its source, or {WEIGHTS_FIX}"
         ) from None
 
 
