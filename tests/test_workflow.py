@@ -290,6 +290,8 @@ def test_reruns_follow_content_not_mtime(archive, tmp_path):
         else:  # the slide is inspected again; the rest of it follows once triage has run (rerun.log)
             assert jobs == {"inspect": 1, "triage": 1, "all": 1}, jobs
     assert planned() == "nothing"  # the original bytes back: nothing to redo
+    keys = (wd / ".snakemake" / "wsiseg" / "content-keys.tsv").read_text()  # in the run's folder
+    assert f"fingerprint\t{slide}\t" in keys and f"sha256\t{weights}\t" in keys
 
 
 def test_pickle_weights_refused_before_any_job(tmp_path):
