@@ -11,5 +11,5 @@ from wsiseg.runner import stage  # noqa: E402
 sm = snakemake  # noqa: F821
 with stage("aggregate", "all slides", sm.log[0]) as log:
     aggregate.run(
-        stats_csvs=list(sm.input.stats), failed_jsons=list(sm.input.failed), out_csv=sm.output[0], log=log.info
+        stats_csvs=list(sm.input.stats), slide_jsons=list(sm.input.slides), out_csv=sm.output[0], log=log.info
     )

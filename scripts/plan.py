@@ -6,12 +6,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wsiseg import plan  # noqa: E402
-from wsiseg.runner import stage  # noqa: E402
+from wsiseg.runner import slide_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-with stage("plan", sm.wildcards.slide, sm.log[0]) as log:
+with slide_stage("plan", sm) as log:
     plan.run(
-        slide_path=sm.input.slide,
+        slide_path=sm.params.path,
         slide_id=sm.wildcards.slide,
         mpp=sm.params.mpp,
         tissue_png=sm.input.tissue,

@@ -6,10 +6,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wsiseg import stats  # noqa: E402
-from wsiseg.runner import stage  # noqa: E402
+from wsiseg.runner import slide_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-with stage("stats", sm.wildcards.slide, sm.log[0]) as log:
+with slide_stage("stats", sm) as log:
     stats.run(
         mask_path=sm.input.mask,
         slide_json=sm.input.slide_json,
@@ -20,7 +20,7 @@ with stage("stats", sm.wildcards.slide, sm.log[0]) as log:
         out_csv=sm.output.stats,
         objects_csv=sm.output.objects,
         outlines_geojson=sm.output.get("outlines"),
-        slide_path=sm.input.slide,
+        slide_path=sm.params.path,
         slide_mpp=sm.params.mpp,
         log=log.info,
     )

@@ -6,10 +6,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wsiseg import stitch  # noqa: E402
-from wsiseg.runner import stage  # noqa: E402
+from wsiseg.runner import slide_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-with stage("stitch", sm.wildcards.slide, sm.log[0]) as log:
+with slide_stage("stitch", sm) as log:
     c = sm.params.cfg
     stitch.run(
         store_path=sm.input.store,

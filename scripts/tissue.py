@@ -6,13 +6,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wsiseg import tissue  # noqa: E402
-from wsiseg.runner import stage  # noqa: E402
+from wsiseg.runner import slide_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-with stage("tissue", sm.wildcards.slide, sm.log[0]) as log:
+with slide_stage("tissue", sm) as log:
     c = sm.params.cfg
     tissue.run(
-        slide_path=sm.input.slide,
+        slide_path=sm.params.path,
         slide_id=sm.wildcards.slide,
         mpp=sm.params.mpp,
         out_png=sm.output.png,

@@ -30,6 +30,7 @@ TCGA = SLIDES / "histolab" / "tcga-cr-7395-01a-01-ts1.svs"
 NDPI = SLIDES / "hamamatsu-ndpi-orbit" / "test3-DAPI 2 (387) .ndpi"
 DICOM = SLIDES / "dicom-cmu-1-small-region" / "level-0-frames-0-30.dcm"
 KIDNEY = SLIDES / "histolab" / "kidney-48-5.tif"
+SMALL = SLIDES / "openslide-python-fixtures" / "small.svs"  # 16 x 16 px Aperio, no tissue
 BAD = {
     "broken": SLIDES / "histolab" / "broken.svs",
     "unreadable": SLIDES / "openslide-python-fixtures" / "unreadable.svs",
@@ -50,22 +51,26 @@ def example_slide(tmp_path_factory):
     return path
 
 
-def corrupt_slide(path):
-    """The synthetic slide with one JPEG tile of level 1 (what a 0.5 µm/px model reads) damaged."""
+def corrupt_slide(path, every_tile=False, seed=3):
+    """The synthetic slide with one JPEG tile of level 1 (what a 0.5 µm/px model reads) damaged,
+    or (``every_tile``) all of them: inspection and tissue detection, which read levels 2
+    and 3, still pass; returns the level-0 origin of the (first) damaged tile."""
     import tifffile
 
     from wsiseg.synthetic import make_example_slide
 
-    make_example_slide(str(path), width=2048, height=1536, mpp=0.25, seed=3)
+    make_example_slide(str(path), width=2048, height=1536, mpp=0.25, seed=seed)
     with tifffile.TiffFile(str(path)) as t:
         p = t.pages[1]
-        i = len(p.dataoffsets) // 2 + 1
-        off, n = p.dataoffsets[i], p.databytecounts[i]
+        first = len(p.dataoffsets) // 2 + 1
+        tiles = range(len(p.dataoffsets)) if every_tile else [first]
+        damage = [(p.dataoffsets[i], p.databytecounts[i]) for i in tiles]
         tx, ty = (
-            (i % -(-p.imagewidth // p.tilewidth)) * p.tilewidth,
-            (i // -(-p.imagewidth // p.tilewidth)) * p.tilelength,
+            (first % -(-p.imagewidth // p.tilewidth)) * p.tilewidth,
+            (first // -(-p.imagewidth // p.tilewidth)) * p.tilelength,
         )
     with open(path, "r+b") as fh:
-        fh.seek(off + n // 3)
-        fh.write(b"\xff\xd9" + bytes(range(200)))
+        for off, n in damage:
+            fh.seek(off + n // 3)
+            fh.write(b"\xff\xd9" + bytes(range(200)))
     return tx, ty

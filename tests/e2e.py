@@ -243,11 +243,12 @@ def check_slide_outputs(wd, sid, path, mpp0=None):
         ty = np.minimum(((ys + 0.5) * s_t).astype(int), tissue.shape[0] - 1)
         tx = np.minimum(((xs + 0.5) * s_t).astype(int), tissue.shape[1] - 1)
         assert (tissue[ty, tx] > 0).all()
-    # logs and benchmarks
-    seg_log = (wd / "logs" / MODEL / sid / "segment.log").read_text()
+    # logs and benchmarks, in the slide's folder (runs with another `results:` never share them)
+    seg_log = (out / "logs" / "segment.log").read_text()
     assert "tiles (100%)" in seg_log and "CUDA is not available" in seg_log
-    assert (wd / "benchmarks" / MODEL / sid / "segment.tsv").exists()
+    assert (out / "benchmarks" / "segment.tsv").exists()
     assert not (out / "work" / "labels.store").exists()  # temporary intermediate removed
+    assert not (out / "failed.json").exists()  # finished: no failure record
 
 
 def check_morphometrics(out, mask, path, st, mpp0):

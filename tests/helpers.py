@@ -73,3 +73,19 @@ class FirstChannelLabeler:
 
     def __call__(self, out, keep, th, tw):
         return out[1, keep, keep][:th, :tw].numpy().astype(np.uint8)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def pickle_payload(path, marker) -> None:
+    """A .pt that runs a command when unpickled (touching ``marker``), as a malicious or
+    careless "weights" file does: a dict with a state_dict that is a call of os.system."""
+    torch.save({"state_dict": _Payload(marker)}, str(path))

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from helpers import pickle_payload
 
 from wsiseg.errors import ConfigError
-from wsiseg.models import load_model
+from wsiseg.models import check_weights, load_model
 from wsiseg.models.checkpoint import save_checkpoint, unet_same_halo
 from wsiseg.models.probe import measure_halo
 from wsiseg.tiling import legal_input, plan_margin
@@ -140,3 +141,68 @@ def test_config_mpp_must_match_checkpoint(tmp_path):
     p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding="same")
     with pytest.raises(ConfigError, match="trained at 0.5"):
         load_model(dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=2.0))
+
+
+def test_pickle_payload_refused_in_our_words_and_not_run(tmp_path):
+    evil = tmp_path / "nuclei-unet.pt"
+    marker = tmp_path / "ran"
+    pickle_payload(evil, marker)
+    cfg = dict(name="m", weights=str(evil), mpp=0.5)
+    with pytest.raises(ConfigError) as e:
+        check_weights(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"model.weights {evil} is refused") and "calls posix.system" in msg
+    assert "Fix: point model.weights at a checkpoint written by this workflow" in msg
+    assert "weights_only" not in msg and not marker.exists()
+    with pytest.raises(ConfigError, match="is refused"):  # the plan stage says the same
+        load_model(cfg)
+    assert not marker.exists()
+
+
+def test_empty_truncated_and_missing_weights_named_as_such(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint(str(good), UNet(n_classes=2, depth=2, base_width=4), ["background", "x"], 0.5, "m")
+    check_weights(dict(name="m", weights=str(good), mpp=0.5))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"empty\.pt is empty \(0 bytes\).*Fix: copy it again"):
+        check_weights(dict(name="m", weights=str(empty), mpp=0.5))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"cut\.pt is not a PyTorch checkpoint, or it is damaged or truncated"):
+        check_weights(dict(name="m", weights=str(cut), mpp=0.5))
+    with pytest.raises(ConfigError, match="file not found. Fix: correct model.weights"):
+        check_weights(dict(name="m", weights=str(tmp_path / "nope.pt"), mpp=0.5))
+    with pytest.raises(ConfigError, match="trained at 0.5"):  # a config the checkpoint contradicts
+        check_weights(dict(name="m", weights=str(good), mpp=0.25))
+    check_weights(dict(name="c", format="classical", mpp=0.5))  # no weights, nothing to check
+
+
+def test_weights_checked_where_snakemake_runs_without_torch(tmp_path):
+    """With --use-conda, Snakemake's own environment may have no torch: the startup check reads
+    the pickle's opcodes instead (no unpickling), and still refuses the payload by name."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    pickle_payload(evil, marker)
+    p4 = tmp_path / "p4.pt"  # a checkpoint of ours in pickle protocol 4 (STACK_GLOBAL): accepted
+    m = UNet(n_classes=2, depth=2, base_width=4)
+    torch.save(dict(format="wsiseg-unet/1", state_dict=m.state_dict(), config=m.config), p4, pickle_protocol=4)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # import torch now fails, as without it
+        "from wsiseg.models import check_weights\n"
+        "from wsiseg.errors import ConfigError\n"
+        "for w in sys.argv[1:]:\n"
+        "    try:\n"
+        "        check_weights(dict(name='m', weights=w, mpp=0.5)); print('accepted', w)\n"
+        "    except ConfigError as e:\n"
+        "        print('refused', e)\n"
+    )
+    weights = [str(evil), str(p4), str(REPO / "models" / "nuclei-unet.pt")]
+    res = subprocess.run([sys.executable, "-c", code, *weights], capture_output=True, text=True, check=True)
+    said = res.stdout.splitlines()
+    assert said[0].startswith(f"refused model.weights {evil} is refused") and "calls posix.system" in said[0]
+    assert said[1:] == [f"accepted {p4}", f"accepted {weights[2]}"] and not marker.exists()

@@ -103,6 +103,38 @@ def test_bad_inputs_get_clear_errors(kind, words):
         assert w in msg
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.9, 0.999])
+def test_truncated_slide_named_as_such(tmp_path, fraction):
+    """An interrupted copy of a real SVS (its directories at the end, as Aperio writes them) is
+    called truncated, not 'not a slide format'."""
+    data = CMU.read_bytes()
+    cut = tmp_path / "case01.svs"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(SlideError) as e:
+        inspect_slide(str(cut), "case01")
+    msg = str(e.value)
+    assert msg.startswith("slide 'case01': the file is truncated") and f"has {cut.stat().st_size} bytes" in msg
+    assert str(cut) in msg and "copy the slide again" in msg
+
+
+def test_whole_slides_are_not_called_truncated(tmp_path):
+    for path, mpp in ((CMU, None), (TCGA, 0.25), (NDPI, None), (DICOM, None)):
+        assert inspect_slide(str(path), "s", mpp)["width"] > 0
+
+
+def test_empty_slide_files_named_as_such(tmp_path):
+    empty = tmp_path / "case02.ndpi"
+    empty.write_bytes(b"")
+    with pytest.raises(SlideError, match=r"slide 'case02': the file is empty \(0 bytes\).*Fix: copy the slide again"):
+        inspect_slide(str(empty), "case02")
+    series = tmp_path / "dicom"  # one empty level of a DICOM series
+    series.mkdir()
+    for f in DICOM.parent.iterdir():
+        (series / f.name).write_bytes(b"" if f.name.startswith("level-3-") else f.read_bytes())
+    with pytest.raises(SlideError, match=r"level-3-frames-0-1.dcm, a file of the slide, is empty"):
+        inspect_slide(str(series / DICOM.name), "dicom")
+
+
 def test_implausible_mpp_rejected_unless_sheet_fixes_it():
     boxes = BAD["broken"].parents[1] / "openslide-python-fixtures" / "boxes.tiff"
     with pytest.raises(SlideError, match="plausible"):

@@ -130,6 +130,9 @@ def slurm_run(cluster, tmp_path_factory):
     cfgfile.write_text(yaml.safe_dump(cfg))
     profile = ci_profile(wd / "profile")
     rc1, out1 = run_on_slurm(wd, profile, cfgfile, cluster)
+    summary = wd / "results" / MODEL / "summary.csv"
+    if summary.exists():  # written on the login node after the failed job (onerror)
+        shutil.copyfile(summary, wd / "first-summary.csv")
     # resume as the README says: take the bad slide out of the sheet, same command again
     sheet.write_text(f"slide_id\tpath\tmpp\ncmu\t{CMU}\t\n")
     rc2, out2 = run_on_slurm(wd, profile, cfgfile, cluster)
@@ -177,7 +180,7 @@ def test_jobs_really_ran_in_slurm(slurm_run, cluster):
     prep = open(next(p for p in jobs.values() if "group_prep" in p)).read()
     assert all(f"rule {r}:" in prep for r in ("tissue", "plan")) and "slide=cmu" in prep and "slide=corrupt" in prep
     # inside the segment job, SLURM's (fake) GPU was visible, and the model fell back to the CPU
-    seg = (wd / "logs" / MODEL / "cmu" / "segment.log").read_text()
+    seg = (wd / "results" / MODEL / "cmu" / "logs" / "segment.log").read_text()
     assert "the job was given GPU 0" in seg and "running the model on the CPU" in seg
     # the resumed run submitted nothing new: only the local triage and aggregate ran
     assert not submitted(out2), out2[-4000:]
@@ -192,3 +195,10 @@ def test_failed_slurm_job_shows_reason_and_batch_goes_on(slurm_run):
     # ... and under keep-going the good slide was finished in that same run
     assert "rule stats" in out1 and (wd / "results" / MODEL / "cmu" / "stats.csv").exists()
     assert not (wd / "results" / MODEL / "corrupt" / "mask.ome.tif").exists()
+    # ... and summary.csv written on the login node all the same, the failed slide explained
+    first = pd.read_csv(wd / "first-summary.csv", keep_default_na=False).set_index("slide_id")
+    assert first["status"].to_dict() == dict(cmu="ok", corrupt="failed")
+    assert (
+        first.loc["corrupt", "failed_stage"] == "segment" and "max_unreadable_fraction" in first.loc["corrupt", "error"]
+    )
+    assert "wsiseg: FAILED corrupt [segment]: slide 'corrupt'" in out1

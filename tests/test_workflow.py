@@ -4,7 +4,12 @@ format (plus bad ones) in one archive run. Outputs are checked, not just present
 import json
 import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -14,15 +19,19 @@ import pytest
 import tifffile
 import torch
 import yaml
-from conftest import BAD, CMU, DICOM, NDPI, REPO, TCGA, corrupt_slide, needs_data
+from conftest import BAD, CMU, DICOM, NDPI, REPO, SMALL, TCGA, corrupt_slide, needs_data
 from e2e import CLASSES, MODEL, check_outlines, check_slide_outputs, snakemake, tiny_model
+from helpers import pickle_payload
 from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 import wsiseg
 from wsiseg import provenance, report
+from wsiseg.aggregate import NO_TISSUE
+from wsiseg.content import fingerprint
 from wsiseg.models.checkpoint import save_checkpoint
+from wsiseg.synthetic import make_example_slide
 from wsiseg.unet import UNet
 
 pytestmark = needs_data  # reads ../shared/data
@@ -106,17 +115,37 @@ def check_synthetic_nuclei(wd, mask, n, min_dice, objects=None):
 
 
 # ------------------------------------------------------------ real slides run
+OLD = (978307200, 978307200)  # 2001-01-01: an mtime older than any result (cp -p, rsync -t)
+
+
+def jobs_run(log: str) -> set:
+    """{(rule, slide)} of the jobs a run's log shows (slide '' for archive-level jobs)."""
+    out = set()
+    for rule, block in re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:    .*\n)+)", log, re.M):
+        m = re.search(r"wildcards: slide=(\S+)", block)
+        out.add((rule, m.group(1) if m else ""))
+    return out
+
+
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
+    """Real and bad slides in one archive run. One slide ('hopeless') is readable, but every
+    tile its segment step reads is damaged: that step fails, the run's exit status says so,
+    summary.csv is written for the rest all the same (first-summary.csv keeps it). The slide
+    is then re-exported (other bytes, copied with cp -p under an old mtime) and the same
+    command run again (rerun.log): it redoes that slide and clears its failure."""
     wd = tmp_path_factory.mktemp("archive run")  # a space in the working directory too
     tiny_model(wd / "tiny.pt")
     corrupt_slide(wd / "corrupt region.tif")  # readable, but one tile deep inside is damaged
+    corrupt_slide(wd / "hopeless.tif", every_tile=True)  # every tile segment reads is damaged
     rows = [
         ("corrupt", wd / "corrupt region.tif", ""),
+        ("hopeless", wd / "hopeless.tif", ""),
         ("cmu", CMU, ""),
         ("tcga", TCGA, "0.25"),
         ("ndpi_dapi", NDPI, ""),
         ("dicom", DICOM, ""),
+        ("blank", SMALL, ""),  # 16 x 16 px: no tissue, an empty mask, a warning
         ("tcga_no_mpp", TCGA, ""),
         ("broken", BAD["broken"], ""),
         ("unreadable", BAD["unreadable"], ""),
@@ -132,12 +161,21 @@ def archive(tmp_path_factory):
     cfg["tiling"].update(tile_size=256, batch_size=4, workers=1, max_unreadable_fraction=0.5, postprocess_workers=2)
     cfgfile = wd / "config.yaml"
     cfgfile.write_text(yaml.safe_dump(cfg))
-    res = snakemake(wd, cfgfile, "--keep-going")
-    (wd / "run.log").write_text(res.stdout + res.stderr)
+    res = snakemake(wd, cfgfile, "--keep-going", check=False)
+    (wd / "run.log").write_text(f"exit status {res.returncode}\n" + res.stdout + res.stderr)
+    out = wd / "results" / MODEL
+    shutil.copyfile(out / "summary.csv", wd / "first-summary.csv")
+    shutil.copyfile(out / "hopeless" / "failed.json", wd / "first-failed.json")
+    # the slide re-exported: other bytes, copied with cp -p under an mtime older than the results
+    make_example_slide(str(wd / "rescan.tif"), width=2048, height=1536, mpp=0.25, seed=4)
+    os.utime(wd / "rescan.tif", OLD)
+    shutil.copy2(wd / "rescan.tif", wd / "hopeless.tif")
+    res = snakemake(wd, cfgfile)  # the same command again
+    (wd / "rerun.log").write_text(res.stdout + res.stderr)
     return wd, cfgfile, rows
 
 
-OK = ["corrupt", "cmu", "tcga", "ndpi_dapi", "dicom"]
+OK = ["corrupt", "hopeless", "cmu", "tcga", "ndpi_dapi", "dicom", "blank"]
 
 
 def test_summary_has_every_slide_and_bad_ones_explained(archive):
@@ -154,8 +192,130 @@ def test_summary_has_every_slide_and_bad_ones_explained(archive):
     ]:
         err = summary.loc[sid, "error"]
         assert summary.loc[sid, "status"] == "failed" and f"slide '{sid}'" in err and words in err and "Fix:" in err
+        assert summary.loc[sid, "failed_stage"] == "inspect"
+    # what deserves a look is flagged: the damaged tiles left as background, the slide
+    # without tissue; the finished slides otherwise clean
+    n = summary.loc["corrupt", "tiles_unreadable"]
+    n = int(n)
+    assert n > 0 and summary.loc["corrupt", "warning"].startswith(f"{n} unreadable tile(s) left as background")
+    assert summary.loc["blank", "warning"] == NO_TISSUE and summary.loc["blank", "nucleus_pixels"] == 0
+    assert summary.loc[["cmu", "tcga", "dicom", "hopeless", "ndpi_dapi"], "warning"].isna().all()
     # and the run itself ends by saying so
-    assert "WARNING: 5 slide(s) could not be processed" in (wd / "run.log").read_text()
+    log = (wd / "rerun.log").read_text()
+    assert "wsiseg: 12 slides: 7 ok, 5 failed; 2 with a warning" in log
+    assert f"wsiseg: WARNING blank: {NO_TISSUE}" in log
+    assert "wsiseg: FAILED typo [inspect]: slide 'typo': file not found" in log
+    assert f"wsiseg: WARNING corrupt: {n} unreadable tile(s)" in log
+
+
+def test_a_slide_failing_in_segment_costs_only_itself(archive):
+    """The first run: 'hopeless' fails in segment; every other slide is finished and in
+    summary.csv, the failed one with its stage, reason and fix; the exit status is not 0."""
+    wd, _, rows = archive
+    log = (wd / "run.log").read_text()
+    assert not log.startswith("exit status 0") and "Error in rule segment" in log
+    first = pd.read_csv(wd / "first-summary.csv").set_index("slide_id")
+    assert sorted(first.index) == sorted(r[0] for r in rows)
+    assert sorted(first.index[first.status == "ok"]) == sorted(set(OK) - {"hopeless"})
+    assert (first.loc[sorted(set(OK) - {"hopeless", "blank"}), "n_tiles"] > 0).all()
+    row = first.loc["hopeless"]
+    assert row.status == "failed" and row.failed_stage == "segment"
+    assert re.match(r"slide 'hopeless': \d+ of \d+ tiles could not be decoded", row.error) and "Fix:" in row.error
+    assert pd.isna(row.n_tiles)  # no numbers for a slide that has none
+    rec = json.load(open(wd / "first-failed.json"))
+    assert rec["stage"] == "segment" and rec["kind"] == "slide" and rec["log"].endswith("hopeless/logs/segment.log")
+    assert "wsiseg: 12 slides: 6 ok, 6 failed" in log
+    assert re.search(r"wsiseg: FAILED hopeless \[segment\]: slide 'hopeless': \d+ of \d+ tiles could not", log)
+    assert f"summary written for the slides above: results/{MODEL}/summary.csv" in log
+
+
+def test_fixed_slide_rerun_alone_and_its_failure_cleared(archive):
+    """The re-exported slide (other bytes under an old mtime) is redone from inspection by the
+    same command; no other slide is touched; its failure record is gone."""
+    wd, cfgfile, _ = archive
+    ran = jobs_run((wd / "rerun.log").read_text())
+    steps = ("inspect", "tissue", "plan", "segment", "stitch", "stats")
+    assert ran == {(r, "hopeless") for r in steps} | {("triage", ""), ("aggregate", ""), ("all", "")}, ran
+    assert not (wd / "results" / MODEL / "hopeless" / "failed.json").exists()
+    check_slide_outputs(wd, "hopeless", wd / "hopeless.tif")
+    slide = json.load(open(wd / "results" / MODEL / "hopeless" / "slide.json"))
+    assert slide["fingerprint"] == fingerprint(str(wd / "hopeless.tif"))
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(wd, cfgfile, "-n"))
+
+
+def test_reruns_follow_content_not_mtime(archive, tmp_path):
+    """touch, cp -p of the same bytes, and settings that cannot change a mask rerun nothing;
+    other weights or another slide under an old mtime rerun what depends on them."""
+    wd, cfgfile, _ = archive
+    weights, slide = wd / "tiny.pt", wd / "corrupt region.tif"
+
+    def planned(cfg=cfgfile):
+        res = snakemake(wd, cfg, "-n")
+        return "nothing" if "Nothing to be done" in res.stdout + res.stderr else job_counts(res.stdout)
+
+    kept = {f: f.stat() for f in (weights, slide)}
+    later = time.time() + 3600  # touched, even into the future (a scanner PC's clock): newer than every result
+    for f in (weights, slide):
+        os.utime(f, (later, later))
+    try:
+        assert planned() == "nothing"
+    finally:
+        for f, st in kept.items():
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    script = REPO / "scripts" / "segment.py"  # a new copy of the workflow: its scripts are newer too
+    kept = script.stat()
+    os.utime(script, (later, later))
+    try:
+        assert planned() == "nothing"
+    finally:
+        os.utime(script, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    # settings that say how, not what: batch size, workers, precision, device, tolerance
+    cfg = yaml.safe_load(open(cfgfile))
+    cfg["tiling"].update(batch_size=1, workers=0, postprocess_workers=0, amp=False, max_unreadable_fraction=0.9)
+    cfg["device"] = "cpu"
+    how = tmp_path / "how.yaml"
+    how.write_text(yaml.safe_dump(cfg))
+    assert planned(how) == "nothing"
+    # other weights, copied in under an old mtime: every good slide is re-planned and re-segmented
+    for f, make_other in ((weights, lambda p: tiny_model(p, seed=7)), (slide, lambda p: corrupt_slide(p, seed=5))):
+        original, stat = f.read_bytes(), f.stat()
+        other = tmp_path / f.name
+        make_other(other)
+        os.utime(other, OLD)
+        shutil.copy2(other, f)
+        try:
+            jobs = planned()
+        finally:
+            f.write_bytes(original)
+            os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        if f == weights:
+            assert jobs.get("plan") == jobs.get("segment") == jobs.get("stats") == len(OK), jobs
+            assert "inspect" not in jobs and "tissue" not in jobs
+        else:  # the slide is inspected again; the rest of it follows once triage has run (rerun.log)
+            assert jobs == {"inspect": 1, "triage": 1, "all": 1}, jobs
+    assert planned() == "nothing"  # the original bytes back: nothing to redo
+    keys = (wd / ".snakemake" / "wsiseg" / "content-keys.tsv").read_text()  # in the run's folder
+    assert f"fingerprint\t{slide}\t" in keys and f"sha256\t{weights}\t" in keys
+
+
+def test_pickle_weights_refused_before_any_job(tmp_path):
+    """A .pt that would run code when loaded is refused when the workflow starts, naming the
+    file and the fix, before any slide job runs and without running the payload."""
+    evil = tmp_path / "nuclei-unet.pt"
+    marker = tmp_path / "payload-ran"
+    pickle_payload(evil, marker)
+    (tmp_path / "slides.tsv").write_text(f"slide_id\tpath\nslide1\t{CMU}\n")
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg.update(slides=str(tmp_path / "slides.tsv"))
+    cfg["model"]["weights"] = str(evil)
+    cfgfile = tmp_path / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    res = snakemake(tmp_path, cfgfile, check=False)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0 and f"model.weights {evil} is refused" in said, said[-3000:]
+    assert "Fix: point model.weights at a checkpoint written by this workflow" in said
+    assert "weights_only" not in said and not marker.exists()
+    assert not (tmp_path / "results").exists()  # no job ran, nothing written
 
 
 @pytest.mark.parametrize(
@@ -169,7 +329,7 @@ def test_corrupt_region_is_counted_not_fatal(archive):
     wd = archive[0]
     st = pd.read_csv(wd / "results" / MODEL / "corrupt" / "stats.csv").iloc[0]
     assert st.status == "ok" and 0 < st.tiles_unreadable < st.n_tiles
-    log = (wd / "logs" / MODEL / "corrupt" / "segment.log").read_text()
+    log = (wd / "results" / MODEL / "corrupt" / "logs" / "segment.log").read_text()
     assert log.count("could not be read and is left as background") == st.tiles_unreadable
     for sid in ("cmu", "tcga"):
         assert pd.read_csv(wd / "results" / MODEL / sid / "stats.csv").iloc[0].tiles_unreadable == 0
@@ -265,7 +425,7 @@ def test_tta_reruns_segmentation_only_and_averages_eight_views(archive, tmp_path
     assert seg["tta"] is True and plain["tta"] is False and seg["n_tiles"] == plain["n_tiles"]
     st = pd.read_csv(wd2 / "results" / MODEL / "cmu" / "stats.csv").iloc[0]
     assert bool(st.model_tta) and not pd.read_csv(wd / "results" / MODEL / "summary.csv").model_tta.any()
-    assert "tta=8 flips/rotations" in (wd2 / "logs" / MODEL / "cmu" / "segment.log").read_text()
+    assert "tta=8 flips/rotations" in (wd2 / "results" / MODEL / "cmu" / "logs" / "segment.log").read_text()
     a = tifffile.imread(wd2 / "results" / MODEL / "cmu" / "mask.ome.tif", level=0)
     b = tifffile.imread(wd / "results" / MODEL / "cmu" / "mask.ome.tif", level=0)
     assert a.shape == b.shape and (a != b).any()  # the same slide and model, other predictions
@@ -371,11 +531,101 @@ def test_report_shows_the_plots_in_a_browser(archive, tmp_path):
         check_not_blank(s)
     # the figures drew what the archive has: the shape columns objects.csv.gz has (none
     # before the stats stage measures them), the failed slides
-    log = (wd / "logs" / MODEL / "report_plots.log").read_text()
+    log = (wd / "results" / MODEL / "logs" / "report_plots.log").read_text()
     header = pd.read_csv(wd / "results" / MODEL / "cmu" / "objects.csv.gz", nrows=0).columns
     shapes = [m.column for m in report.SHAPE_METRICS if m.column in header]
     assert f"shapes: {', '.join(shapes) or '-'} ->" in log and f"({len(archive[2]) - len(OK)} failed)" in log
     assert "sizes: area_um2, equivalent_diameter_um" in log
+
+
+# ------------------------------------------------------ a run that goes wrong
+def mount_tmpfs(path, size):
+    """A small real file system for the results (root only); None and why when not possible."""
+    if os.geteuid() != 0:
+        return "mounting a small tmpfs as the results folder needs root"
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return f"cannot mount a tmpfs here: {res.stderr.decode().strip()}" if res.returncode else None
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """One slide, run as it goes for a workstation user: the run is killed with kill -9 while
+    the slide is being segmented; the same command then meets Snakemake's stale lock, and
+    after `--unlock` (README, "Where it runs") it goes on. Where a tmpfs can be mounted
+    (root), the results live on a small one, which is then filled up: the run fails with a
+    clear error, and once space is freed the same command finishes the slide."""
+    wd = tmp_path_factory.mktemp("interrupted run")
+    results = wd / "results"
+    results.mkdir()
+    no_tmpfs = mount_tmpfs(results, "64m")
+    tiny_model(wd / "tiny.pt")
+    (wd / "slides.tsv").write_text(f"slide_id\tpath\tmpp\ncmu\t{CMU}\t\n")
+    cfg = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    cfg.update(slides=str(wd / "slides.tsv"), device="cuda")  # no GPU here: the CPU, as the checks expect
+    cfg["model"] = dict(name=MODEL, weights=str(wd / "tiny.pt"), classes=CLASSES, mpp=0.5)
+    cfg["tiling"].update(tile_size=256, batch_size=4, workers=1)
+    cfgfile = wd / "config.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    out = results / MODEL / "cmu"
+    logs = {}
+    try:
+        # killed while segmenting: Snakemake, its jobs and their workers, all at once
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(wd)]
+        cmd += ["--configfile", str(cfgfile), "--cores", "2"]
+        run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        seg_log = out / "logs" / "segment.log"
+        while run.poll() is None and "tiles (" not in (seg_log.read_text() if seg_log.exists() else ""):
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        logs["killed during"] = seg_log.read_text() if seg_log.exists() else ""
+        locked = snakemake(wd, cfgfile, check=False)
+        logs["locked"] = (locked.returncode, locked.stdout + locked.stderr)
+        snakemake(wd, cfgfile, "--unlock")
+        if not no_tmpfs:  # the results disk fills up: leave 16 kB
+            st = os.statvfs(results)
+            with open(results / "filler", "wb") as fh:
+                fh.truncate(0)
+                fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - (16 << 10)))
+            full = snakemake(wd, cfgfile, check=False)
+            logs["full"] = (full.returncode, full.stdout + full.stderr)
+            summary = results / MODEL / "summary.csv"
+            logs["full summary"] = pd.read_csv(summary, keep_default_na=False) if summary.exists() else None
+            (results / "filler").unlink()  # space freed
+        done = snakemake(wd, cfgfile)
+        logs["done"] = done.stdout + done.stderr
+        # what a finished slide leaves, copied off the tmpfs before it goes
+        check_slide_outputs(wd, "cmu", CMU)
+        logs["checked"] = True
+        logs["summary"] = pd.read_csv(results / MODEL / "summary.csv", keep_default_na=False)
+    finally:
+        if not no_tmpfs:
+            subprocess.run(["umount", "-l", str(results)], check=False)
+    return logs, no_tmpfs
+
+
+def test_kill_9_then_unlock_and_the_same_command_finishes(interrupted):
+    logs, _ = interrupted
+    code, said = logs["locked"]
+    assert code != 0 and "--unlock" in said and "LockException" in said  # as the README says
+    assert logs["checked"] and logs["summary"]["status"].tolist() == ["ok"]
+    print("killed at:", logs["killed during"].strip().splitlines()[-1:])
+
+
+def test_full_disk_named_then_the_same_command_finishes(interrupted):
+    logs, no_tmpfs = interrupted
+    if no_tmpfs:
+        pytest.skip(no_tmpfs)
+    code, said = logs["full"]
+    assert code != 0
+    m = re.search(r"(\w+) failed: slide 'cmu': no space left on the device while writing (.+?) \(\d+ MB free", said)
+    assert m and m.group(1) in ("segment", "stitch", "stats") and "/results/" in m.group(2), said[-4000:]
+    assert "Fix: free space on that file system, or set `results:` to a folder on a larger one" in said
+    summary = logs["full summary"]
+    if summary is not None:  # written when the failed job's outputs freed room for it
+        row = summary.set_index("slide_id").loc["cmu"]
+        assert row.status == "failed" and row.failed_stage == m.group(1), row.to_dict()
+    assert logs["summary"]["status"].tolist() == ["ok"] and logs["summary"]["failed_stage"].tolist() == [""]
 
 
 # ------------------------------------------------------ train and evaluate targets

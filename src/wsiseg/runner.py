@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
 
-from .errors import ConfigError, SlideError
+from . import failure
 from .provenance import run_info
 
 
@@ -30,23 +31,45 @@ def setup_logging(log_path: str | None) -> logging.Logger:
 
 
 @contextmanager
-def stage(name: str, slide: str, log_path: str | None, **run):
-    """Log start/end of a stage; user-facing errors are logged as one clear line. Once the
-    stage is done, its record gets the run block of provenance.json (:func:`add_run`):
-    the record and its facts are the running rule script's (:func:`rule_job`), or ``run``
-    (keywords of :func:`add_run`) where given."""
+def stage(name: str, slide: str, log_path: str | None, failure_record: str | None = None, outputs=(), **run):
+    """Log start and end of a stage; a failure is logged as one line in our words.
+
+    ``failure_record``: the slide's failure record (:mod:`wsiseg.failure`), removed when the
+    stage starts and written when it fails, so that a failing slide costs only itself and
+    the archive's summary says why. ``outputs``: the stage's outputs, removed when the disk
+    is full, to leave room for the record (Snakemake removes them after a failure anyway).
+
+    Once the stage is done, its record gets the run block of provenance.json
+    (:func:`add_run`): the record and its facts are the running rule script's
+    (:func:`rule_job`), or ``run`` (keywords of :func:`add_run`) where given.
+    """
     logger = setup_logging(log_path)
     t0 = time.monotonic()
     started = time.time()
+    record = failure_record
+    if record:
+        failure.clear(record)
     logger.info(f"{name} {slide}: start")
     try:
         yield logger
-    except (SlideError, ConfigError) as exc:
-        logger.error(f"{name} failed: {exc}")
+    except (Exception, MemoryError) as exc:
+        rec = failure.explain(
+            exc, slide=slide, stage=name, where=os.path.dirname(record or log_path or ""), log=log_path or ""
+        )
+        if rec.kind == "crash":
+            logger.exception(f"{name} {slide}: unexpected error")
+        if rec.kind == "disk_full":
+            _remove(outputs)
+        said = (
+            rec.error if record else str(exc) if rec.kind in ("slide", "config") else f"{rec.problem}. Fix: {rec.fix}"
+        )
+        logger.error(f"{name} failed: {said}")
+        if record:
+            try:
+                rec.write(record)
+            except OSError as exc2:
+                logger.error(f"{name} {slide}: the failure record {record} could not be written either: {exc2}")
         raise SystemExit(1) from None
-    except Exception:
-        logger.exception(f"{name} {slide}: unexpected error")
-        raise
     logger.info(f"{name} {slide}: done in {time.monotonic() - t0:.1f} s")
     job = rule_job()
     if job is not None:
@@ -55,7 +78,7 @@ def stage(name: str, slide: str, log_path: str | None, **run):
                 record=job.output.get("record") or job.output.get("json"),
                 params=job.params,
                 threads=job.threads,
-                inputs=[job.input.slide] if job.input.get("slide") else [],
+                inputs=[job.params.path] if job.params.get("path") else [],  # the slide file (not a rule input)
             )
             | run
         )
@@ -81,6 +104,27 @@ def add_run(*, record: str, slide: str, stage: str, started: float, params=None,
     data = read_json(record) if os.path.exists(record) else dict(slide_id=slide)
     data["run"] = run_info(stage, started, time.time(), params=params, threads=threads, inputs=inputs)
     write_json(record, data)
+
+
+def slide_stage(name: str, sm):
+    """:func:`stage` for a rule of one slide, from the script's ``snakemake`` object. Per-slide
+    logs are ``<results>/<model>/<slide>/logs/<rule>.log``, so the slide's folder, and
+    its failure record, are two levels above the log."""
+    slide_dir = os.path.dirname(os.path.dirname(os.path.abspath(sm.log[0])))
+    return stage(
+        name, sm.wildcards.slide, sm.log[0], failure_record=failure.record_path(slide_dir), outputs=list(sm.output)
+    )
+
+
+def _remove(paths) -> None:
+    for p in paths:
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+        except OSError:
+            pass
 
 
 def write_json(path: str, data: dict) -> None:

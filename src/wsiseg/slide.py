@@ -384,11 +384,75 @@ def _looks_like_tiff(path: str) -> bool:
     return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
+_COPY_AGAIN = "copy the slide again from its source (compare its size with the original's)"
+
+
+def _tiff_truncation(path: str, size: int) -> str | None:
+    """Why a TIFF-based file (SVS, NDPI, SCN, TIFF, ...) looks cut short, or None: its image
+    directories or image data reach past its end, as an interrupted copy leaves it."""
+    import logging
+    import struct
+
+    import tifffile
+
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    order = "<" if head[:2] == b"II" else ">"
+    big = struct.unpack(order + "H", head[2:4])[0] == 43
+    first = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+    if first >= size:
+        return f"the file has {size} bytes but its first image directory is at byte {first}"
+    said = []
+
+    class Said(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    handler, tlog = Said(), logging.getLogger("tifffile")
+    tlog.addHandler(handler)
+    propagate, tlog.propagate = tlog.propagate, False  # what it says is in our message
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = 0
+            for page in tif.pages:
+                for off, n in zip(page.dataoffsets, page.databytecounts, strict=False):
+                    if off and off + n > end:
+                        end = off + n
+    except Exception:
+        return None  # not parseable at all: opening it says so
+    finally:
+        tlog.removeHandler(handler)
+        tlog.propagate = propagate
+    beyond = [m for m in said if "invalid" in m and "offset" in m]
+    if beyond:
+        return f"the file has {size} bytes and an image directory beyond that ({beyond[0].split('> ')[-1]})"
+    if end > size:
+        return f"the file has {size} bytes but its image data runs to byte {end}"
+    return None
+
+
+def check_complete(path: str, name: str) -> None:
+    """Empty and truncated slide files, named as such (an interrupted copy or download)."""
+    from .content import slide_files
+
+    if not os.path.isfile(path):
+        return  # open_slide says what is wrong
+    for f in slide_files(path):
+        if os.path.getsize(f) == 0:
+            what = "the file" if f == path else f"{os.path.basename(f)}, a file of the slide,"
+            raise SlideError(name, f"{what} is empty (0 bytes): {f}", _COPY_AGAIN)
+    if _looks_like_tiff(path):
+        why = _tiff_truncation(path, os.path.getsize(path))
+        if why:
+            raise SlideError(name, f"the file is truncated: {why}; {path}", _COPY_AGAIN)
+
+
 def inspect_slide(path: str, name: str, mpp: float | None = None) -> dict:
-    """Open the slide, check it has an mpp and that its pixels decode.
+    """Open the slide, check it is whole, has an mpp and that its pixels decode.
 
     Returns the slide's description. Raises :class:`SlideError` for bad input.
     """
+    check_complete(path, name)
     with open_slide(path, name, mpp) as slide:
         # decode a small region of the lowest-resolution level (cheap, catches corrupt files)
         lvl = slide.level_count - 1

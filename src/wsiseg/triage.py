@@ -1,8 +1,9 @@
 """Inspect and triage (rules 'inspect' and 'triage'): which slides can be processed.
 
-``inspect`` writes each slide's slide.json (what the slide is, or why it cannot be
-read: never fails on bad input); ``triage`` collects them in one table, after which
-the DAG holds only the good slides. :class:`SlideRecord` is slide.json's one reader.
+``inspect`` writes each slide's slide.json (what the slide is and its content
+fingerprint, or why it cannot be read: never fails on bad input); ``triage``
+collects them in one table, after which the DAG holds only the good slides.
+:class:`SlideRecord` is slide.json's one reader.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .content import fingerprint
 from .errors import SlideError
+from .failure import explain
 from .runner import add_run, write_json
 from .slide import inspect_slide
 
@@ -29,6 +32,16 @@ class SlideRecord:
     error: str = ""
     info: dict = field(default_factory=dict)  # the slide's description (wsiseg.slide.inspect_slide)
 
+    @property
+    def fingerprint(self) -> str:
+        """The slide file's content key when it was inspected (wsiseg.content.fingerprint)."""
+        return self.info.get("fingerprint", "")
+
+    @property
+    def warnings(self) -> list:
+        """What inspection noticed but did not refuse (e.g. the sheet's mpp overriding the file's)."""
+        return list(self.info.get("warnings", []))
+
     @classmethod
     def read(cls, path: str) -> SlideRecord:
         with open(path) as fh:
@@ -37,8 +50,10 @@ class SlideRecord:
 
 
 def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
-    """slide.json for one slide: its description, or why it cannot be processed; with the
-    run block of provenance.json (the rule's params: ``path``, ``mpp``)."""
+    """slide.json for one slide: its description and content fingerprint, or why it cannot be
+    processed, with the run block of provenance.json (the rule's params: ``path``, ``mpp``).
+    Never fails because of the slide: whatever reading it raises is recorded (the triage of
+    the whole archive waits for every slide's record)."""
     started = time.time()
     try:
         info = inspect_slide(path, slide_id, mpp)
@@ -49,9 +64,16 @@ def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
         )
         for w in info["warnings"]:
             log.warning(f"{slide_id}: {w}")
-    except SlideError as exc:
-        info = dict(slide_id=slide_id, path=path, status="failed", error=str(exc))
-        log.error(f"SKIPPING {exc}")
+    except (Exception, MemoryError) as exc:
+        error = str(exc) if isinstance(exc, SlideError) else explain(exc, slide=slide_id, stage="inspect").error
+        if not isinstance(exc, SlideError):
+            log.exception(f"{slide_id}: reading the slide raised")
+        info = dict(slide_id=slide_id, path=path, status="failed", error=error)
+        log.error(f"SKIPPING {error}")
+    try:
+        info["fingerprint"] = fingerprint(path)  # what the results were made from (see wsiseg.content)
+    except OSError:
+        info["fingerprint"] = ""
     write_json(out_json, info)
     add_run(
         record=out_json,

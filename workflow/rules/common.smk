@@ -1,3 +1,4 @@
+import atexit
 import json
 import os
 import sys
@@ -8,13 +9,23 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from wsiseg.models import wants_gpu, weights_of  # noqa: E402  (no torch: cheap at DAG time)
+from wsiseg.content import KeyCache  # noqa: E402  (no torch: cheap at DAG time)
+from wsiseg.errors import ConfigError  # noqa: E402
+from wsiseg.models import check_weights, wants_gpu, weights_of  # noqa: E402
 from wsiseg.sheet import SheetError, check_sheet, read_sheet, slides_from_dir  # noqa: E402
 
 MODEL = config["model"]["name"]
 RESULTS = f"{config['results']}/{MODEL}"
-LOGS = f"logs/{MODEL}"
-BENCH = f"benchmarks/{MODEL}"
+LOGS = f"{RESULTS}/logs"  # archive-level logs; a slide's are in its own folder (slide_log)
+
+
+def slide_log(rule):
+    """A per-slide rule's log, in the slide's folder: runs with another `results:` never share it."""
+    return f"{RESULTS}/{{slide}}/logs/{rule}.log"
+
+
+def slide_benchmark(rule):
+    return f"{RESULTS}/{{slide}}/benchmarks/{rule}.tsv"
 
 
 def load_slides():
@@ -37,19 +48,65 @@ wildcard_constraints:
     slide="[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
-# ------------------------------------------------------------ input functions
+# ------------------------------------------------------------ content keys
+# Reruns follow content, not modification times (README, "Rerunning"): slide and weights
+# files from outside are not rule inputs (their mtimes, even ones in the future, decide
+# nothing and fail nothing); what they hold enters as params (the slide's fingerprint
+# and path at inspect, the weights' sha256 at plan and segment), which Snakemake compares
+# with what it recorded. Files a rule of this workflow makes (the example slide, a model
+# trained by `snakemake train`) are inputs as usual, so that rule runs first.
 EXAMPLE_SLIDE = "resources/example/synthetic_he.tif"
+TRAIN = config.get("train", {})
+TRAIN_DIR = f"{config['results']}/training/{TRAIN.get('name', 'unet')}"
+MADE_HERE = {EXAMPLE_SLIDE: "example_slide", f"{TRAIN_DIR}/best.pt": "train"}
+# per file state, so a later run only stats; absolute: Snakemake leaves --directory before atexit
+KEYS = KeyCache(os.path.abspath(".snakemake/wsiseg/content-keys.tsv"))
+if workflow.is_main_process:
+    atexit.register(KEYS.save)  # jobs read it; only the process that builds the DAG writes it
 
 
+def made_by(path):
+    """The rule of this workflow that makes ``path``, or None for a file from outside."""
+    return MADE_HERE.get(os.path.normpath(path))
+
+
+def made_here(path):
+    """``path`` as a rule input when a rule of this workflow makes it; none for a file from
+    outside (the rule reads it by the path in its params)."""
+    return [path] if made_by(path) else []
+
+
+def content_key(path, kind):
+    """The content key of an input file (rule param), keyed by file state in KEYS."""
+    if made_by(path):
+        return f"made by rule {made_by(path)}"
+    try:
+        return KEYS.slide_fingerprint(path) if kind == "fingerprint" else KEYS.sha256(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"  # inspect records why; a later fix changes the key
+
+
+# Weights that no stage could load are refused here, once, before any job runs
+# (a pickle that would run code, an empty or truncated file, a config it contradicts).
+if workflow.is_main_process and not all(made_by(w) for w in weights_of(config["model"])):
+    try:
+        check_weights(config["model"])
+    except ConfigError as exc:
+        raise WorkflowError(str(exc))
+
+
+# ------------------------------------------------------------ input functions
 def get_slide_path(wildcards):
     return SLIDES.loc[wildcards.slide, "path"]
 
 
-def get_inspect_input(wildcards):
-    """The slide file, if it exists (or a rule makes it). A missing file is not a DAG
-    error that stops the archive: inspect records it as a failed slide."""
-    path = get_slide_path(wildcards)
-    return [path] if os.path.exists(path) or os.path.normpath(path) == EXAMPLE_SLIDE else []
+def get_slide_input(wildcards):
+    return made_here(get_slide_path(wildcards))
+
+
+def get_slide_fingerprint(wildcards):
+    """The slide's content key (wsiseg.content.fingerprint): a replaced slide reruns, a touched one does not."""
+    return content_key(get_slide_path(wildcards), "fingerprint")
 
 
 def get_slide_mpp(wildcards):
@@ -70,9 +127,26 @@ def stats_outputs():
 
 
 def get_model_weights(wildcards=None):
-    """The files the model reads (rule inputs, so new weights remake plans and masks); none
-    for a model without weights (the classical model). Asked of wsiseg.models."""
-    return weights_of(config["model"])
+    """The weights file as a rule input when `snakemake train` makes it; the model reads it
+    by the path in its params, and its content is the weights_sha256 param."""
+    return [f for w in weights_of(config["model"]) for f in made_here(w)]
+
+
+def weights_sha256(wildcards=None):
+    """The weights' content key, a param: new weights rerun plans and masks, a touched
+    or copied file with the same bytes does not."""
+    return [content_key(w, "sha256") for w in weights_of(config["model"])]
+
+
+#: settings that change a stage's outputs: its params (a change reruns it and what follows).
+#: The others (batch size, workers, amp, device, max_unreadable_fraction) are read by the
+#: scripts from the config and rerun nothing (config/README.md says which is which).
+TISSUE_KEYS = ("method", "mpp", "min_area_um2")
+PLAN_TILING_KEYS = ("tile_size", "margin", "allow_small_margin")
+
+
+def settings(block, keys):
+    return {k: config[block][k] for k in keys if k in config[block]}
 
 
 def model_cfg(tta=True):
@@ -189,9 +263,9 @@ def get_stats(wildcards):
     return expand(f"{RESULTS}/{{slide}}/stats.csv", slide=ok_slides())
 
 
-def get_failed(wildcards):
-    t = triaged()
-    return [f"{RESULTS}/{s}/slide.json" for s in SLIDES.index if t.loc[s, "status"] != "ok"]
+def get_slide_jsons(wildcards=None):
+    """Every slide's inspection record: the refused slides' errors and the others' warnings."""
+    return [f"{RESULTS}/{s}/slide.json" for s in SLIDES.index]
 
 
 def get_object_histograms(wildcards):
@@ -225,9 +299,7 @@ def provenance_records(wildcards):
 # Training and evaluation targets (not part of `all`):
 #   snakemake train --cores 2        -> results/training/<train.name>/best.pt, metrics.csv, validation.csv (work/: last.pt)
 #   snakemake evaluate --cores 2     -> results/evaluation/<set>/<method>/metrics.csv + overlays, comparison.csv
-TRAIN = config.get("train", {})
 EVAL = config.get("evaluate", {})
-TRAIN_DIR = f"{config['results']}/training/{TRAIN.get('name', 'unet')}"
 EVAL_DIR = f"{config['results']}/evaluation"
 
 
@@ -253,17 +325,92 @@ def get_eval_sheet(wildcards):
     return EVAL["sets"][wildcards.set]
 
 
-onsuccess:
-    failed = []
+# ------------------------------------------------- the end of a run: every slide explained
+SLIDE_RULES = ("inspect", "tissue", "plan", "segment", "stitch", "stats")  # a slide's steps, in order
+
+
+def archive_in_run():
+    """Whether this run builds the archive's summary (not, e.g., `snakemake train`)."""
+    return any(j.rule.name in ("aggregate", "triage") for j in workflow.dag.jobs)
+
+
+def say(line):
+    print(f"wsiseg: {line}", file=sys.stderr)
+
+
+def unfinished_slides():
+    """{slide: (rule, failed, batch)} for the slides this run did not finish: the first step
+    of each that failed or never ran; ``batch``: the other slides of the cluster job (a
+    group job: tissue + plan of several slides) it failed in."""
+    failed, batch = set(), {}
+    for j in getattr(workflow.scheduler, "failed", ()):
+        members = list(getattr(j, "jobs", [j]))
+        failed.update(members)
+        slides = {dict(m.wildcards).get("slide") for m in members} - {None}
+        for m in members:
+            batch[m] = sorted(slides - {dict(m.wildcards).get("slide")})
+    out = {}
+    for j in list(workflow.dag.needrun_jobs()) + list(failed):
+        slide = dict(j.wildcards).get("slide")
+        if j.rule.name in SLIDE_RULES and slide in SLIDES.index:
+            step = (j.rule.name, j in failed, batch.get(j, []))
+            if slide not in out or SLIDE_RULES.index(step[0]) < SLIDE_RULES.index(out[slide][0]):
+                out[slide] = step
+    return out
+
+
+def summarise_failed_run():
+    """summary.csv after failed jobs (onerror): the finished slides' rows, and for every other
+    slide the stage, reason and fix (its failure record, or what Snakemake saw), with the
+    same code as the aggregate rule. Its mtime is set before its inputs' and Snakemake's
+    record of it dropped, so the next run writes it again whatever happens meanwhile."""
+    from wsiseg import aggregate
+    from wsiseg.failure import FailureRecord, not_finished, record_path
+
+    agg = [j for j in workflow.dag.jobs if j.rule.name == "aggregate"]
+    pending = unfinished_slides()
+    triage_pending = any(j.rule.name == "triage" for j in workflow.dag.needrun_jobs())
+    if triage_pending or "inspect" in {step for step, _, _ in pending.values()}:
+        say(f"{RESULTS}/summary.csv not written: the run stopped before every slide was inspected (see above)")
+        return
+    if not agg:
+        return  # a run for other targets
+    failures, stats = [], []
     for s in SLIDES.index:
-        p = f"{RESULTS}/{s}/slide.json"
-        if os.path.exists(p):
-            with open(p) as fh:
-                info = json.load(fh)
-            if info.get("status") != "ok":
-                failed.append(f"  {s}: {info.get('error')}")
-    if failed:
-        print(
-            f"WARNING: {len(failed)} slide(s) could not be processed (see {RESULTS}/summary.csv):", file=sys.stderr
-        )
-        print("\n".join(failed), file=sys.stderr)
+        if s in pending:
+            step, failed, batch = pending[s]
+            rec = FailureRecord.find(record_path(f"{RESULTS}/{s}"))
+            if rec is None:
+                culprits = [m for m in batch if FailureRecord.find(record_path(f"{RESULTS}/{m}"))]
+                log = slide_log(step).format(slide=s)
+                rec = not_finished(slide=s, stage=step, log=log, failed=failed, batch=culprits)
+            failures.append(rec)
+        elif os.path.exists(f"{RESULTS}/{s}/stats.csv"):
+            stats.append(f"{RESULTS}/{s}/stats.csv")
+    jsons = [p for p in get_slide_jsons() if os.path.exists(p)]
+    out = f"{RESULTS}/summary.csv"
+    aggregate.run(stats_csvs=stats, slide_jsons=jsons, failures=failures, out_csv=out, log=say)
+    oldest = min((os.path.getmtime(p) for p in stats + jsons), default=0)
+    os.utime(out, (oldest - 1, oldest - 1))
+    workflow.persistence.cleanup_metadata(agg[0].output[0])
+    say(f"summary written for the slides above: {out}; the same command again retries the others")
+
+
+onsuccess:
+    if any(j.rule.name == "aggregate" for j in workflow.dag.finished_jobs):
+        from wsiseg.aggregate import outcome
+
+        try:
+            lines = outcome(pd.read_csv(f"{RESULTS}/summary.csv", keep_default_na=False))
+        except (OSError, ValueError) as exc:  # e.g. --touch over a summary.csv that is not one
+            lines = [f"{RESULTS}/summary.csv could not be read: {exc}"]
+        for line in lines:
+            say(line)
+
+
+onerror:
+    if archive_in_run():
+        try:
+            summarise_failed_run()
+        except OSError as exc:
+            say(f"{RESULTS}/summary.csv could not be written: {exc}")

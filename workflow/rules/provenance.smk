@@ -6,7 +6,7 @@ rule provenance:
     output:
         f"{RESULTS}/{{slide}}/provenance.json",
     log:
-        f"{LOGS}/{{slide}}/provenance.log",
+        slide_log("provenance"),
     group:
         "post"  # with stitch + stats: no job of its own on a cluster; runs last there (its inputs)
     conda:

@@ -5,7 +5,7 @@ rule report_histograms:
     output:
         json=f"{RESULTS}/{{slide}}/work/object_histograms.json",  # with the step's run block (provenance.json)
     log:
-        f"{LOGS}/{{slide}}/report_histograms.log",
+        slide_log("report_histograms"),
     group:
         "post"  # with stitch + stats: no job of its own on a cluster
     conda:

@@ -1,7 +1,7 @@
 rule segment:
     """GPU rule: stream the tile plan through the U-Net into a chunked label store."""
     input:
-        slide=get_slide_path,
+        slide=get_slide_input,  # the example slide only: others are read by params.path
         plan=f"{RESULTS}/{{slide}}/plan.tsv",
         plan_json=f"{RESULTS}/{{slide}}/plan.json",
         tissue=f"{RESULTS}/{{slide}}/tissue.png",
@@ -10,9 +10,9 @@ rule segment:
         store=temp(directory(f"{RESULTS}/{{slide}}/work/labels.store")),
         json=f"{RESULTS}/{{slide}}/work/segment.json",
     log:
-        f"{LOGS}/{{slide}}/segment.log",
+        slide_log("segment"),
     benchmark:
-        f"{BENCH}/{{slide}}/segment.tsv"
+        slide_benchmark("segment")
     conda:
         "../../envs/torch.yaml"
     threads: segment_threads()
@@ -21,11 +21,11 @@ rule segment:
         cpus_per_task=lambda wildcards, threads: threads,  # reading workers + the network's process + post-processing workers
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=segment_runtime,  # minutes, from the slide's tile count
-    params:
+    params:  # what changes the mask; batch size, workers, amp, device come from the config (rerun nothing)
+        path=get_slide_path,
         mpp=get_slide_mpp,
         model=model_cfg(),
-        tiling=config["tiling"],
-        device=config["device"],
         clip=config["tissue"]["clip_mask"],
+        weights_sha256=weights_sha256(),
     script:
         "../../scripts/segment.py"

@@ -1,7 +1,7 @@
 rule stats:
     input:
         mask=f"{RESULTS}/{{slide}}/mask.ome.tif",
-        slide=get_slide_path,  # the objects' colour, read at the mask's grid
+        slide=get_slide_input,  # the example slide only: others are read by params.path (the objects' colour)
         slide_json=f"{RESULTS}/{{slide}}/slide.json",
         tissue_json=f"{RESULTS}/{{slide}}/work/tissue.json",
         plan_json=f"{RESULTS}/{{slide}}/plan.json",
@@ -9,9 +9,9 @@ rule stats:
     output:
         **stats_outputs(),
     log:
-        f"{LOGS}/{{slide}}/stats.log",
+        slide_log("stats"),
     benchmark:
-        f"{BENCH}/{{slide}}/stats.tsv"
+        slide_benchmark("stats")
     group:
         "post"
     conda:
@@ -21,6 +21,7 @@ rule stats:
         runtime=stats_runtime,  # minutes, from the mask's size (the outlines' worst case)
     params:
         classes=config["model"].get("classes", []),
+        path=get_slide_path,
         mpp=get_slide_mpp,
     script:
         "../../scripts/stats.py"
@@ -29,7 +30,7 @@ rule stats:
 rule aggregate:
     input:
         stats=get_stats,
-        failed=get_failed,
+        slides=get_slide_jsons(),
     output:
         report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
     log:

@@ -15,9 +15,9 @@ rule stitch:
         ),
         json=f"{RESULTS}/{{slide}}/work/stitch.json",
     log:
-        f"{LOGS}/{{slide}}/stitch.log",
+        slide_log("stitch"),
     benchmark:
-        f"{BENCH}/{{slide}}/stitch.tsv"
+        slide_benchmark("stitch")
     group:
         "post"  # one cluster job per slide for stitch + stats
     conda:

@@ -1,6 +1,6 @@
 rule tissue:
     input:
-        slide=get_slide_path,
+        slide=get_slide_input,  # the example slide only: others are read by params.path
         info=f"{RESULTS}/{{slide}}/slide.json",
     output:
         png=report(
@@ -12,9 +12,9 @@ rule tissue:
         thumb=f"{RESULTS}/{{slide}}/work/thumbnail.png",
         json=f"{RESULTS}/{{slide}}/work/tissue.json",
     log:
-        f"{LOGS}/{{slide}}/tissue.log",
+        slide_log("tissue"),
     benchmark:
-        f"{BENCH}/{{slide}}/tissue.tsv"
+        slide_benchmark("tissue")
     group:
         "prep"  # one cluster job per slide for tissue + plan (see README, "On a SLURM cluster")
     conda:
@@ -23,7 +23,8 @@ rule tissue:
         mem_mb=tissue_mem_mb,
         runtime=lambda wildcards, attempt: 10 * attempt,
     params:
+        path=get_slide_path,
         mpp=get_slide_mpp,
-        cfg=config["tissue"],
+        cfg=settings("tissue", TISSUE_KEYS),  # not clip_mask: the segment step applies it
     script:
         "../../scripts/tissue.py"

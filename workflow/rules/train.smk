@@ -45,6 +45,7 @@ rule evaluate_set:
         tta=EVAL.get("tta", True),
         device=config.get("device", "auto"),
         model=lambda w: {} if w.method == "classical-baseline" else model_cfg(tta=False),  # evaluate.tta decides
+        weights_sha256=lambda w: [] if w.method == "classical-baseline" else weights_sha256(),
     script:
         "../../scripts/evaluate.py"
 

@@ -2,16 +2,17 @@ rule inspect:
     """Open the slide, check its mpp and pixels. Bad slides are recorded, not fatal:
     they appear in summary.csv with their error and the rest of the batch goes on."""
     input:
-        get_inspect_input,
+        get_slide_input,  # none but the example slide: a missing or unreadable file is recorded, not fatal
     output:
         f"{RESULTS}/{{slide}}/slide.json",
     log:
-        f"{LOGS}/{{slide}}/inspect.log",
+        slide_log("inspect"),
     conda:
         "../../envs/wsi.yaml"
     params:
         path=get_slide_path,
         mpp=get_slide_mpp,
+        fingerprint=get_slide_fingerprint,  # the slide's content: replaced -> rerun, touched -> not
     script:
         "../../scripts/inspect_slide.py"
 
@@ -19,7 +20,7 @@ rule inspect:
 checkpoint triage:
     """One table of every slide's status; the DAG past this point has only good slides."""
     input:
-        expand(f"{RESULTS}/{{slide}}/slide.json", slide=SLIDES.index),
+        get_slide_jsons(),
     output:
         f"{RESULTS}/slides.tsv",
     log:

@@ -27,6 +27,7 @@ whether it wants a GPU while it builds the DAG.
 from __future__ import annotations
 
 import importlib
+import os
 import zipfile
 from dataclasses import dataclass
 
@@ -80,6 +81,32 @@ def wants_gpu(cfg: dict) -> bool:
     """Whether the model's jobs are worth a GPU (every weights-based format is)."""
     name = _declared(cfg)
     return name == "auto" or FORMATS[name].gpu
+
+
+def check_weights(cfg: dict) -> None:
+    """Refuse weights that no stage could load, in words that name the file and the fix:
+    asked once when the workflow starts, before any job runs. The file is not unpickled for
+    this: its pickle's opcodes are read (:mod:`.weights`; no torch needed where Snakemake
+    runs, e.g. with --use-conda); where torch is there, the checkpoint is then read as data
+    and checked against the config. A TorchScript file is code and is not run here."""
+    if not weights_of(cfg):
+        return
+    path = cfg["weights"]
+    fix = "correct model.weights (relative to the folder you run snakemake from, or absolute)"
+    if not os.path.exists(path):
+        raise ConfigError(f"model.weights {path}: file not found. Fix: {fix}")
+    if os.path.isdir(path):
+        raise ConfigError(f"model.weights {path} is a folder, not a weights file. Fix: {fix}")
+    if format_of(cfg).name != "checkpoint":
+        return
+    from .weights import scan_checkpoint
+
+    scan_checkpoint(path)
+    try:
+        from .checkpoint import check
+    except ImportError:  # no torch in Snakemake's environment: the plan stage checks the rest
+        return
+    check(cfg)
 
 
 def load_model(cfg: dict, device: str = "cpu", geometry: bool = True):

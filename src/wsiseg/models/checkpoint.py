@@ -12,25 +12,21 @@ import functools
 import hashlib
 import inspect
 import os
+import pickle
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .. import unet
+from ..content import file_sha256 as sha256
 from ..errors import ConfigError
 from ..unet import UNet
 from .probe import cached, measure_halo
 from .spec import ModelSpec
+from .weights import WEIGHTS_FIX, refused_pickle
 
 CHECKPOINT_FORMAT = "wsiseg-unet/1"
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extra: dict | None = None) -> None:
@@ -88,9 +84,35 @@ def _first_legal(module: UNet) -> int:
     return n
 
 
+def _load_data(path: str, device: str):
+    """torch.load as data only, with its failures said in our words (torch's own advice for
+    a refused pickle is to load it as code, which is never what to do with weights)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        m = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"calls {m.group(1)} when unpickled" if m else "holds Python objects other than tensors and numbers"
+        raise refused_pickle(path, what) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise ConfigError(
+            f"model.weights {path} cannot be read: {exc.strerror}. Fix: correct model.weights, or let the "
+            "user running the workflow read the file"
+        ) from None
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, OSError) as exc:
+        size = os.path.getsize(path)
+        if size == 0:
+            problem = "is empty (0 bytes): an interrupted copy or download?"
+        else:
+            detail = str(exc).split(". ")[0] or type(exc).__name__
+            problem = f"is not a PyTorch checkpoint, or it is damaged or truncated ({size} bytes; {detail})"
+        raise ConfigError(
+            f"model.weights {path} {problem}. Fix: copy it again from its source, or {WEIGHTS_FIX}"
+        ) from None
+
+
 def read(path: str, device: str = "cpu") -> dict:
     """The checkpoint dict, checked to be one of ours."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = _load_data(path, device)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(
             f"model weights {path} are neither a wsiseg checkpoint nor TorchScript; "
@@ -104,12 +126,8 @@ def read(path: str, device: str = "cpu") -> dict:
     return ckpt
 
 
-def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
-    """The checkpoint's embedded architecture, classes and mpp are used unless the config
-    gives them; a conflict is an error."""
-    path = cfg["weights"]
-    checksum = sha256(path)
-    ckpt = read(path, device)
+def _resolve(cfg: dict, ckpt: dict, path: str) -> tuple:
+    """(architecture, classes, mpp) from the checkpoint and the config; a conflict is an error."""
     arch = dict(ckpt.get("config", {}))
     for key in ("depth", "base_width", "padding", "batch_norm"):
         if key in cfg and cfg[key] is not None and key in arch and cfg[key] != arch[key]:
@@ -126,15 +144,31 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
             f"{len(ckpt['classes'])} ({ckpt['classes']})"
         )
     arch["n_classes"] = len(classes)
-    module = UNet(**arch)
-    module.load_state_dict(ckpt["state_dict"])
-    module.to(device).eval()
     mpp = float(cfg.get("mpp") or ckpt["mpp"])
     if ckpt.get("mpp") and abs(mpp / float(ckpt["mpp"]) - 1) > 0.01:
         raise ConfigError(
             f"model.mpp={mpp} in the config but the checkpoint {path} was trained at {ckpt['mpp']} µm/px; "
             f"set model.mpp: {ckpt['mpp']} (a model applied at another resolution segments poorly)"
         )
+    return arch, classes, mpp
+
+
+def check(cfg: dict) -> None:
+    """What :func:`load` would refuse (a file that is not a checkpoint of ours, a config that
+    contradicts it), without building the network: the workflow asks before any job runs."""
+    _resolve(cfg, read(cfg["weights"]), cfg["weights"])
+
+
+def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
+    """The checkpoint's embedded architecture, classes and mpp are used unless the config
+    gives them; a conflict is an error."""
+    path = cfg["weights"]
+    checksum = sha256(path)
+    ckpt = read(path, device)
+    arch, classes, mpp = _resolve(cfg, ckpt, path)
+    module = UNet(**arch)
+    module.load_state_dict(ckpt["state_dict"])
+    module.to(device).eval()
     align = 2**module.depth
     first = _first_legal(module)
     border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
