@@ -36,7 +36,7 @@ def run_stage(name, slide, folder, body, outputs=()):
     log = folder / "logs" / f"{name}.log"
     record = record_path(str(folder))
     with pytest.raises(SystemExit) as e:
-        with stage(name, slide, str(log), record=record, outputs=[str(o) for o in outputs]):
+        with stage(name, slide, str(log), failure_record=record, outputs=[str(o) for o in outputs]):
             body()
     assert e.value.code == 1
     return FailureRecord.find(record), log.read_text() if log.exists() else ""
@@ -65,7 +65,7 @@ def test_bad_slide_in_a_stage_leaves_its_record(tmp_path):
 def test_a_stage_that_starts_again_clears_the_record_and_success_leaves_none(tmp_path):
     record = record_path(str(tmp_path))
     FailureRecord("s", "segment", "slide", "old", "x").write(record)
-    with stage("segment", "s", str(tmp_path / "logs" / "segment.log"), record=record):
+    with stage("segment", "s", str(tmp_path / "logs" / "segment.log"), failure_record=record):
         assert not os.path.exists(record)  # the slide is being processed again
     assert FailureRecord.find(record) is None
 

@@ -150,7 +150,9 @@ def test_stage_records_its_run_and_provenance_gathers_them(tmp_path):
     # provenance.json from the records: the slide, its file, the agreed software, each stage
     records = {"inspect": slide_json, "tissue": tissue_json, "stats": made}
     prov = provenance.build(records)
-    assert prov["slide_id"] == "cmu" and prov["input"] == run["inputs"][0]
+    # the slide file as the tissue stage saw it, and its content fingerprint from slide.json
+    want = dict(run["inputs"][0], fingerprint=read_json(slide_json)["fingerprint"])
+    assert prov["slide_id"] == "cmu" and prov["input"] == want and want["fingerprint"].startswith("fp1:")
     assert list(prov["stages"]) == ["inspect", "tissue", "stats"] and prov["stages"]["tissue"] == run
     assert prov["git_commit"] == provenance.software()["git_commit"] and prov["host"] == socket.gethostname()
     assert prov["packages"]["openslide"] == openslide.__library_version__ and prov["device"] is None

@@ -17,6 +17,9 @@ by a bad one.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pandas as pd
 
 from .failure import FailureRecord
@@ -77,7 +80,15 @@ def run(*, stats_csvs: list, slide_jsons: list, failures=(), out_csv: str, log=p
     for c in ("failed_stage", "error", "warning"):
         summary[c] = summary[c].astype(object).where(summary[c].notna(), "")
     summary = summary.sort_values("slide_id", kind="stable").reset_index(drop=True)
-    summary.to_csv(out_csv, index=False)
+    # whole or not at all: a full disk leaves the previous summary.csv (or none), never a cut one
+    tmp = f"{out_csv}.tmp"
+    try:
+        summary.to_csv(tmp, index=False)
+        os.replace(tmp, out_csv)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     for line in outcome(summary):
         log(line)
     return summary

@@ -219,7 +219,7 @@ def build(records: dict) -> dict:
         packages.update({k: None for k in r.get("packages", {})})
     out = dict(
         slide_id=next((d["slide_id"] for d in data.values() if d.get("slide_id")), None),
-        input=dict(inputs[0], **({"fingerprint": slide["fingerprint"]} if "fingerprint" in slide else {})),
+        input=dict(inputs[0], **({"fingerprint": slide["fingerprint"]} if slide.get("fingerprint") else {})),
         wsiseg_version=_agreed({k: r.get("wsiseg_version") for k, r in ran.items()}),
         git_commit=_agreed({k: r.get("git_commit") for k, r in ran.items()}),
         git_dirty=_agreed({k: r.get("git_dirty") for k, r in ran.items()}),
@@ -230,7 +230,7 @@ def build(records: dict) -> dict:
             used=seg.get("device"),
             name=seg.get("device_name"),
             cuda_version=seg.get("cuda_version"),
-            asked=((runs.get("segment") or {}).get("params") or {}).get("device"),
+            asked=seg.get("device_asked", ((runs.get("segment") or {}).get("params") or {}).get("device")),
         )
         if seg
         else None,
@@ -238,4 +238,6 @@ def build(records: dict) -> dict:
         finished=max((r["finished"] for r in ran.values()), default=None),
         stages={k: runs[k] or dict(stage=k, recorded=False) for k in data},
     )
+    if seg.get("settings") and runs.get("segment"):  # how segment ran: settings that change no mask
+        out["stages"]["segment"] = dict(runs["segment"], settings=seg["settings"])
     return out

@@ -489,6 +489,15 @@ def run(
         slide_id=slide_id,
         device=str(dev),
         **device_facts(dev),  # the CPU's or GPU's name, the CUDA version
+        device_asked=device,  # the config's `device` (not a param: it cannot change a mask)
+        # how the stage ran (the config's tiling settings that change no mask, as used)
+        settings=dict(
+            batch_size=int(tiling_cfg["batch_size"]),
+            workers=int(tiling_cfg["workers"]),
+            postprocess_workers=post_workers,
+            network_threads=torch.get_num_threads(),
+            amp=bool(tiling_cfg.get("amp", True)) and dev.type == "cuda",
+        ),
         tta=tta,
         n_tiles=len(tiles),
         elapsed_s=elapsed,
