@@ -10,9 +10,12 @@ epoch and a few minutes at the end on 2 CPU cores).
 ``crops s/step`` is the time to make one batch in this process; ``fed s/step`` is
 the time per step when ``--workers`` DataLoader workers make the crops while the
 network trains (what `snakemake train` does with `train.workers`): the crops are
-not the bottleneck when it is close to ``net s/step``.
+not the bottleneck when it is close to ``net s/step``. A second table gives the crops
+per second the DataLoader alone delivers (no network) with ``--loader-workers``
+workers: the ceiling of steps per second that a GPU could be fed.
 
     python benchmarks/train_throughput.py [--base-width 16 32] [--crop 256] [--batch 8] [--steps 6] [--workers 2]
+                                          [--loader-workers 0 1 2]
 """
 
 import argparse
@@ -48,13 +51,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per width (after one warm-up step)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the fed run (train.workers)")
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader alone, no network")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = pick_device(args.device, lambda m: None)
     samples = [s for s in L.load_set(SHEET, 0.5) if s.split != "val"]
     print(
         f"command: python benchmarks/train_throughput.py --base-width {' '.join(map(str, args.base_width))} "
-        f"--depth {args.depth} --crop {args.crop} --batch {args.batch} --steps {args.steps} --workers {args.workers}"
+        f"--depth {args.depth} --crop {args.crop} --batch {args.batch} --steps {args.steps} --workers {args.workers} "
+        f"--loader-workers {' '.join(map(str, args.loader_workers))}"
     )
     print(f"device {device}, {torch.get_num_threads()} threads, {len(samples)} training tiles")
     print(
@@ -101,6 +106,20 @@ def main():
             f"{width:5d} {params:8.2f} {args.crop:4d} {args.batch:5d} {t_crop / n:12.2f} {t_net / n:10.2f} "
             f"{per_step:10.2f} {args.batch / per_step:7.1f} {SHIPPED_STEPS * per_step / 60:15.1f}"
         )
+
+    cfg = train.TrainConfig(sheet=SHEET, out_dir="", crop=args.crop, batch_size=args.batch)
+    crops = train.CropDataset(samples, cfg)
+    print(f"\n{'loader workers':>14} {'crops/s':>8} {'batches/s':>9}")
+    for workers in args.loader_workers:
+        n = max(4, 2 * workers) * args.steps  # batches timed, after the first (workers starting)
+        batches = crops.batches(0, n + 1, workers=workers)
+        next(batches)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        dt = time.perf_counter() - t0
+        batches.close()
+        print(f"{workers:14d} {n * args.batch / dt:8.1f} {n / dt:9.2f}")
 
 
 if __name__ == "__main__":
