@@ -108,6 +108,80 @@ def test_resume_continues_exactly_where_it_stopped(full_run, tmp_path):
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
 
 
+# ------------------------------------------------------------------ both sources, DataLoader workers
+BOTH = str(REPO / "config/labeled/nuclei-train.tsv")  # MICCAI 2015 + MoNuSeg 2018 train, mixed mpp
+
+
+def both(out_dir, **kw):
+    """A tiny run on both sets: crops from the 37 training tiles, validation on the 8 tiles of 4 sites."""
+    return tiny(out_dir, **{**dict(sheet=BOTH, steps_per_epoch=3, tune_postprocess=False), **kw})
+
+
+def test_crops_do_not_depend_on_workers_or_the_resume_point():
+    """Crop k is the same whether made here or by one of 2 DataLoader workers, and whether the run
+    started at step 0 or resumed at step 3; different seeds make different crops."""
+    from wsiseg import labels as L
+
+    cfg = train.TrainConfig.from_dict(both("", crop=48))
+    tiles = [s for s in L.load_set(BOTH, cfg.mpp) if s.split != "val"]
+    crops = train.CropDataset(tiles, cfg)
+    here = list(crops.batches(0, 6, workers=0))
+    forked = list(crops.batches(0, 6, workers=2))
+    resumed = list(crops.batches(3, 6, workers=2))
+    assert len(here) == len(forked) == 6 and len(resumed) == 3
+    for a, b in zip(here, forked):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for a, b in zip(here[3:], resumed):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x, y, w = here[0]
+    assert x.shape == (4, 3, 48, 48) and x.dtype == torch.float32 and 0 <= x.min() < x.max() <= 1
+    assert set(torch.unique(y).tolist()) <= {0, 1, 2} and torch.all(w == 1)
+    other = train.CropDataset(tiles, train.TrainConfig.from_dict(both("", crop=48, seed=4)))
+    assert not torch.equal(next(other.batches(0, 1))[0], here[0][0])
+    # crops come from both sources: over 200 crops, MICCAI and MoNuSeg tiles are both drawn
+    names = [tiles[np.random.default_rng((cfg.seed, k)).choice(len(tiles), p=crops.p)].name for k in range(200)]
+    assert any(n.startswith("image") for n in names) and any(n.startswith("TCGA") for n in names)
+
+
+def both_sheet(tmp_path, names) -> str:
+    """The rows ``names`` of the two-source sheet, as they are there (mpp, split), in a sheet of their own."""
+    lines = [ln for ln in open(BOTH) if not ln.startswith("#")]
+    rows = lines[0] + "".join(ln for ln in lines[1:] if ln.split("\t")[0] in names)
+    sheet = tmp_path / "both.tsv"  # paths in the sheet are relative to its folder: make them absolute
+    sheet.write_text(rows.replace("../../../", str(REPO.resolve().parent) + "/"))
+    return str(sheet)
+
+
+def test_training_on_both_sets_with_workers_resumes_exactly(tmp_path):
+    """MICCAI + MoNuSeg train (20x and 40x tiles of each, and a validation tile of an unseen site),
+    2 DataLoader workers, cosine schedule, dropout: 4 epochs straight in this process (0 workers)
+    give bit for bit the weights, losses and learning rates of 2 epochs with 2 workers, a stop,
+    and a resume to 4 epochs with 2 workers."""
+    names = ["image01", "image08", "TCGA-18-5592-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1"]
+    sheet = both_sheet(tmp_path, names)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    s = train.run(both(straight, sheet=sheet, workers=0, lr_schedule="cosine"))
+    train.run(both(parts, sheet=sheet, workers=2, lr_schedule="cosine", max_steps=6))  # stopped after epoch 2
+    assert pd.read_csv(parts / "metrics.csv")["epoch"].tolist() == [1, 2]
+    r = train.run(both(parts, sheet=sheet, workers=2, lr_schedule="cosine"), resume=True)
+    assert s["steps"] == r["steps"] == 12 and r["epochs"] == 4
+    a, b = pd.read_csv(straight / "metrics.csv"), pd.read_csv(parts / "metrics.csv")
+    cols = ["epoch", "steps", "train_loss", "val_loss", "val_dice", "lr", "best"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+    # the cosine schedule: lr of each epoch's last step, falling from lr towards 0
+    assert a["lr"].tolist() == [train.cosine_lr(3e-3, 3 * e - 1, 12) for e in (1, 2, 3, 4)]
+    assert a["train_loss"].iloc[-1] < a["train_loss"].iloc[0]
+    wa = torch.load(straight / "last.pt", weights_only=True)
+    wb = torch.load(parts / "last.pt", weights_only=True)
+    for k in wa["state_dict"]:
+        assert torch.equal(wa["state_dict"][k], wb["state_dict"][k]), k
+    info = wa["extra"]["train"]
+    assert info["val_images"] == ["TCGA-B0-5698-01Z-00-DX1"] and info["train_images"] == names[:4]
+    # validation.csv: the validation tile scored at its own 0.252 µm/px, its annotated nuclei counted
+    v = pd.read_csv(s["validation"]).set_index("image").loc["TCGA-B0-5698-01Z-00-DX1"]
+    assert v["mpp"] == 0.252 and v["n_true"] == 357 and 0 < v["dice"] <= 1  # 357 nuclei (data README)
+
+
 def test_resuming_a_run_from_before_val_dice_keeps_its_columns(tmp_path):
     """A metrics.csv written before the val_dice column existed goes on with its own header."""
     train.run(tiny(tmp_path, max_epochs=1, steps_per_epoch=2, tune_postprocess=False))

@@ -682,6 +682,15 @@ def test_train_then_evaluate_targets(tmp_path):
         png = Image.open(tmp_path / f"results/evaluation/small/tiny/overlays/{name}.png")
         assert png.size == Image.open(miccai / f"{name}.png").size
     assert job_counts(snakemake(tmp_path, cfgfile, "evaluate", "-n").stdout) == {}
+    # a second configfile adds a set (mappings merge); evaluate.only (a list: replaced) keeps the
+    # run to the named set, so the added one is not scored; a name not in evaluate.sets is an error
+    extra = tmp_path / "only.yaml"
+    extra.write_text(yaml.safe_dump(dict(evaluate=dict(sets={"held-out": str(small)}, only=["small"]))))
+    narrowed = snakemake(tmp_path, cfgfile, "evaluate", "-n", "--configfile", str(cfgfile), str(extra))
+    assert job_counts(narrowed.stdout) == {} and "held-out" not in narrowed.stdout
+    extra.write_text(yaml.safe_dump(dict(evaluate=dict(only=["smal"]))))
+    res = snakemake(tmp_path, cfgfile, "evaluate", "-n", "--configfile", str(cfgfile), str(extra), check=False)
+    assert res.returncode != 0 and "evaluate.only names ['smal']" in res.stdout + res.stderr
 
 
 def test_train_without_a_sheet_says_what_to_set(tmp_path):

@@ -6,9 +6,13 @@
   (``target: weight_map``, w0 = 10, sigma = 5 px at the training resolution).
 * Augmentation: ``augment`` (flips, 90° rotations, elastic, scale, HED jitter;
   optionally blur and noise).
+* Crops: ``CropDataset`` cuts them from the tiles resampled once at the start of the
+  run, in ``workers`` DataLoader processes; crop ``k`` has a generator of its own
+  seeded by ``(seed, k)``, so the crop sequence, and with it ``work/last.pt``'s
+  resume, is exact whatever the number of workers.
 * Loss: pixel-wise (weighted) cross-entropy, plus soft Dice on the object classes
-  (``dice_weight``). Adam. He initialisation (``unet.UNet``). Optional dropout at the
-  bottleneck.
+  (``dice_weight``). Adam, the learning rate halved on a validation-loss plateau or
+  annealed along a cosine (``lr_schedule``). Optional dropout at the bottleneck.
 * Initialisation: He (``unet.UNet``), or the weights of a trained checkpoint
   (``init``, e.g. the shipped nuclei model) to fine-tune it on the user's own images.
 * Validation: images of the sheet's ``split`` = val, or a seeded fraction of the
@@ -16,13 +20,16 @@
   and ``last.pt`` (with optimizer and RNG state, for ``resume``) are written
   atomically and embed architecture, classes and mpp, so inference reads them as they
   are. ``metrics.csv`` gets one row per epoch.
-* After training, the post-processing thresholds are chosen on the validation
-  images (AJI at their own resolution) and stored in ``best.pt``.
+* After training, the post-processing thresholds (foreground, seeds, smallest object)
+  are chosen on the validation images (AJI at their own resolution, predicted without
+  flip/rotation averaging, as the workflow segments slides by default) and stored in
+  ``best.pt``.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import time
@@ -64,7 +71,8 @@ class TrainConfig:
     max_epochs: int = 100
     patience: int = 12
     lr: float = 1e-3
-    lr_patience: int = 3  # halve the learning rate after this many epochs without a better validation loss
+    lr_patience: int = 3  # plateau: halve the learning rate after this many epochs without a better validation loss
+    lr_schedule: str = "plateau"  # or cosine: from lr to 0 over max_epochs x steps_per_epoch steps
     weight_decay: float = 1e-5
     class_weights: list = field(default_factory=lambda: [1.0, 1.0, 2.0])
     dice_weight: float = 0.5
@@ -72,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0: all cores
+    workers: int = 2  # DataLoader worker processes making the augmented crops (0: the training process)
     augment: dict = field(default_factory=dict)
     tune_postprocess: bool = True
     init: str = ""  # start from this wsiseg checkpoint's weights (fine-tuning); "" = He initialisation
@@ -122,26 +131,48 @@ def make_target(ids: np.ndarray, target: str):
     return (ids > 0).astype(np.int64), L.border_weight_map(ids)
 
 
-class CropSampler:
-    """Random augmented crops, sample chosen in proportion to its area."""
+class CropDataset(torch.utils.data.Dataset):
+    """Augmented training crops, numbered through the run: crop ``k`` (the ``k % batch_size``-th
+    crop of optimizer step ``k // batch_size + 1``) is drawn with a generator of its own, seeded
+    by ``(seed, k)``. Its tile (chosen in proportion to area), position and augmentation do not
+    depend on which DataLoader worker makes it, how many there are, or where a run was resumed,
+    so ``work/last.pt`` resumes exactly with any ``train.workers``.
 
-    def __init__(self, samples, cfg: TrainConfig, rng: np.random.Generator):
-        self.samples, self.cfg, self.rng = samples, cfg, rng
+    The tiles are resampled to the model's mpp once, when the run starts
+    (``labels.load_set``); forked workers share them with the training process, and each
+    crop is cut and warped from them (``augment``)."""
+
+    def __init__(self, samples, cfg: TrainConfig):
+        self.samples, self.cfg = samples, cfg
         area = np.array([s.image.shape[0] * s.image.shape[1] for s in samples], float)
         self.p = area / area.sum()
         self.aug = AugmentConfig(**cfg.augment)
 
-    def batch(self):
-        xs, ys, ws = [], [], []
-        for _ in range(self.cfg.batch_size):
-            s = self.samples[self.rng.choice(len(self.samples), p=self.p)]
-            img, (ids,), _ = augment(s.image, [s.instances], self.cfg.crop, self.aug, self.rng)
-            y, w = make_target(ids, self.cfg.target)
-            xs.append(img.transpose(2, 0, 1))
-            ys.append(y)
-            ws.append(w if w is not None else np.ones(y.shape, np.float32))
-        x = torch.from_numpy(np.stack(xs)).float().div(255)
-        return x, torch.from_numpy(np.stack(ys)), torch.from_numpy(np.stack(ws))
+    def __getitem__(self, k: int):
+        """Crop ``k``: image (3, crop, crop) uint8, target (crop, crop) int64, pixel weights float32."""
+        rng = np.random.default_rng((self.cfg.seed, int(k)))
+        s = self.samples[rng.choice(len(self.samples), p=self.p)]
+        img, (ids,), _ = augment(s.image, [s.instances], self.cfg.crop, self.aug, rng)
+        y, w = make_target(ids, self.cfg.target)
+        w = w if w is not None else np.ones(y.shape, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), torch.from_numpy(y), torch.from_numpy(w)
+
+    def batches(self, first_step: int, last_step: int, workers: int = 0):
+        """Batches (x float 0-1, y, w) of optimizer steps ``first_step + 1`` .. ``last_step``, in
+        order, made by ``workers`` DataLoader worker processes (0: in this process)."""
+        b = self.cfg.batch_size
+        loader = torch.utils.data.DataLoader(
+            self,
+            batch_size=b,
+            sampler=range(first_step * b, last_step * b),
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+            # its own generator: making the iterator draws worker seeds from it, not from the
+            # training process's RNG (dropout), which must not depend on the number of workers
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+        for x, y, w in loader:
+            yield x.float().div(255), y, w
 
 
 def loss_fn(logits, y, w, class_weights, dice_weight: float):
@@ -206,23 +237,9 @@ def validate(model, batches, cfg: TrainConfig, device) -> tuple[float, float]:
     return tot / len(batches), dice / len(batches)
 
 
-def _rng_state(rng: np.random.Generator) -> dict:
-    st = rng.bit_generator.state
-    return dict(
-        state=str(st["state"]["state"]),
-        inc=str(st["state"]["inc"]),
-        has_uint32=int(st["has_uint32"]),
-        uinteger=int(st["uinteger"]),
-    )
-
-
-def _set_rng_state(rng: np.random.Generator, d: dict) -> None:
-    rng.bit_generator.state = dict(
-        bit_generator="PCG64",
-        state=dict(state=int(d["state"]), inc=int(d["inc"])),
-        has_uint32=int(d["has_uint32"]),
-        uinteger=int(d["uinteger"]),
-    )
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: half a cosine from ``lr`` to 0."""
+    return 0.5 * lr * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
 def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
@@ -235,8 +252,9 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     csv_path = os.path.join(cfg.out_dir, "metrics.csv")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.lr_schedule not in ("plateau", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be 'plateau' or 'cosine', not {cfg.lr_schedule!r}")
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     device = pick_device(cfg.device, log)
     init = read_init(cfg, classes) if cfg.init else None  # checked before any image is read
 
@@ -273,8 +291,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, best_loss, bad_epochs, steps = st["epoch"], st["best_loss"], st["bad_epochs"], st["steps"]
-        torch.set_rng_state(st["torch_rng"])
-        _set_rng_state(rng, st["numpy_rng"])
+        torch.set_rng_state(st["torch_rng"])  # dropout; the crops depend on the step count only
         log(f"resumed from {last_path} after epoch {start_epoch} (best validation loss {best_loss:.4f})")
     else:
         if os.path.exists(csv_path):
@@ -283,7 +300,9 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
             load_in_order(model, init["state_dict"], cfg.init)
             log(f"starting from the weights of {cfg.init} (sha256 {init['sha256'][:12]}…), not from He initialisation")
 
-    sampler = CropSampler(train_s, cfg, rng)
+    crops = CropDataset(train_s, cfg)
+    total_steps = cfg.max_epochs * cfg.steps_per_epoch  # the cosine schedule's length (max_steps does not change it)
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     vb = val_batches(val_s, cfg, 2**cfg.depth)
     fields = ["epoch", "steps", "train_loss", "val_loss", "val_dice", "lr", "seconds", "best"]
     if os.path.exists(csv_path):  # resuming a run whose metrics.csv has other columns: keep them
@@ -295,74 +314,83 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     last_epoch = cfg.max_epochs
     if bad_epochs >= cfg.patience:  # a resumed run that had already stopped early: nothing to train
         stop_reason, last_epoch = "early stopping (reached before resuming)", start_epoch
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        t0 = time.monotonic()
-        losses = []
-        for _ in range(cfg.steps_per_epoch):
-            losses.append(train_step(model, opt, sampler.batch(), cfg, device))
-            steps += 1
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
-        vloss, vdice = validate(model, vb, cfg, device)
-        lr_used = opt.param_groups[0]["lr"]
-        sched.step(vloss)
-        improved = vloss < best_loss
-        if improved:
-            best_loss, bad_epochs = vloss, 0
+    elif steps >= last_step:  # a resumed run that has made all its steps: nothing to train
+        stop_reason, last_epoch = "max_steps (reached before resuming)", start_epoch
+    batches = crops.batches(steps, max(steps, last_step), cfg.workers)
+    try:
+        for epoch in range(start_epoch + 1, last_epoch + 1):
+            t0 = time.monotonic()
+            losses = []
+            for _ in range(cfg.steps_per_epoch):
+                if cfg.lr_schedule == "cosine":
+                    for g in opt.param_groups:
+                        g["lr"] = cosine_lr(cfg.lr, steps, total_steps)
+                losses.append(train_step(model, opt, next(batches), cfg, device))
+                steps += 1
+                if steps >= last_step:
+                    break
+            vloss, vdice = validate(model, vb, cfg, device)
+            lr_used = opt.param_groups[0]["lr"]
+            if cfg.lr_schedule == "plateau":
+                sched.step(vloss)
+            improved = vloss < best_loss
+            if improved:
+                best_loss, bad_epochs = vloss, 0
+                save_checkpoint(
+                    best_path,
+                    model,
+                    classes,
+                    cfg.mpp,
+                    cfg.name,
+                    extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
+                )
+            else:
+                bad_epochs += 1
+            row = dict(
+                epoch=epoch,
+                steps=steps,
+                train_loss=float(np.mean(losses)),
+                val_loss=vloss,
+                val_dice=round(vdice, 4),
+                lr=lr_used,
+                seconds=round(time.monotonic() - t0, 1),
+                best=int(improved),
+            )
+            new = not os.path.exists(csv_path)
+            with open(csv_path, "a", newline="") as fh:
+                wr = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+                if new:
+                    wr.writeheader()
+                wr.writerow(row)
+            log(
+                f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {vloss:.4f}"
+                f"{' (best)' if improved else ''}, validation Dice {vdice:.3f}, {row['seconds']} s"
+            )
+            resume_state = dict(
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                epoch=epoch,
+                best_loss=best_loss,
+                bad_epochs=bad_epochs,
+                steps=steps,
+                torch_rng=torch.get_rng_state(),
+            )
             save_checkpoint(
-                best_path,
+                last_path,
                 model,
                 classes,
                 cfg.mpp,
                 cfg.name,
-                extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
+                extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
             )
-        else:
-            bad_epochs += 1
-        row = dict(
-            epoch=epoch,
-            steps=steps,
-            train_loss=float(np.mean(losses)),
-            val_loss=vloss,
-            val_dice=round(vdice, 4),
-            lr=lr_used,
-            seconds=round(time.monotonic() - t0, 1),
-            best=int(improved),
-        )
-        new = not os.path.exists(csv_path)
-        with open(csv_path, "a", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-            if new:
-                wr.writeheader()
-            wr.writerow(row)
-        log(
-            f"epoch {epoch}: train loss {row['train_loss']:.4f}, validation loss {vloss:.4f}"
-            f"{' (best)' if improved else ''}, validation Dice {vdice:.3f}, {row['seconds']} s"
-        )
-        resume_state = dict(
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(),
-            epoch=epoch,
-            best_loss=best_loss,
-            bad_epochs=bad_epochs,
-            steps=steps,
-            torch_rng=torch.get_rng_state(),
-            numpy_rng=_rng_state(rng),
-        )
-        save_checkpoint(
-            last_path,
-            model,
-            classes,
-            cfg.mpp,
-            cfg.name,
-            extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
-        )
-        if bad_epochs >= cfg.patience:
-            stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
-            break
-        if cfg.max_steps and steps >= cfg.max_steps:
-            stop_reason = "max_steps"
-            break
+            if bad_epochs >= cfg.patience:
+                stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
+                break
+            if cfg.max_steps and steps >= cfg.max_steps:
+                stop_reason = "max_steps"
+                break
+    finally:
+        batches.close()  # ends the DataLoader workers, also when training stops early or fails
     log(f"stopped after epoch {epoch} ({stop_reason}); best validation loss {best_loss:.4f}")
     summary = dict(
         best=best_path,
@@ -461,24 +489,44 @@ def load_in_order(model: UNet, state_dict: dict, source: str) -> None:
     model.load_state_dict(dict(zip(own.keys(), theirs)))
 
 
+FG_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8)
+SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+MIN_OBJECT_UM2 = (3.0, 6.0, 10.0)
+
+
 def tune_postprocess(best_path: str, val_s, device, log=print) -> dict:
-    """Pick the instance thresholds with the best mean AJI on the validation images."""
+    """Pick the instance thresholds (foreground, seeds, smallest object) with the best mean AJI on
+    the validation images, predicted as the workflow predicts slides by default: without
+    flip/rotation averaging (``model.tta: false``), at each image's own resolution."""
     from .metrics import aji
-    from .postprocess import InstanceParams, instances_from_probs
+    from .postprocess import InstanceParams, instances_from_probs, remove_small
 
     ck = torch.load(best_path, map_location="cpu", weights_only=True)
     model = load_model({"weights": best_path, "name": ck["name"]}, device=str(device), geometry=False).module
-    probs = [resize_probs(predict_probs(model, s.image, 2**model.depth, device=device), s.native_shape) for s in val_s]
+    probs = [
+        resize_probs(predict_probs(model, s.image, 2**model.depth, tta=False, device=device), s.native_shape)
+        for s in val_s
+    ]
     best, best_aji = InstanceParams(), -1.0
-    for fg in (0.5, 0.6, 0.7, 0.8):
-        for seed in (0.5, 0.7, 0.8, 0.9, 0.95):
-            p = InstanceParams(fg_threshold=fg, seed_threshold=seed)
-            a = float(
-                np.mean([aji(s.native_instances, instances_from_probs(pr, s.mpp, p)) for s, pr in zip(val_s, probs)])
-            )
-            if a > best_aji:
-                best, best_aji = p, a
-    log(f"post-processing chosen on the validation images: {best.as_dict()} (validation AJI {best_aji:.4f})")
+    for fg in FG_THRESHOLDS:
+        for seed in SEED_THRESHOLDS:
+            # the smallest-object filter is the last step of instances_from_probs: apply it to one result
+            p0 = InstanceParams(fg_threshold=fg, seed_threshold=seed, min_object_um2=0.0)
+            ids = [instances_from_probs(pr, s.mpp, p0) for s, pr in zip(val_s, probs)]
+            for min_um2 in MIN_OBJECT_UM2:
+                a = float(
+                    np.mean(
+                        [
+                            aji(s.native_instances, remove_small(i, int(round(min_um2 * (1.0 / (s.mpp * s.mpp))))))
+                            for s, i in zip(val_s, ids)
+                        ]
+                    )
+                )
+                if a > best_aji:
+                    best, best_aji = InstanceParams(fg_threshold=fg, seed_threshold=seed, min_object_um2=min_um2), a
+    log(
+        f"post-processing chosen on the validation images without TTA: {best.as_dict()} (validation AJI {best_aji:.4f})"
+    )
     extra = dict(ck.get("extra", {}))
     extra["postprocess"] = best.as_dict()
     extra["val_aji"] = best_aji

@@ -311,6 +311,22 @@ def eval_methods():
     return out
 
 
+def eval_sets():
+    """Names of the evaluate.sets to score: all, or the ones evaluate.only lists. A further
+    --configfile merges into the sets mapping (it can add sets, never drop one) but replaces
+    the only list, so a run can be narrowed to one set, e.g. validation tiles, without the
+    held-out test set coming along."""
+    sets = list(EVAL.get("sets", {}))
+    only = list(EVAL.get("only") or [])
+    unknown = [s for s in only if s not in sets]
+    if unknown:
+        raise WorkflowError(
+            f"evaluate.only names {unknown}, which evaluate.sets does not define (it has {sets}); "
+            "name sets of evaluate.sets, or add them there"
+        )
+    return only or sets
+
+
 def get_train_sheet(wildcards):
     """train.sheet; asked for only when the train target is in the run."""
     if not TRAIN.get("sheet"):

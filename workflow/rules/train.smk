@@ -52,9 +52,7 @@ rule evaluate_set:
 
 rule evaluate:
     input:
-        lambda w: expand(
-            f"{EVAL_DIR}/{{set}}/{{method}}/metrics.csv", set=list(EVAL.get("sets", {})), method=eval_methods()
-        ),
+        lambda w: expand(f"{EVAL_DIR}/{{set}}/{{method}}/metrics.csv", set=eval_sets(), method=eval_methods()),
     output:
         report(f"{EVAL_DIR}/comparison.csv", caption="../report/evaluation.rst", category="Evaluation"),
     log:
