@@ -13,7 +13,7 @@ start, middle and end; sparse elsewhere, 64 MiB each) and one sheet, then `-n` w
   twice: with the fingerprint cache the `--touch` run left (a stat per slide file), and
   without it (every slide file opened and read);
 - ``after triage``: the slides inspected (slide.json and slides.tsv, recorded), nothing
-  else: the DAG past the checkpoint, tissue to stats of every slide and the summary.
+  else: the DAG past the checkpoint, tissue to provenance of every slide, the summary and the report plots.
 
 Each `snakemake -n` runs in a fresh process; peak RSS is that process's. The slide files
 were just written, so they are in the page cache: on a cold network file system the
@@ -22,7 +22,7 @@ uncached fingerprinting adds that file system's latency for three reads per file
 - ``fingerprints only``: the slides' content keys alone, in one process: every file read,
   then from the cache that left.
 
-``all done`` needs `--touch` over 6 N stand-in jobs, which takes long (9 min for N = 1000
+``all done`` needs `--touch` over 8 N stand-in jobs, which takes long (9 min for N = 1000
 on the shared 2-core machine), so it runs up to ``--all-done-max`` slides.
 
     python benchmarks/dag_scale.py [--all-done-max 1000] [N ...]        (default 1000 10000)
@@ -39,7 +39,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 SLIDE_BYTES = 64 << 20
-RULES = ("inspect", "triage", "tissue", "plan", "segment", "stitch", "stats", "aggregate")
+RULES = (
+    "inspect",
+    "triage",
+    "tissue",
+    "plan",
+    "segment",
+    "stitch",
+    "stats",
+    "report_histograms",
+    "provenance",
+    "aggregate",
+    "report_plots",
+)
 
 BARE = r"""
 import pandas as pd
@@ -50,7 +62,7 @@ R = config["results"]
 
 rule all:
     input:
-        lambda w: [f"{R}/summary.csv"] + [f"{R}/{s}/stats.csv" for s in ok()],
+        lambda w: [f"{R}/summary.csv", f"{R}/report.svg"] + [f"{R}/{s}/provenance.json" for s in ok()],
 
 
 rule inspect:
@@ -124,11 +136,39 @@ rule stats:
         "touch {output}"
 
 
+rule report_histograms:
+    input:
+        f"{R}/{{slide}}/stats.csv",
+    output:
+        f"{R}/{{slide}}/object_histograms.json",
+    shell:
+        "touch {output}"
+
+
+rule provenance:
+    input:
+        f"{R}/{{slide}}/object_histograms.json",
+    output:
+        f"{R}/{{slide}}/provenance.json",
+    shell:
+        "touch {output}"
+
+
 rule aggregate:
     input:
         lambda w: [f"{R}/{s}/stats.csv" for s in ok()],
     output:
         f"{R}/summary.csv",
+    shell:
+        "touch {output}"
+
+
+rule report_plots:
+    input:
+        f"{R}/summary.csv",
+        lambda w: [f"{R}/{s}/object_histograms.json" for s in ok()],
+    output:
+        f"{R}/report.svg",
     shell:
         "touch {output}"
 """
@@ -151,12 +191,18 @@ def make_archive(wd, n):
 
 OUTPUTS = (
     "slide.json tissue.png work/thumbnail.png work/tissue.json plan.tsv plan.json work/segment.json "
-    "mask.ome.tif overlay.png work/stitch.json stats.csv objects.csv.gz outlines.geojson.gz"
+    "mask.ome.tif overlay.png work/stitch.json stats.csv objects.csv.gz outlines.geojson.gz work/stats.json "
+    "work/object_histograms.json provenance.json"
 ).split()
-BARE_OUTPUTS = "slide.json tissue.png plan.tsv segment.json mask.ome.tif stats.csv".split()
+PLOTS = ("slides", "object_sizes", "object_shapes", "failed_slides")
+ARCHIVE_OUTPUTS = ["summary.csv"] + [f"report/{f}.svg" for f in PLOTS]
+BARE_OUTPUTS = (
+    "slide.json tissue.png plan.tsv segment.json mask.ome.tif stats.csv object_histograms.json provenance.json"
+).split()
+BARE_ARCHIVE_OUTPUTS = ["summary.csv", "report.svg"]
 
 
-def stand_ins(results, sheet, names):
+def stand_ins(results, sheet, names, archive_names):
     """Empty stand-ins for every slide's outputs; slide.json and slides.tsv as inspect and
     triage leave them for good slides (the workflow's resource requests read them)."""
     ids = [line.split("\t")[0] for line in open(sheet).read().splitlines()[1:]]
@@ -170,16 +216,19 @@ def stand_ins(results, sheet, names):
             json.dump(info, fh)
     with open(f"{results}/slides.tsv", "w") as fh:
         fh.write("slide_id\tstatus\terror\tpath\n" + "".join(f"{s}\tok\t\tslides/{s}.svs\n" for s in ids))
-    open(f"{results}/summary.csv", "w").close()
+    for name in archive_names:
+        os.makedirs(os.path.dirname(f"{results}/{name}"), exist_ok=True)
+        open(f"{results}/{name}", "w").close()
     return ids
 
 
-def remove_all_but_inspection(results, ids, names):
+def remove_all_but_inspection(results, ids, names, archive_names):
     for s in ids:
         for name in names:
             if name != "slide.json":
                 os.remove(f"{results}/{s}/{name}")
-    os.remove(f"{results}/summary.csv")
+    for name in archive_names:
+        os.remove(f"{results}/{name}")
 
 
 # --touch waits 0.1 s per job before touching (for file systems with coarse mtimes): too long for
@@ -264,17 +313,17 @@ def main(sizes, all_done_max):
             res, bare_res = f"{wd}/results/m", f"{wd}/bare-results"
             rows.append((n, "first run", "wsiseg", *dry_run(wd, ours, ours_cfg)))
             rows.append((n, "first run", "bare touch rules", *dry_run(wd, bare, bare_cfg)))
-            ids = stand_ins(res, f"{wd}/slides.tsv", OUTPUTS)
-            stand_ins(bare_res, f"{wd}/slides.tsv", BARE_OUTPUTS)
-            if n <= all_done_max:  # --touch of 6 N stand-in jobs takes long (9 min for N = 1000, shared 2 cores)
+            ids = stand_ins(res, f"{wd}/slides.tsv", OUTPUTS, ARCHIVE_OUTPUTS)
+            stand_ins(bare_res, f"{wd}/slides.tsv", BARE_OUTPUTS, BARE_ARCHIVE_OUTPUTS)
+            if n <= all_done_max:  # --touch of 8 N stand-in jobs takes long (9 min for N = 1000, shared 2 cores)
                 touch_all(wd, ours, ours_cfg)
                 touch_all(wd, bare, bare_cfg)
                 rows.append((n, "all done", "wsiseg, cached", *dry_run(wd, ours, ours_cfg)))
                 os.remove(f"{wd}/.snakemake/wsiseg/content-keys.tsv")
                 rows.append((n, "all done", "wsiseg, no cache", *dry_run(wd, ours, ours_cfg)))
                 rows.append((n, "all done", "bare touch rules", *dry_run(wd, bare, bare_cfg)))
-            remove_all_but_inspection(res, ids, OUTPUTS)
-            remove_all_but_inspection(bare_res, ids, BARE_OUTPUTS)
+            remove_all_but_inspection(res, ids, OUTPUTS, ARCHIVE_OUTPUTS)
+            remove_all_but_inspection(bare_res, ids, BARE_OUTPUTS, BARE_ARCHIVE_OUTPUTS)
             rows.append((n, "after triage", "wsiseg", *dry_run(wd, ours, ours_cfg)))
             rows.append((n, "after triage", "bare touch rules", *dry_run(wd, bare, bare_cfg)))
         finally:

@@ -158,7 +158,14 @@ def test_no_worker_outlives_the_stage(tmp_path, sig):
     """Workers end with the stage, whatever ends it; the outputs they are handed live in an
     anonymous shared mapping, so no /dev/shm segment can be left behind either."""
     code = STAGE.format(tests=str(REPO / "tests"), src=str(REPO / "src"), store=str(tmp_path / "s"))
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: to a process whose SIGINT is not ignored (a shell starting
+    # pytest in the background, `cmd &`, makes it ignored, and Python then has no KeyboardInterrupt)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         workers = []
         for _ in range(600):  # until both workers have started (no timing assumption: polled)
