@@ -155,7 +155,7 @@ def main():
     )
     print(f"workflow wall time {t_run:.0f} s")
     print(f"{'rule':>10} {'seconds':>9} {'peak RSS MB':>12}")
-    bdir = os.path.join(wd, "benchmarks", "bench-small", "large")
+    bdir = os.path.join(wd, "results", "bench-small", "large", "benchmarks")  # in the slide's folder
     for rule in ("tissue", "segment", "stitch", "stats"):
         b = pd.read_csv(os.path.join(bdir, f"{rule}.tsv"), sep="\t").iloc[0]
         print(f"{rule:>10} {b.s:>9.1f} {b.max_rss:>12.0f}")

@@ -62,7 +62,7 @@ def _elapsed(wd):
 
 def workflow(wd, slide, model_cfg, tiling, cores, cache, reuse=False):
     """Run the whole workflow on one slide (``reuse``: read a finished run's figures); (wall s, {rule: s})."""
-    bdir = os.path.join(wd, "benchmarks", model_cfg["name"], "slide")
+    bdir = os.path.join(wd, "results", model_cfg["name"], "slide", "benchmarks")  # in the slide's folder
     if reuse and os.path.exists(os.path.join(bdir, "stats.tsv")):
         return _elapsed(wd), {r: float(pd.read_csv(os.path.join(bdir, f"{r}.tsv"), sep="\t").s.iloc[0]) for r in RULES}
     os.makedirs(wd, exist_ok=True)
