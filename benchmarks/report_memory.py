@@ -36,27 +36,15 @@ else:
 print(json.dumps(dict(s=time.monotonic() - t0, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
 
-SHAPES = [
-    "perimeter_um",
-    "major_axis_um",
-    "minor_axis_um",
-    "eccentricity",
-    "orientation_deg",
-    "solidity",
-    "circularity",
-    "mean_hematoxylin_od",
-    "mean_eosin_od",
-    "neighbours_25um",
-    "nearest_neighbour_um",
-]
-
 
 def make_objects(path, n, seed=0, chunk=500_000):
-    """objects.csv.gz of n random nuclei: today's columns and the agreed shape columns."""
+    """objects.csv.gz of n random nuclei: the columns the report plots (wsiseg.report.METRICS)."""
     import gzip
 
     import numpy as np
     import pandas as pd
+
+    from wsiseg.report import METRICS
 
     rng = np.random.default_rng(seed)
     with gzip.open(path, "wt", compresslevel=1) as fh:
@@ -74,8 +62,9 @@ def make_objects(path, n, seed=0, chunk=500_000):
                     centroid_y_um=rng.random(k) * 2e4,
                 )
             )
-            for c in SHAPES:
-                t[c] = rng.random(k).round(4)
+            for c in METRICS:
+                if c not in t:
+                    t[c] = rng.random(k).round(4)
             t.to_csv(fh, index=False, header=start == 0)
 
 
