@@ -1,18 +1,14 @@
-"""Would test-time stain normalisation help? Reinhard's colour transfer on the validation tiles.
+"""Does test-time stain normalisation help? ``model.stain_normalise: reinhard`` on the validation tiles.
 
-Each validation tile (the sheet's ``split`` = val rows) is predicted twice by a
-checkpoint, without flip/rotation averaging and with its stored post-processing:
-as it is, and after Reinhard et al.'s (2001) colour transfer, which gives the tile's
-tissue pixels (CIE-Lab L* < 88, i.e. not the white background) the per-channel
-Lab mean and standard deviation of the training tiles' tissue pixels (the sheet's
-other rows, at the model's mpp). Both are scored as the train target scores
-``validation.csv`` (each tile at its own resolution), and the mean Dice, AJI and
-predicted / annotated area are printed.
-
-The statistics are each tile's own: a tile stands for a whole slide here, which is
-not how a slide would be normalised in the workflow (one transform per slide, from
-statistics of its tissue at the model's mpp, so tiles stay seam-free), and nuclei-
-dense tiles have other statistics than a slide's tissue as a whole.
+Each validation tile (the sheet's ``split`` = val rows) is predicted twice by the model,
+without flip/rotation averaging and with its stored post-processing, exactly as
+``snakemake evaluate`` predicts it (:meth:`wsiseg.models.ModelSpec.predict_instances`):
+with ``model.stain_normalise: none`` and with ``reinhard``, whose reference is the
+tissue's CIE-Lab mean and std of the sheet's other rows at the model's mpp
+(:func:`wsiseg.stain.reference_from_sheet`, what ``python -m wsiseg.stain`` prints). A
+tile stands for a slide: its own tissue statistics set its transform. Both are scored
+against the annotations at the tile's own resolution; per-tile and mean Dice, AJI and
+predicted / annotated nucleus area are printed.
 
 Run on a sheet with a validation split only (never on a held-out test set):
 
@@ -27,49 +23,41 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from skimage.color import lab2rgb, rgb2lab  # noqa: E402
-
 from wsiseg import labels as L  # noqa: E402
 from wsiseg.metrics import all_metrics  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.postprocess import InstanceParams, instances_from_probs  # noqa: E402
-from wsiseg.predict import predict_probs, resize_probs  # noqa: E402
-
-TISSUE_L = 88.0  # Lab lightness below which a pixel is tissue, not background
-
-
-def tissue_lab(rgb: np.ndarray) -> np.ndarray:
-    lab = rgb2lab(rgb).reshape(-1, 3)
-    return lab[lab[:, 0] < TISSUE_L]
-
-
-def reinhard(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``rgb`` with its tissue's Lab mean and std moved to ``mean`` and ``std`` (uint8)."""
-    px = tissue_lab(rgb)
-    lab = (rgb2lab(rgb) - px.mean(0)) / px.std(0) * std + mean
-    return (np.clip(lab2rgb(lab), 0, 1) * 255 + 0.5).astype(np.uint8)
+from wsiseg.stain import reference_from_sheet  # noqa: E402
 
 
 def main(sheet: str, weights: str) -> None:
-    spec = load_model({"weights": weights, "name": "model"}, geometry=False)
-    samples = L.load_set(sheet, spec.mpp, keep_native=True)
-    val = [s for s in samples if s.split == "val"]
+    off = load_model({"weights": weights, "name": "model"}, geometry=False)
+    ref = reference_from_sheet(sheet, off.mpp)
+    on = load_model(
+        {"weights": weights, "name": "model", "stain_normalise": "reinhard", "stain_reference": ref}, geometry=False
+    )
+    val = [s for s in L.load_set(sheet, off.mpp, keep_native=True) if s.split == "val"]
     if not val:
         sys.exit(f"{sheet} has no split=val rows: this script runs on validation tiles only")
-    px = np.concatenate([tissue_lab(s.image) for s in samples if s.split != "val"])
-    mean, std = px.mean(0), px.std(0)
-    print(f"training tiles' tissue, Lab mean {mean.round(2)} std {std.round(2)}")
-    params = InstanceParams(**(spec.postprocess or {}))
-    print(f"{weights}, post-processing {params.as_dict()}, no TTA, {len(val)} validation tiles")
-    print(f"{'input':>10} {'Dice':>6} {'AJI':>6} {'pred/annotated area':>20}")
-    for name, norm in (("as is", False), ("Reinhard", True)):
-        rows = []
+    print(f"{weights}: post-processing {off.postprocess}, no TTA, {len(val)} validation tiles")
+    print(f"stain reference (training rows' tissue, CIE-Lab at {off.mpp} µm/px): {ref}")
+    res = {}
+    for name, spec in (("none", off), ("reinhard", on)):
+        rows, pred_px, gt_px = [], 0, 0
         for s in val:
-            img = reinhard(s.image, mean, std) if norm else s.image
-            prob = resize_probs(predict_probs(spec.module, img, spec.align, tta=False), s.native_shape)
-            rows.append(all_metrics(s.native_instances, instances_from_probs(prob, s.mpp, params)))
-        m = {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "aji", "precision", "recall")}
-        print(f"{name:>10} {m['dice']:6.3f} {m['aji']:6.3f} {m['recall'] / m['precision']:20.2f}")
+            pred = spec.predict_instances(s, tta=False)
+            rows.append(all_metrics(s.native_instances, pred))
+            pred_px += int((pred > 0).sum())
+            gt_px += int((s.native_instances > 0).sum())
+            print(f"  {name:>8} {s.name:<28} Dice {rows[-1]['dice']:.3f} AJI {rows[-1]['aji']:.3f}", flush=True)
+        res[name] = dict(
+            dice=float(np.mean([r["dice"] for r in rows])),
+            aji=float(np.mean([r["aji"] for r in rows])),
+            area=pred_px / max(gt_px, 1),
+        )
+    print("\n| stain_normalise | Dice | AJI | predicted / annotated area |\n|---|---|---|---|")
+    for name, m in res.items():
+        print(f"| {name} | {m['dice']:.3f} | {m['aji']:.3f} | {m['area']:.2f} |")
+    print(f"\ncommand: python models/stain_validation.py {sheet} {weights}")
 
 
 if __name__ == "__main__":

@@ -206,3 +206,20 @@ def test_weights_checked_where_snakemake_runs_without_torch(tmp_path):
     said = res.stdout.splitlines()
     assert said[0].startswith(f"refused model.weights {evil} is refused") and "calls posix.system" in said[0]
     assert said[1:] == [f"accepted {p4}", f"accepted {weights[2]}"] and not marker.exists()
+
+
+def test_stain_normalise_needs_a_reference_and_a_network():
+    """model.stain_normalise: reinhard without model.stain_reference, or on the classical model,
+    is refused with the fix; off (absent or none) loads as before."""
+    from wsiseg.models import check_stain
+
+    base = {"name": "m", "weights": "models/nuclei-unet.pt", "mpp": 0.5}
+    assert check_stain(base) is None and check_stain({**base, "stain_normalise": "none"}) is None
+    with pytest.raises(ConfigError, match="stain_reference.*python -m wsiseg.stain"):
+        check_stain({**base, "stain_normalise": "reinhard"})
+    ref = {"mean": [54.0, 31.7, -11.0], "std": [18.0, 10.2, 8.8]}
+    assert check_stain({**base, "stain_normalise": "reinhard", "stain_reference": ref})["reference"] == ref
+    with pytest.raises(ConfigError, match="classical model"):
+        check_stain(
+            {"name": "c", "format": "classical", "mpp": 0.5, "stain_normalise": "reinhard", "stain_reference": ref}
+        )

@@ -34,9 +34,9 @@ def _model(padding, depth=2):
     return UNetSpec(m, ["bg", "a", "b"], 1.0, f"t-{padding}", "", "unet", 2**depth, border, halo)
 
 
-def one_pass(spec, img, margin, grid_w, grid_h, tta=False):
-    """The network once over the whole image, mirror-padded like the tiles: logits, or
-    with ``tta`` the probabilities averaged over the 8 flips/rotations."""
+def one_pass(spec, img, margin, grid_w, grid_h, tta=False, module=None):
+    """The network (or ``module``) once over the whole image, mirror-padded like the tiles:
+    logits, or with ``tta`` the probabilities averaged over the 8 flips/rotations."""
     from wsiseg.unet import softmax_tta
 
     h, w = img.shape[:2]
@@ -45,7 +45,8 @@ def one_pass(spec, img, margin, grid_w, grid_h, tta=False):
     padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
     x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0
     with torch.inference_mode():
-        out = (softmax_tta(spec.module, x) if tta else spec.module(x))[0].numpy()
+        module = spec.module if module is None else module
+        out = (softmax_tta(module, x) if tta else module(x))[0].numpy()
     o = margin - spec.border
     return out[:, o : o + h, o : o + w]
 
@@ -120,6 +121,57 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     )
     plain = torch.softmax(torch.from_numpy(plain), 0).numpy()
     assert np.abs(plain - prob).max() > 1e-3
+
+
+REFERENCE = dict(mean=[60.0, 30.0, -20.0], std=[12.0, 10.0, 8.0])  # a stain far from CMU-1's
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_stain_normalised_stitched_equals_one_pass(tta):
+    """model.stain_normalise: the plan stage measures the slide's tissue colour once and the
+    segment stage puts one pointwise transform in front of the network, so the stitched
+    output still equals one pass over the whole mirror-padded, normalised image."""
+    spec = _model("same")
+    spec.stain = dict(method="reinhard", reference=REFERENCE)
+    geom, img, margin, tiles, plan = cmu_plan(spec, 0.499 * 3.3)
+    cal = spec.calibrate(lambda: open_slide(str(CMU)), geom, tiles, plan, print)
+    src = cal["stain_source"]
+    assert src["pixels"] > 10_000 and 40 < src["mean"][0] < 88  # H&E tissue, not background
+    plain = spec.module
+    assert spec.apply_calibration(cal, print) and spec.module is not plain
+    normalised, spec.module = spec.module, plain  # the spec's geometry (output_size) is the network's
+    out = run_segmentation(
+        str(CMU), "cmu", None, geom, tiles, plan, normalised, ArrayMerger(geom, 3), torch.device("cpu"), tta=tta
+    )
+    if tta:
+        out = np.exp(out)
+    grid_w, grid_h = -(-geom.width // 64) * 64, -(-geom.height // 64) * 64
+    ref = one_pass(spec, img, margin, grid_w, grid_h, tta=tta, module=normalised)
+    assert np.abs(ref - out).max() < 1e-4, np.abs(ref - out).max()
+    # the transform is real: without it the network says something else
+    assert np.abs(one_pass(spec, img, margin, grid_w, grid_h, tta=tta) - ref).max() > 1e-2
+
+
+def test_stain_statistics_add_up_and_move_tissue_to_the_reference():
+    """The per-slide statistics are sums (tiles add up in any order) and the transform gives the
+    tissue the reference's Lab mean and std (to the clipping of out-of-gamut colours)."""
+    from wsiseg.stain import LabStats, StainNormalised, rgb_to_lab
+
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 2.0)
+        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    whole = LabStats().add_rgb(img).moments()
+    halves = LabStats().add_rgb(img[:, geom.width // 2 :]).add_rgb(img[:, : geom.width // 2]).moments()
+    assert whole["pixels"] == halves["pixels"]
+    assert np.allclose(whole["mean"], halves["mean"]) and np.allclose(whole["std"], halves["std"])
+    ref = dict(mean=[70.0, 20.0, -10.0], std=[10.0, 6.0, 5.0])
+    norm = StainNormalised(torch.nn.Identity(), whole, ref)
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None] / 255.0
+    lab = rgb_to_lab(x)[0].reshape(3, -1)
+    tissue = lab[0] < 88
+    moved = rgb_to_lab(norm(x))[0].reshape(3, -1)[:, tissue].double()
+    assert np.allclose(moved.mean(1).numpy(), ref["mean"], atol=1.5)
+    assert np.allclose(moved.std(1).numpy(), ref["std"], rtol=0.15)
 
 
 def test_small_margin_shows_seams():

@@ -11,7 +11,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from wsiseg.content import KeyCache  # noqa: E402  (no torch: cheap at DAG time)
 from wsiseg.errors import ConfigError  # noqa: E402
-from wsiseg.models import check_weights, wants_gpu, weights_of  # noqa: E402
+from wsiseg.models import check_stain, check_weights, stain_settings, wants_gpu, weights_of  # noqa: E402
 from wsiseg.sheet import SheetError, check_sheet, read_sheet, slides_from_dir  # noqa: E402
 
 MODEL = config["model"]["name"]
@@ -93,6 +93,13 @@ if workflow.is_main_process and not all(made_by(w) for w in weights_of(config["m
         check_weights(config["model"])
     except ConfigError as exc:
         raise WorkflowError(str(exc))
+if workflow.is_main_process:  # model.stain_normalise without a reference, or on the classical model
+    try:
+        stain_settings(config["model"])
+        if config["model"].get("format") == "classical":
+            check_stain(config["model"])
+    except ConfigError as exc:
+        raise WorkflowError(str(exc))
 
 
 # ------------------------------------------------------------ input functions
@@ -152,10 +159,14 @@ def settings(block, keys):
 def model_cfg(tta=True):
     """The model block as rule params. `tta` only where it matters (segment) and only
     while it is on, so that switching it reruns segmentation, not tile plans, and
-    configs written before it existed keep their params: nothing reruns."""
+    configs written before it existed keep their params: nothing reruns. The same for
+    stain normalisation: its keys only while it is on."""
     cfg = dict(config["model"])
     if not (tta and cfg.get("tta")):
         cfg.pop("tta", None)
+    if (cfg.get("stain_normalise") or "none") == "none":  # off: params as before the switch existed
+        cfg.pop("stain_normalise", None)
+        cfg.pop("stain_reference", None)
     return cfg
 
 

@@ -42,6 +42,9 @@ class Format:
     gpu: bool  # worth a GPU (the classical model runs numpy on the CPU)
 
 
+STAIN_METHODS = ("none", "reinhard")  # model.stain_normalise (wsiseg.stain)
+
+
 FORMATS = {
     "checkpoint": Format("checkpoint", "checkpoint", weights=True, gpu=True),
     "torchscript": Format("torchscript", "torchscript", weights=True, gpu=True),
@@ -116,5 +119,47 @@ def load_model(cfg: dict, device: str = "cpu", geometry: bool = True):
     from the tile plan, which measured them once).
     """
     fmt = format_of(cfg)
+    stain = check_stain(cfg)
     loader = importlib.import_module(f"{__name__}.{fmt.module}")
-    return loader.load(cfg, device=device, geometry=geometry)
+    spec = loader.load(cfg, device=device, geometry=geometry)
+    spec.stain = stain
+    return spec
+
+
+def stain_reference(cfg: dict) -> dict:
+    """``model.stain_reference`` checked: {'mean': [L, a, b], 'std': [L, a, b]}."""
+    ref = cfg.get("stain_reference")
+    fix = (
+        "set model.stain_reference: {mean: [L, a, b], std: [L, a, b]}, the CIE-Lab statistics of the "
+        "tissue the model was trained on (`python -m wsiseg.stain <training sheet> --mpp <model mpp>` "
+        "prints them), or set model.stain_normalise: none"
+    )
+    if not isinstance(ref, dict) or not all(
+        isinstance(ref.get(k), (list, tuple)) and len(ref[k]) == 3 for k in ("mean", "std")
+    ):
+        raise ConfigError(f"model.stain_normalise: reinhard needs a stain reference. Fix: {fix}")
+    if min(float(v) for v in ref["std"]) <= 0:
+        raise ConfigError(f"model.stain_reference.std must be positive, got {ref['std']}. Fix: {fix}")
+    return dict(mean=[float(v) for v in ref["mean"]], std=[float(v) for v in ref["std"]])
+
+
+def stain_settings(cfg: dict) -> dict | None:
+    """The model block's stain normalisation: None (off) or {'method', 'reference'}."""
+    method = cfg.get("stain_normalise") or "none"
+    if method not in STAIN_METHODS:
+        raise ConfigError(f"model.stain_normalise={method!r}; use one of {list(STAIN_METHODS)}")
+    if method == "none":
+        return None
+    return dict(method=method, reference=stain_reference(cfg))
+
+
+def check_stain(cfg: dict) -> dict | None:
+    """``model.stain_normalise`` / ``model.stain_reference`` checked (None: off); refused for a
+    model that is not a network (the classical model sets its threshold per slide already)."""
+    stain = stain_settings(cfg)
+    if stain is not None and not FORMATS[format_of(cfg).name].gpu:
+        raise ConfigError(
+            "model.stain_normalise is for network models; the classical model measures its haematoxylin "
+            "threshold per slide already. Fix: set model.stain_normalise: none"
+        )
+    return stain

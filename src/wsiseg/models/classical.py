@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import classical
-from ..geometry import read_window
+from .sampling import sampled_windows
 from .spec import ModelSpec
 
 CLASSICAL_SAMPLE_TILES = 64  # tissue tiles whose haematoxylin histogram sets a slide's threshold
@@ -30,32 +30,14 @@ class ClassicalSpec(ModelSpec):
     def calibrate(self, opener, geom, spec, tiles, log) -> dict:
         """The one haematoxylin threshold for the whole slide (see :mod:`wsiseg.classical`).
 
-        A sampled tile that cannot be decoded is skipped (and the slide reopened, as
-        OpenSlide's handle stays in an error state).
+        A sampled tile that cannot be decoded is skipped (:func:`.sampling.sampled_windows`).
         """
-        from ..errors import SlideError
-
         params = self.module.params
         rows = classical.sample_rows(len(tiles), CLASSICAL_SAMPLE_TILES)
-
-        def windows():
-            slide = opener()
-            try:
-                for i in rows:
-                    try:
-                        yield read_window(slide, geom, int(tiles.wx.iat[i]), int(tiles.wy.iat[i]), int(tiles.n.iat[i]))
-                    except SlideError as exc:
-                        log(
-                            f"classical model: sampled tile row {tiles.row.iat[i]} col {tiles.col.iat[i]} "
-                            f"skipped: {exc.problem}"
-                        )
-                        slide.close()
-                        slide = opener()
-            finally:
-                slide.close()
+        windows = sampled_windows(opener, geom, tiles, rows, log, "classical model")
 
         try:
-            thr = classical.slide_threshold(windows(), geom.target_mpp, params, spec.margin)
+            thr = classical.slide_threshold(windows, geom.target_mpp, params, spec.margin)
         except ValueError:  # no tiles, or uniform pixels: nothing to segment
             log("classical model: no tissue contrast to set the haematoxylin threshold; the mask will be empty")
             return dict(classical_threshold=None)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+STAIN_SAMPLE_TILES = 64  # tissue tiles whose write regions give a slide's stain statistics
+
 
 @dataclass(frozen=True)
 class TileLabeler:
@@ -52,6 +54,7 @@ class ModelSpec:
     border: int | None  # px lost per side ('valid' networks), 0 for 'same' (None: not measured)
     halo: int | None  # receptive-field radius, px (None: not measured)
     postprocess: dict | None = None  # instance post-processing of a background/object/boundary model
+    stain: dict | None = None  # test-time stain normalisation (wsiseg.models.stain_settings), None: off
 
     wants_gpu: ClassVar[bool] = True  # the segment stage runs it on the job's device
     supports_tta: ClassVar[bool] = True  # model.tta may average it over flips/rotations
@@ -73,13 +76,50 @@ class ModelSpec:
     def calibrate(self, opener, geom, spec, tiles, log) -> dict:
         """Settings measured once per slide in the plan stage, stored in plan.json.
 
-        ``opener()`` opens the slide; ``tiles`` is the tile plan. Most models need none.
+        ``opener()`` opens the slide; ``tiles`` is the tile plan. A network needs none,
+        unless ``model.stain_normalise`` is on: then the tissue's CIE-Lab statistics
+        (``stain_source``, :mod:`wsiseg.stain`) over the write regions of up to
+        :data:`STAIN_SAMPLE_TILES` evenly spread tiles (all of them on a small slide).
         """
-        return {}
+        if self.stain is None:
+            return {}
+        from ..classical import sample_rows
+        from ..stain import measure_windows
+        from .sampling import sampled_windows
+
+        rows = sample_rows(len(tiles), STAIN_SAMPLE_TILES)
+        source = measure_windows(sampled_windows(opener, geom, tiles, rows, log, "stain", write_region=True))
+        if source is None:
+            log("stain normalisation: too little tissue-coloured area in the tiles to measure; not normalised")
+        else:
+            log(
+                f"stain normalisation ({self.stain['method']}): tissue CIE-Lab mean "
+                f"{[round(v, 2) for v in source['mean']]}, std {[round(v, 2) for v in source['std']]} over "
+                f"{source['pixels']} px of {len(rows)} tiles -> reference mean {self.stain['reference']['mean']}, "
+                f"std {self.stain['reference']['std']}"
+            )
+        return dict(stain_source=source)
 
     def apply_calibration(self, calibration: dict, log) -> bool:
         """Take what :meth:`calibrate` stored; False: nothing on this slide to segment."""
+        if self.stain is not None:
+            if "stain_source" not in calibration:
+                raise RuntimeError(
+                    "model.stain_normalise is on but the tile plan holds no stain statistics: "
+                    "it was made with another model block; rerun the plan rule"
+                )
+            self.module = self.stain_normalised(self.module, calibration["stain_source"], log)
         return True
+
+    def stain_normalised(self, module, source: dict | None, log=None):
+        """``module`` with this model's stain normalisation for tissue statistics ``source`` in front."""
+        if self.stain is None or source is None:
+            return module
+        from ..stain import StainNormalised
+
+        if log is not None:
+            log(f"stain normalisation ({self.stain['method']}) in front of the network")
+        return StainNormalised(module, source, self.stain["reference"])
 
     # ---- per-tile post-processing (segment stage)
     def labeler(self) -> TileLabeler:
@@ -99,7 +139,12 @@ class ModelSpec:
         from ..postprocess import InstanceParams, instances_from_probs
         from ..predict import predict_probs, resize_probs
 
-        prob = predict_probs(self.module, sample.image, align=self.align, tta=tta, device=device)
+        module = self.module
+        if self.stain is not None:  # a labeled image stands for a slide: its own statistics
+            from ..stain import measure_windows
+
+            module = self.stain_normalised(module, measure_windows([sample.image]))
+        prob = predict_probs(module, sample.image, align=self.align, tta=tta, device=device)
         return instances_from_probs(
             resize_probs(prob, sample.native_image.shape[:2]), sample.mpp, InstanceParams(**(self.postprocess or {}))
         )
@@ -108,4 +153,5 @@ class ModelSpec:
         return (
             f"model {self.name} ({self.kind}): mpp {self.mpp}, classes {self.classes}, "
             f"post-processing {self.postprocess}"
+            + (f", stain normalisation {self.stain['method']}" if self.stain else "")
         )

@@ -1,0 +1,33 @@
+"""Windows of a sample of a slide's planned tiles, for the plan stage's per-slide
+calibration (:meth:`wsiseg.models.spec.ModelSpec.calibrate`): one window in memory at a time."""
+
+from __future__ import annotations
+
+from ..geometry import read_window
+
+
+def sampled_windows(opener, geom, tiles, rows, log, who: str, write_region: bool = False):
+    """Yield the read windows (or only their write regions) of plan ``rows``, as uint8 RGB.
+
+    A sampled tile that cannot be decoded is skipped and logged (``who`` says for what),
+    and the slide reopened, as OpenSlide's handle stays in an error state.
+    """
+    from ..errors import SlideError
+
+    slide = opener()
+    try:
+        for i in rows:
+            wx, wy, n = (int(tiles[c].iat[i]) for c in ("wx", "wy", "n"))
+            try:
+                img = read_window(slide, geom, wx, wy, n)
+            except SlideError as exc:
+                log(f"{who}: sampled tile row {tiles.row.iat[i]} col {tiles.col.iat[i]} skipped: {exc.problem}")
+                slide.close()
+                slide = opener()
+                continue
+            if write_region:
+                y, x = int(tiles.ty.iat[i]) - wy, int(tiles.tx.iat[i]) - wx
+                img = img[y : y + int(tiles.th.iat[i]), x : x + int(tiles.tw.iat[i])]
+            yield img
+    finally:
+        slide.close()

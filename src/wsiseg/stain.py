@@ -1,0 +1,160 @@
+"""Test-time stain normalisation (``model.stain_normalise: reinhard``).
+
+Reinhard et al. (2001) colour transfer in CIE-Lab: every pixel of a slide goes through
+one affine map per Lab channel,
+
+    lab' = (lab - source.mean) / source.std * reference.std + reference.mean,
+
+which gives the slide's tissue the Lab mean and standard deviation of the tissue the
+model was trained on (``model.stain_reference``). *Tissue* is every pixel darker than
+white background, L* < :data:`TISSUE_L`.
+
+Why this keeps seams exact: the map is the same for the whole slide and acts on each
+pixel alone, so it commutes with cutting windows, with mirroring at the slide's borders
+and with flips/rotations (TTA). The source statistics are measured once per slide by the
+plan stage (:func:`measure_slide`, stored in plan.json); the segment stage puts
+:class:`StainNormalised` in front of the network, on the network's device.
+
+The statistics are sums (pixel count, sum, sum of squares per channel: :class:`LabStats`),
+so tiles add up in any order and memory stays one window.
+
+``python -m wsiseg.stain SHEET [--mpp 0.5]`` prints the ``model.stain_reference`` of a
+labeled-set sheet (its rows other than ``split`` = val/test, at the model's mpp).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+TISSUE_L = 88.0  # CIE-Lab lightness below which a pixel is tissue, not white background
+MIN_TISSUE_PX = 1000  # fewer tissue pixels than this on a slide: no statistics, no normalisation
+MIN_STD = 1e-3  # a channel whose tissue is (nearly) uniform keeps its spread (scale 1)
+
+# sRGB (D65) <-> CIE XYZ, as scikit-image's rgb2lab / lab2rgb (observer 2°)
+_XYZ_FROM_RGB = torch.tensor(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
+    dtype=torch.float64,
+)
+_RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
+_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
+
+
+def _mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Matrix ``m`` (3 x 3) applied to the channel axis (1) of ``x`` (N x 3 x H x W)."""
+    return torch.einsum("ij,njhw->nihw", m.to(x), x)
+
+
+def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W sRGB in [0, 1] -> CIE-Lab (L* in [0, 100])."""
+    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = _mix(_XYZ_FROM_RGB, lin) / _WHITE.to(x).view(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack((116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])), 1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """CIE-Lab -> sRGB in [0, 1] (out-of-gamut colours clipped)."""
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack((fy + lab[:, 1] / 500, fy, (fy - lab[:, 2] / 200).clamp_min(0)), 1)
+    xyz = torch.where(f > 0.2068966, f**3, (f - 16 / 116) / 7.787) * _WHITE.to(lab).view(1, 3, 1, 1)
+    lin = _mix(_RGB_FROM_XYZ, xyz).clamp(0, 1)
+    return torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin).clamp(0, 1)
+
+
+@dataclass
+class LabStats:
+    """Sums over tissue pixels (L* < TISSUE_L): count, per-channel sum and sum of squares."""
+
+    n: int = 0
+    s: tuple = (0.0, 0.0, 0.0)
+    ss: tuple = (0.0, 0.0, 0.0)
+
+    def add_rgb(self, rgb: np.ndarray) -> LabStats:
+        """Add the tissue pixels of an (H, W, 3) uint8 RGB image."""
+        if rgb.size == 0:
+            return self
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(torch.float64) / 255
+        lab = rgb_to_lab(x)[0].reshape(3, -1)
+        px = lab[:, lab[0] < TISSUE_L]
+        self.n += int(px.shape[1])
+        self.s = tuple(a + float(b) for a, b in zip(self.s, px.sum(1)))
+        self.ss = tuple(a + float(b) for a, b in zip(self.ss, (px * px).sum(1)))
+        return self
+
+    def moments(self) -> dict | None:
+        """{'mean', 'std', 'pixels'} of the tissue (population std), or None: too few pixels."""
+        if self.n < MIN_TISSUE_PX:
+            return None
+        mean = [a / self.n for a in self.s]
+        std = [math.sqrt(max(b / self.n - m * m, 0.0)) for b, m in zip(self.ss, mean)]
+        return dict(mean=mean, std=std, pixels=self.n)
+
+
+class StainNormalised(nn.Module):
+    """``net`` with the slide's Reinhard transform in front (input N x 3 x H x W RGB in [0, 1]).
+
+    The transform runs in float32 outside autocast, on the input's device."""
+
+    def __init__(self, net: nn.Module, source: dict, reference: dict):
+        super().__init__()
+        self.net = net
+        src_std = [s if s > MIN_STD else None for s in source["std"]]
+        scale = [1.0 if s is None else r / s for s, r in zip(src_std, reference["std"])]
+        shift = [rm - sm * k for sm, rm, k in zip(source["mean"], reference["mean"], scale)]
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return lab_to_rgb(rgb_to_lab(x.float()) * self.scale + self.shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalise(x))
+
+
+def measure_windows(windows) -> dict | None:
+    """Tissue Lab moments over an iterable of (H, W, 3) uint8 images (None: too little tissue)."""
+    stats = LabStats()
+    for img in windows:
+        stats.add_rgb(img)
+    return stats.moments()
+
+
+def reference_from_sheet(sheet: str, mpp: float) -> dict:
+    """``model.stain_reference`` of a labeled-set sheet: its training rows (split other than
+    val/test) at ``mpp``."""
+    from . import labels as L
+
+    samples = [s for s in L.load_set(sheet, mpp) if s.split not in ("val", "test")]
+    if not samples:
+        raise ConfigError(f"labeled-set sheet {sheet} has no training rows (split other than val/test)")
+    m = measure_windows(s.image for s in samples)
+    if m is None:
+        raise ConfigError(f"labeled-set sheet {sheet}: its training tiles have almost no tissue pixels")
+    return dict(mean=[round(v, 4) for v in m["mean"]], std=[round(v, 4) for v in m["std"]])
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m wsiseg.stain", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sheet", help="labeled-set sheet (image, labels, mpp[, split])")
+    ap.add_argument("--mpp", type=float, default=0.5, help="the model's µm/px (default 0.5)")
+    args = ap.parse_args(argv)
+    ref = reference_from_sheet(args.sheet, args.mpp)
+    print("model:")
+    print("  stain_normalise: reinhard")
+    print(f"  stain_reference:  # CIE-Lab of the tissue of {args.sheet}'s training rows at {args.mpp} µm/px")
+    print(f"    mean: {ref['mean']}")
+    print(f"    std: {ref['std']}")
+
+
+if __name__ == "__main__":
+    main()
