@@ -198,3 +198,21 @@ def test_rule_job_is_only_a_rule_scripts_snakemake_object(monkeypatch):
 
     monkeypatch.setattr(sys.modules["__main__"], "snakemake", package, raising=False)
     assert rule_job() is None
+
+
+def test_stain_normalisation_in_provenance(tmp_path):
+    """A plan made with model.stain_normalise: provenance.json says what the slide's tissue colour
+    was (the plan's measurement) and what it was moved to (the plan's params)."""
+    ref = {"mean": [54.0, 31.7, -11.0], "std": [18.0, 10.2, 8.8]}
+    src = {"mean": [60.0, 25.0, -15.0], "std": [15.0, 8.0, 7.0], "pixels": 123456}
+    model = {"name": "m", "weights": "w.pt", "mpp": 0.5, "stain_normalise": "reinhard", "stain_reference": ref}
+    plan = str(tmp_path / "plan.json")
+    with stage("plan", "s", None, record=plan, params={"model": model}):
+        with open(plan, "w") as fh:
+            json.dump({"slide_id": "s", "stain_source": src}, fh)
+    prov = provenance.build({"plan": plan})
+    assert prov["stain_normalisation"] == {"method": "reinhard", "source": src, "reference": ref}
+    with stage("plan", "s", None, record=plan, params={"model": {"name": "m"}}):  # off: nothing said
+        with open(plan, "w") as fh:
+            json.dump({"slide_id": "s"}, fh)
+    assert "stain_normalisation" not in provenance.build({"plan": plan})

@@ -62,6 +62,11 @@ def test_best_checkpoint_is_ready_for_inference(full_run):
     info = ck["extra"]["train"]
     assert info["val_images"] == ["image03", "image10", "image14"]  # the sheet's split column
     assert "image03" not in info["train_images"]
+    # the training tissue's stain, ready for model.stain_reference, and usable as such
+    ref = info["stain_reference"]
+    assert 30 < ref["mean"][0] < 88 and ref["mean"][1] > 0 and min(ref["std"]) > 1  # H&E tissue in CIE-Lab
+    cfg = {"name": "trained", "weights": str(out / "best.pt"), "stain_normalise": "reinhard", "stain_reference": ref}
+    assert load_model(cfg).stain["reference"] == ref
     with pytest.raises(ConfigError, match="mpp"):
         load_model({"name": "trained", "weights": str(out / "best.pt"), "mpp": 0.25})
 

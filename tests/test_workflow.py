@@ -65,6 +65,7 @@ def test_readme_example_with_shipped_config(tmp_path):
     assert plan["geometry"]["level"] == 1  # 0.25 µm/px slide, 0.5 µm/px model: level 1, not level 0
     # the shipped nuclei model: separated nuclei, counted one by one
     assert plan["mask_classes"] == ["background", "nucleus"] and plan["postprocess"]
+    assert "stain_source" not in plan  # stain normalisation: off in the shipped config
     mask = tifffile.imread(res / "example" / "mask.ome.tif")
     assert set(np.unique(mask)) == {0, 1}
     lab, n = ndi.label(mask == 1, structure=np.ones((3, 3)))
@@ -82,6 +83,16 @@ def test_readme_example_with_shipped_config(tmp_path):
     assert dist.max() < 0.02 and len(set(nearest.tolist())) == n  # each nucleus once, where scipy puts it
     assert np.allclose(objects["centroid_x_um"], objects["centroid_x_px"] * 0.25, atol=0.01)
     check_synthetic_nuclei(tmp_path, mask, n, min_dice=0.75, objects=objects)
+    # switched on (one word: the reference is in the shipped config), only the plan reruns to
+    # measure the slide's tissue colour, and the plan stage warns: this synthetic slide's a* spread
+    # is far narrower than real H&E's, so the transform would stretch it about 4x
+    cfg["model"]["stain_normalise"] = "reinhard"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, cfgfile, str((res / "example" / "plan.json").relative_to(tmp_path)))
+    src = json.load(open(res / "example" / "plan.json"))["stain_source"]
+    assert src["pixels"] > 100_000 and 20 < src["mean"][0] < 88 and min(src["std"]) > 0
+    plan_log = (res / "example" / "logs" / "plan.log").read_text()
+    assert "WARNING: stain normalisation stretches this slide's tissue colour spread by a* x3." in plan_log
     # every nucleus's outline for QuPath, in level-0 px: drawn back, exactly its mask pixels
     assert (
         check_outlines(
@@ -370,8 +381,17 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     jobs = job_counts(snakemake(wd, cfg3, "-n").stdout)
     print("new weights:", jobs)
     assert jobs.get("plan") == len(OK) and "inspect" not in jobs and "tissue" not in jobs
-    # outlines switched off: nothing to redo (the other outputs are all there)
+    # stain normalisation switched on: every good slide is re-planned (the plan measures its stain)
     cfg["model"]["weights"] = cfg["model"]["weights"][: -len(".new")]
+    ref = {"mean": [54.0, 31.7, -11.0], "std": [18.0, 10.2, 8.8]}
+    cfg["model"].update(stain_normalise="reinhard", stain_reference=ref)
+    cfg5 = tmp_path / "c5.yaml"
+    cfg5.write_text(yaml.safe_dump(cfg))
+    jobs = job_counts(snakemake(wd, cfg5, "-n").stdout)
+    print("stain normalisation on:", jobs)
+    assert jobs.get("plan") == len(OK) and "inspect" not in jobs and "tissue" not in jobs
+    cfg["model"].update(stain_normalise="none")  # and off again: as if never set, nothing to redo
+    # outlines switched off: nothing to redo (the other outputs are all there)
     cfg["stats"] = {"outlines": False}
     cfg4 = tmp_path / "c4.yaml"
     cfg4.write_text(yaml.safe_dump(cfg))

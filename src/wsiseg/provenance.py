@@ -238,6 +238,12 @@ def build(records: dict) -> dict:
         finished=max((r["finished"] for r in ran.values()), default=None),
         stages={k: runs[k] or dict(stage=k, recorded=False) for k in data},
     )
+    plan = data.get("plan", {})
+    if plan.get("stain_source") is not None:  # model.stain_normalise: what the slide's colours were moved from/to
+        model = ((runs.get("plan") or {}).get("params") or {}).get("model") or {}
+        out["stain_normalisation"] = dict(
+            method=model.get("stain_normalise"), source=plan["stain_source"], reference=model.get("stain_reference")
+        )
     if seg.get("settings") and runs.get("segment"):  # how segment ran: settings that change no mask
         out["stages"]["segment"] = dict(runs["segment"], settings=seg["settings"])
     return out

@@ -36,6 +36,7 @@ from .errors import ConfigError
 TISSUE_L = 88.0  # CIE-Lab lightness below which a pixel is tissue, not white background
 MIN_TISSUE_PX = 1000  # fewer tissue pixels than this on a slide: no statistics, no normalisation
 MIN_STD = 1e-3  # a channel whose tissue is (nearly) uniform keeps its spread (scale 1)
+WARN_SCALE = 2.0  # a channel stretched or squeezed more than this: the slide is far from the reference
 
 # sRGB (D65) <-> CIE XYZ, as scikit-image's rgb2lab / lab2rgb (observer 2°)
 _XYZ_FROM_RGB = torch.tensor(
@@ -105,8 +106,7 @@ class StainNormalised(nn.Module):
     def __init__(self, net: nn.Module, source: dict, reference: dict):
         super().__init__()
         self.net = net
-        src_std = [s if s > MIN_STD else None for s in source["std"]]
-        scale = [1.0 if s is None else r / s for s, r in zip(src_std, reference["std"])]
+        scale = scales(source, reference)
         shift = [rm - sm * k for sm, rm, k in zip(source["mean"], reference["mean"], scale)]
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1))
@@ -117,6 +117,25 @@ class StainNormalised(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalise(x))
+
+
+def scales(source: dict, reference: dict) -> list:
+    """Per-channel factor by which the transform stretches the slide's tissue colour spread."""
+    return [1.0 if s <= MIN_STD else r / s for s, r in zip(source["std"], reference["std"])]
+
+
+def far_from_reference(source: dict, reference: dict) -> str:
+    """'' or a warning: a channel's spread changes by more than :data:`WARN_SCALE` times, which
+    amplifies noise (the example's synthetic slide: a* x3.8, a quarter of its 'nuclei' false)."""
+    k = scales(source, reference)
+    bad = [f"{c} x{v:.2f}" for c, v in zip(("L*", "a*", "b*"), k) if not 1 / WARN_SCALE <= v <= WARN_SCALE]
+    if not bad:
+        return ""
+    return (
+        f"stain normalisation stretches this slide's tissue colour spread by {', '.join(bad)} (more than "
+        f"{WARN_SCALE:g}x): its stain is far from the model's reference and the transform amplifies noise; "
+        "check the mask, or set model.stain_normalise: none"
+    )
 
 
 def measure_windows(windows) -> dict | None:

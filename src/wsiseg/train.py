@@ -264,6 +264,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
         f"training on {len(train_s)} images ({', '.join(s.name for s in train_s)}); "
         f"validating on {len(val_s)} ({', '.join(s.name for s in val_s)}); mpp {cfg.mpp}; device {device}"
     )
+    stain_ref = _stain_reference(train_s, log)
 
     model = UNet(
         n_classes=len(classes),
@@ -342,7 +343,7 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
                     classes,
                     cfg.mpp,
                     cfg.name,
-                    extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
+                    extra=dict(train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha, stain_ref)),
                 )
             else:
                 bad_epochs += 1
@@ -381,7 +382,10 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
                 classes,
                 cfg.mpp,
                 cfg.name,
-                extra=dict(resume=resume_state, train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha)),
+                extra=dict(
+                    resume=resume_state,
+                    train=_train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha, stain_ref),
+                ),
             )
             if bad_epochs >= cfg.patience:
                 stop_reason = f"early stopping: no better validation loss for {cfg.patience} epochs"
@@ -410,7 +414,20 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
     return summary
 
 
-def _train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha: str | None) -> dict:
+def _stain_reference(train_s, log) -> dict | None:
+    """The training tissue's CIE-Lab statistics: what ``model.stain_reference`` should hold to
+    use this model with ``model.stain_normalise: reinhard`` (logged; kept in the checkpoint)."""
+    from .stain import measure_windows
+
+    m = measure_windows(s.image for s in train_s)
+    if m is None:
+        return None
+    ref = dict(mean=[round(v, 4) for v in m["mean"]], std=[round(v, 4) for v in m["std"]])
+    log(f"stain reference of the training tiles (model.stain_reference): mean {ref['mean']}, std {ref['std']}")
+    return ref
+
+
+def _train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha: str | None, stain_ref: dict | None = None) -> dict:
     info = dict(
         config=asdict(cfg),
         epoch=epoch,
@@ -422,6 +439,8 @@ def _train_info(cfg, epoch, steps, vloss, train_s, val_s, init_sha: str | None) 
     )
     if init_sha:
         info["init_sha256"] = init_sha  # the weights training started from (train.init)
+    if stain_ref:
+        info["stain_reference"] = stain_ref  # model.stain_reference for model.stain_normalise: reinhard
     return info
 
 

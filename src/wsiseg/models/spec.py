@@ -84,7 +84,7 @@ class ModelSpec:
         if self.stain is None:
             return {}
         from ..classical import sample_rows
-        from ..stain import measure_windows
+        from ..stain import far_from_reference, measure_windows
         from .sampling import sampled_windows
 
         rows = sample_rows(len(tiles), STAIN_SAMPLE_TILES)
@@ -98,6 +98,9 @@ class ModelSpec:
                 f"{source['pixels']} px of {len(rows)} tiles -> reference mean {self.stain['reference']['mean']}, "
                 f"std {self.stain['reference']['std']}"
             )
+            warning = far_from_reference(source, self.stain["reference"])
+            if warning:
+                log(f"WARNING: {warning}")
         return dict(stain_source=source)
 
     def apply_calibration(self, calibration: dict, log) -> bool:
