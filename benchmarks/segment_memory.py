@@ -9,6 +9,11 @@ keeps the network's time down; the CPU side (reading, watershed, hand-over, writ
 real one.
 
     python benchmarks/segment_memory.py [--sides 8192 16384 32768] [--post-workers 2] [--workdir DIR]
+
+``--repeat 1 5`` also runs each slide's tile plan 1 and 5 times over (the same windows, each
+tile written again): the number of tiles grows without rendering a larger slide, which
+tells a per-tile leak (peak grows with tiles) from a warm-up that levels off; ``--every 200``
+prints each process's PSS every 200 tiles (the timeline of one run).
 """
 
 import argparse
@@ -37,18 +42,19 @@ def tree(pid):
     return out
 
 
+def pss_mb_one(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def pss_mb(pid):
-    total = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass
-    return total / 1024
+    return sum(pss_mb_one(p) for p in tree(pid))
 
 
-def stage(slide, workdir, read_workers, post_workers, batch):
+def stage(slide, workdir, read_workers, post_workers, batch, repeat=1, every=0):
     import torch
 
     from wsiseg.geometry import Geometry
@@ -69,6 +75,10 @@ def stage(slide, workdir, read_workers, post_workers, batch):
         thumb, ds = s.thumbnail(16)
     tissue = thumb.mean(axis=2) < 230  # the renderer's glass is 242
     plan = plan_tiles(geom, tiles, tissue, ds)
+    if repeat > 1:  # the same tiles again, written again: more tiles, same slide
+        import pandas as pd
+
+        plan = pd.concat([plan] * repeat, ignore_index=True)
     merger = StoreMerger(
         os.path.join(workdir, "store"),
         geom,
@@ -79,6 +89,17 @@ def stage(slide, workdir, read_workers, post_workers, batch):
         tissue=tissue,
         tissue_downsample=ds,
     )
+    if every:  # a timeline: each process's PSS every `every` tiles handed to the merger
+        aggregate, done = merger.aggregate, [0]
+
+        def counted(tile, out, keep):
+            aggregate(tile, out, keep)
+            done[0] += 1
+            if done[0] % every == 0:
+                mb = [round(pss_mb_one(p)) for p in tree(os.getpid())]
+                print(f"  tile {done[0]:>6}: PSS MB per process (stage, workers...) {mb}, sum {sum(mb)}", flush=True)
+
+        merger.aggregate = counted
     run_segmentation(
         slide, "s", None, geom, tiles, plan, net, merger, torch.device("cpu"), batch_size=batch, workers=read_workers
     )
@@ -91,6 +112,8 @@ def main():
     ap.add_argument("--read-workers", type=int, default=1)
     ap.add_argument("--post-workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeat", type=int, nargs="+", default=[1], help="run each plan this many times over")
+    ap.add_argument("--every", type=int, default=0, help="print each process's PSS every this many tiles")
     ap.add_argument("--workdir")
     args = ap.parse_args()
     from large_slide import write_slide
@@ -102,27 +125,29 @@ def main():
         slide = os.path.join(wd, f"slide{side}.tif")
         if not os.path.exists(slide):
             write_slide(slide, side, side, 0.5)
-        run_dir = tempfile.mkdtemp(dir=wd)
-        proc = mp.get_context("spawn").Process(  # a fresh process: nothing inherited from writing the slides
-            target=stage, args=(slide, run_dir, args.read_workers, args.post_workers, args.batch)
-        )
-        t0 = time.monotonic()
-        proc.start()
-        peak = 0.0
-        while proc.is_alive():
-            peak = max(peak, pss_mb(proc.pid))
-            time.sleep(0.1)
-        proc.join()
-        assert proc.exitcode == 0, proc.exitcode
-        rows.append((side, side * side / 1e6, time.monotonic() - t0, peak))
+        for repeat in args.repeat:
+            run_dir = tempfile.mkdtemp(dir=wd)
+            proc = mp.get_context("spawn").Process(  # a fresh process: nothing inherited from writing the slides
+                target=stage,
+                args=(slide, run_dir, args.read_workers, args.post_workers, args.batch, repeat, args.every),
+            )
+            t0 = time.monotonic()
+            proc.start()
+            peak = 0.0
+            while proc.is_alive():
+                peak = max(peak, pss_mb(proc.pid))
+                time.sleep(0.1)
+            proc.join()
+            assert proc.exitcode == 0, proc.exitcode
+            rows.append((side, side * side / 1e6, repeat, time.monotonic() - t0, peak))
     print(f"command: python {' '.join(sys.argv)}")
     print(
         f"segment stage, {args.read_workers} reading worker(s), {args.post_workers} post-processing workers, "
         f"batch {args.batch}; tiles of 512 px (window 736); peak PSS summed over the stage and its workers"
     )
-    print(f"{'side px':>8} {'Mpx':>6} {'seconds':>8} {'peak MB':>8}")
-    for side, mpx, dt, peak in rows:
-        print(f"{side:>8} {mpx:>6.0f} {dt:>8.1f} {peak:>8.0f}")
+    print(f"{'side px':>8} {'Mpx':>6} {'plan x':>6} {'seconds':>8} {'peak MB':>8}")
+    for side, mpx, repeat, dt, peak in rows:
+        print(f"{side:>8} {mpx:>6.0f} {repeat:>6} {dt:>8.1f} {peak:>8.0f}")
 
 
 if __name__ == "__main__":
