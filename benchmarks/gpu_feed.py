@@ -12,13 +12,14 @@ gets one torch thread, as on a GPU node. The plan is the slide's whole grid, rep
 ``--repeat`` times (each window is read again).
 
 ``--efficiency`` runs the real network as a CPU-only user runs the stage: the job's CPUs
-(``--cpus``, default all) split by the stage's own rules (wsiseg.segment.network_threads,
-postprocess_workers) for each ``--configs`` entry batch/reading workers/post-processing
-workers, against the model alone on the same windows in memory with as many torch threads
-(segment Mpx/s / model Mpx/s).
+(``--cpus``, default all) split by the stage's own rules (wsiseg.segment.resolve_tiling)
+for each ``--configs`` entry batch/reading workers/post-processing workers (each a number
+or ``auto``; ``auto`` alone: all three, the default config), against the model alone on the
+same windows in memory with as many torch threads (segment Mpx/s / model Mpx/s). Each row
+says the load average before it (the machine may be shared).
 
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--cpus N] [--configs 1/0/0 4/2/0 ...]
+        [--efficiency] [--cpus N] [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
 
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_window  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, network_threads, postprocess_workers, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, resolve_tiling, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
@@ -99,15 +100,21 @@ def efficiency(args, model, geom, spec, grid, windows):
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
     print(
-        f"{'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} {'model Mpx/s':>11} "
-        f"{'efficiency':>10}"
+        f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
+        f"{'model Mpx/s':>11} {'efficiency':>10} {'load':>6}"
     )
+    with torch.inference_mode():  # warm-up (oneDNN picks its kernels on a first call): not in the first row
+        model.module(torch.from_numpy(windows[0].transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0)
     for cfg in args.configs:
-        batch, read, post = cfg.split("/")
-        batch, read, post = int(batch), int(read), post if post == "auto" else int(post)
-        tiling = dict(batch_size=batch, workers=read, postprocess_workers=post)
-        threads = network_threads(tiling, cpus, dev)
-        post = postprocess_workers(tiling, cpus, dev)
+        parts = (cfg + "/auto/auto").split("/")[:3] if cfg == "auto" else cfg.split("/")
+        tiling = {
+            k: v if v == "auto" else int(v) for k, v in zip(("batch_size", "workers", "postprocess_workers"), parts)
+        }
+        used = resolve_tiling(tiling, cpus, dev)
+        batch, read, post, threads = (
+            used[k] for k in ("batch_size", "workers", "postprocess_workers", "network_threads")
+        )
+        load = os.getloadavg()[0]
         torch.set_num_threads(threads)
         t_model = 0.0
         with torch.inference_mode():  # the model alone on the windows in memory, same threads
@@ -118,7 +125,11 @@ def efficiency(args, model, geom, spec, grid, windows):
                 t_model += time.monotonic() - t0
         dt, *_ = run_stage(args.slide, geom, spec, grid, model.module, model.labeler(), post, read, batch)
         m_rate, s_rate = grid_mpx / t_model, grid_mpx / dt
-        print(f"{batch:>5} {read:>6} {post:>6} {threads:>7} {s_rate:>11.3f} {m_rate:>11.3f} {s_rate / m_rate:>10.2f}")
+        print(
+            f"{cfg:>11} {batch:>5} {read:>6} {post:>6} {threads:>7} {s_rate:>11.3f} {m_rate:>11.3f} "
+            f"{s_rate / m_rate:>10.2f} {load:>6.2f}",
+            flush=True,
+        )
 
 
 def main():
@@ -136,7 +147,7 @@ def main():
         "--configs",
         nargs="+",
         default=["1/0/0", "1/1/0", "1/1/1", "4/2/0"],
-        help="batch/reading workers/post-processing workers (or auto)",
+        help="batch/reading workers/post-processing workers, each a number or auto ('auto': all three)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)  # the loop's process as on a GPU node: the workers are the parallelism
