@@ -362,12 +362,14 @@ GPU_BATCH = 8
 #: tiling.workers 'auto' on the CPU: a job of this many CPUs or more gets one reading worker,
 #: one with fewer none. Reading costs about 0.12 CPU s per output Mpx, the network on the CPU
 #: about 5.6 (one thread), so read in the network's process it idles the job's other T - 1
-#: threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's speed-up
-#: on T threads (T ideally, about 0.6 T in practice): 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16. A
-#: reading worker with a CPU of its own costs the network 1 / T instead (12 % on 8, 6 % on 16);
-#: next to all T network threads it takes CPU from them at every one of their barriers (0.80
-#: against 0.93 on 2 CPUs: benchmarks/README.md). The two break even near 8. One worker reads
-#: about 8 Mpx/s, far more than a CPU network segments, so 'auto' never gives more than one.
+#: threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's
+#: speed-up on T threads (T at best; 0.6 T assumed, not measured: 2-core machines here),
+#: 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16. A reading worker with a CPU of its own costs
+#: the network 1 / T instead (12 % on 8, 6 % on 16); next to all T network threads it takes
+#: CPU from them at every one of their barriers (2 readers beside a 2-CPU job's network:
+#: efficiency 0.79 against 0.95, benchmarks/README.md). The two break even near 8 CPUs. One
+#: worker reads about 8 Mpx/s, far more than a CPU network segments, so 'auto' never gives
+#: more than one.
 CPU_READER_FROM = 8
 #: tiling.workers 'auto' on a GPU: at most this many reading workers. The network's loop
 #: (about 0.03 CPU s per output Mpx, one process) bounds the stage near 30 Mpx/s, which about
@@ -382,9 +384,10 @@ def _auto(value) -> bool:
 
 
 def batch_size(tiling_cfg: dict, device: torch.device) -> int:
-    """Windows per forward pass: ``tiling.batch_size``, or for 'auto' 1 on the CPU (a batch
-    makes the CPU network no faster, only its activations bigger: benchmarks/README.md) and
-    :data:`GPU_BATCH` on a GPU. The masks do not depend on it (tests/test_postpool.py)."""
+    """Windows per forward pass: ``tiling.batch_size``, or for 'auto' 1 on the CPU (batches of
+    4 made a 2-CPU job slower, efficiency 0.80 against 0.95, with 4 times the activations:
+    benchmarks/README.md) and :data:`GPU_BATCH` on a GPU. The masks do not depend on it, byte
+    for byte (tests/test_postpool.py)."""
     b = tiling_cfg.get("batch_size", "auto")
     if _auto(b):
         return 1 if device.type == "cpu" else GPU_BATCH
