@@ -367,9 +367,9 @@ GPU_BATCH = 8
 #: 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16. A reading worker with a CPU of its own costs
 #: the network 1 / T instead (12 % on 8, 6 % on 16); next to all T network threads it takes
 #: CPU from them at every one of their barriers (2 readers beside a 2-CPU job's network:
-#: efficiency 0.79 against 0.95, benchmarks/README.md). The two break even near 8 CPUs. One
-#: worker reads about 8 Mpx/s, far more than a CPU network segments, so 'auto' never gives
-#: more than one.
+#: efficiency 0.79-0.89 against 0.90-1.00 without, benchmarks/README.md). The two break even
+#: near 8 CPUs. One worker reads about 8 Mpx/s, far more than a CPU network segments, so
+#: 'auto' never gives more than one.
 CPU_READER_FROM = 8
 #: tiling.workers 'auto' on a GPU: at most this many reading workers. The network's loop
 #: (about 0.03 CPU s per output Mpx, one process) bounds the stage near 30 Mpx/s, which about
@@ -385,8 +385,8 @@ def _auto(value) -> bool:
 
 def batch_size(tiling_cfg: dict, device: torch.device) -> int:
     """Windows per forward pass: ``tiling.batch_size``, or for 'auto' 1 on the CPU (batches of
-    4 made a 2-CPU job slower, efficiency 0.80 against 0.95, with 4 times the activations:
-    benchmarks/README.md) and :data:`GPU_BATCH` on a GPU. The masks do not depend on it, byte
+    4 made a 2-CPU job slower, efficiency 0.75-0.80 against 0.90-1.00, with 4 times the
+    activations: benchmarks/README.md) and :data:`GPU_BATCH` on a GPU. The masks do not depend on it, byte
     for byte (tests/test_postpool.py)."""
     b = tiling_cfg.get("batch_size", "auto")
     if _auto(b):
