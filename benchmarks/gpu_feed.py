@@ -12,13 +12,17 @@ gets one torch thread, as on a GPU node. The plan is the slide's whole grid, rep
 ``--repeat`` times (each window is read again).
 
 ``--efficiency`` runs the real network as a CPU-only user runs the stage: the job's CPUs
-(``--cpus``, default all) split by the stage's own rules (wsiseg.segment.network_threads,
-postprocess_workers) for each ``--configs`` entry batch/reading workers/post-processing
-workers, against the model alone on the same windows in memory with as many torch threads
-(segment Mpx/s / model Mpx/s).
+(``--cpus``, default all) split by the stage's own rules (wsiseg.segment.resolve_tiling)
+for each ``--configs`` entry batch/reading workers/post-processing workers (each a number
+or ``auto``; ``auto`` alone: all three, the default config), against the model alone on the
+same windows in memory with as many torch threads (segment Mpx/s / model Mpx/s). Each row
+says the 1-minute load average before each of its runs (the machine may be shared). ``--reps
+N`` runs every config N times, one round after another (so that each sees the same load),
+and keeps each one's best model and stage times, which filters out most of another user's
+load.
 
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--cpus N] [--configs 1/0/0 4/2/0 ...]
+        [--efficiency] [--cpus N] [--tiles N] [--reps N] [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
 
@@ -36,7 +40,7 @@ import torch  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_window  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, network_threads, postprocess_workers, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, resolve_tiling, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
@@ -99,26 +103,46 @@ def efficiency(args, model, geom, spec, grid, windows):
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
     print(
-        f"{'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} {'model Mpx/s':>11} "
-        f"{'efficiency':>10}"
+        f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
+        f"{'model Mpx/s':>11} {'efficiency':>10} {'load (1 min)':>12}"
     )
-    for cfg in args.configs:
-        batch, read, post = cfg.split("/")
-        batch, read, post = int(batch), int(read), post if post == "auto" else int(post)
-        tiling = dict(batch_size=batch, workers=read, postprocess_workers=post)
-        threads = network_threads(tiling, cpus, dev)
-        post = postprocess_workers(tiling, cpus, dev)
-        torch.set_num_threads(threads)
-        t_model = 0.0
-        with torch.inference_mode():  # the model alone on the windows in memory, same threads
-            for w in windows:
-                x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
-                t0 = time.monotonic()
-                model.module(x)
-                t_model += time.monotonic() - t0
-        dt, *_ = run_stage(args.slide, geom, spec, grid, model.module, model.labeler(), post, read, batch)
+    with torch.inference_mode():  # warm-up (oneDNN picks its kernels on a first call): not in the first row
+        model.module(torch.from_numpy(windows[0].transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0)
+    runs = {}  # config -> (resolved settings, best model s, best stage s, loads)
+    for _ in range(args.reps):  # every config once per round: each sees the same load; the best of each
+        for cfg in args.configs:
+            parts = (cfg + "/auto/auto").split("/")[:3] if cfg == "auto" else cfg.split("/")
+            keys = ("batch_size", "workers", "postprocess_workers")
+            used = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
+            _, t_best, dt_best, loads = runs.get(cfg, (used, float("inf"), float("inf"), []))
+            loads.append(os.getloadavg()[0])
+            torch.set_num_threads(used["network_threads"])
+            t_model = 0.0
+            with torch.inference_mode():  # the model alone on the windows in memory, same threads
+                for w in windows:
+                    x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
+                    t0 = time.monotonic()
+                    model.module(x)
+                    t_model += time.monotonic() - t0
+            dt, *_ = run_stage(
+                args.slide,
+                geom,
+                spec,
+                grid,
+                model.module,
+                model.labeler(),
+                used["postprocess_workers"],
+                used["workers"],
+                used["batch_size"],
+            )
+            runs[cfg] = (used, min(t_best, t_model), min(dt_best, dt), loads)
+    for cfg, (used, t_model, dt, loads) in runs.items():
         m_rate, s_rate = grid_mpx / t_model, grid_mpx / dt
-        print(f"{batch:>5} {read:>6} {post:>6} {threads:>7} {s_rate:>11.3f} {m_rate:>11.3f} {s_rate / m_rate:>10.2f}")
+        print(
+            f"{cfg:>11} {used['batch_size']:>5} {used['workers']:>6} {used['postprocess_workers']:>6} "
+            f"{used['network_threads']:>7} {s_rate:>11.3f} {m_rate:>11.3f} {s_rate / m_rate:>10.2f} "
+            f"{f'{min(loads):.1f}-{max(loads):.1f}':>12}"
+        )
 
 
 def main():
@@ -132,11 +156,12 @@ def main():
     ap.add_argument("--efficiency", action="store_true")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
     ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
+    ap.add_argument("--reps", type=int, default=1, help="--efficiency: N rounds over the configs, the best of each")
     ap.add_argument(
         "--configs",
         nargs="+",
         default=["1/0/0", "1/1/0", "1/1/1", "4/2/0"],
-        help="batch/reading workers/post-processing workers (or auto)",
+        help="batch/reading workers/post-processing workers, each a number or auto ('auto': all three)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)  # the loop's process as on a GPU node: the workers are the parallelism

@@ -39,7 +39,7 @@ import yaml  # noqa: E402
 
 from wsiseg.geometry import read_target  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, resolve_tiling, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.store import TileStore  # noqa: E402
 from wsiseg.tiling import Plan  # noqa: E402
@@ -163,6 +163,8 @@ def main():
 
     # ---- our segment stage alone: the plan's tissue tiles, argmax labels into the store
     store = os.path.join(wd, "argmax.store")
+    with open(os.path.join(REPO, "config", "config.yaml")) as f:  # the config's tiling, as the workflow's
+        used = resolve_tiling({**yaml.safe_load(f)["tiling"], **tiling}, args.cores, torch.device("cpu"))
     t0 = time.monotonic()
     run_segmentation(
         args.slide,
@@ -174,8 +176,8 @@ def main():
         spec.module,
         StoreMerger(store, geom, tiles),
         torch.device("cpu"),
-        batch_size=int(tiling.get("batch_size", 4)),
-        workers=int(tiling.get("workers", 2)),
+        batch_size=used["batch_size"],
+        workers=used["workers"],
         log_fn=lambda m: None,
     )
     t_ours = time.monotonic() - t0
@@ -203,7 +205,8 @@ def main():
         f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {spec.mpp} µm/px, "
         f"{100 * on_tissue.mean():.0f}% tissue; {len(plan.tiles)} tissue tiles of {tiles.tile_size} "
         f"(window {tiles.window}); {args.cores} cores, torch threads {torch.get_num_threads()}; "
-        f"our tiling {tiling or 'as config/config.yaml'}; MONAI sw_batch_size {args.sw_batch}"
+        f"our tiling {tiling or 'as config/config.yaml'} (segment stage alone: batch {used['batch_size']}, "
+        f"{used['workers']} reading workers); MONAI sw_batch_size {args.sw_batch}"
     )
     print(f"\n{'whole workflow':<32} {'wall s':>7} " + " ".join(f"{r:>8}" for r in RULES))
     for name, wall, rules in runs:

@@ -1,5 +1,5 @@
 """The segment stage's post-processing pool (wsiseg.postpool): the masks do not depend on the
-number of workers (shipped model, real slide, unreadable tiles, TTA); a failing or dying
+number of workers nor on the batch size (shipped model, real slide, unreadable tiles, TTA); a failing or dying
 worker fails the slide with a message naming the tile, without hanging; SIGTERM, Ctrl-C or
 the death of the stage leave no worker behind. Nothing here depends on timing."""
 
@@ -28,7 +28,8 @@ from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
 SHIPPED = dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt"))
 
 
-def segment_store(path, slide, spec, geom, tiles, plan, workers, **kw):
+def segment_store(path, slide, spec, geom, tiles, plan, workers, batch_size=3, read_workers=0, **kw):
+    """The store's bytes with ``workers`` post-processing and ``read_workers`` reading workers."""
     run_segmentation(
         str(slide),
         "s",
@@ -41,7 +42,8 @@ def segment_store(path, slide, spec, geom, tiles, plan, workers, **kw):
             str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s", channels=len(spec.classes)
         ),
         torch.device("cpu"),
-        batch_size=3,
+        batch_size=batch_size,
+        workers=read_workers,
         **kw,
     )
     return (Path(path) / "data.bin").read_bytes()
@@ -49,17 +51,34 @@ def segment_store(path, slide, spec, geom, tiles, plan, workers, **kw):
 
 @needs_data
 @pytest.mark.parametrize("tta", [False, True])
-def test_masks_do_not_depend_on_the_number_of_workers(tmp_path, tta):
+def test_masks_do_not_depend_on_the_number_of_workers_nor_the_batch(tmp_path, tta):
+    """Byte for byte, whatever the post-processing workers, the reading workers and the batch
+    size ('auto' picks 1 on the CPU and 8 on a GPU, where the defaults were 4 and 2 workers)."""
     spec = load_model(SHIPPED)
     with open_slide(str(CMU)) as s:
         geom = Geometry.for_slide(s, 0.5)
     tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
     plan = plan_tiles(geom, tiles, None, 1)
     block = plan[plan.row.between(5, 6 if tta else 7) & plan.col.between(5, 7)]  # mid-region, full of nuclei
-    counts = (0, 2) if tta else (0, 1, 2)  # TTA: 8 passes of the network a tile
-    stores = {w: segment_store(tmp_path / f"w{w}", CMU, spec, geom, tiles, block, w, tta=tta) for w in counts}
-    assert all(stores[w] == stores[0] for w in counts)
-    with TileStore(str(tmp_path / "w0")) as st:  # real nuclei, not an empty store
+    # (post-processing workers, batch size, reading workers); TTA: 8 passes of the network a tile
+    runs = [(0, 3, 0), (2, 1, 0)] if tta else [(0, 3, 0), (1, 1, 0), (2, 8, 2)]
+    stores = {
+        run: segment_store(
+            tmp_path / "w{}-b{}-r{}".format(*run),
+            CMU,
+            spec,
+            geom,
+            tiles,
+            block,
+            run[0],
+            batch_size=run[1],
+            read_workers=run[2],
+            tta=tta,
+        )
+        for run in runs
+    }
+    assert all(stores[run] == stores[runs[0]] for run in runs)
+    with TileStore(str(tmp_path / "w0-b3-r0")) as st:  # real nuclei, not an empty store
         mask = st.read(5 * 128, 5 * 128, 3 * 128, 2 * 128)
     assert ndi.label(mask, structure=np.ones((3, 3)))[1] > 15  # 25 nuclei in this block
 
@@ -220,3 +239,32 @@ def test_a_jobs_cpus_are_split_between_the_network_and_the_workers():
     assert network_threads(auto, 16, cuda) == 1
     assert network_threads(fixed, 16, cuda) == 10
     assert network_threads(fixed, 2, cuda) == 1
+
+
+def test_auto_tiling_follows_the_device_and_the_jobs_cpus():
+    """tiling.batch_size/workers 'auto': on the CPU batch 1 and no reading worker below 8 CPUs
+    (the network takes them all), one with a CPU of its own from 8 up; on a GPU batch 8 and
+    half the CPUs the loop leaves to reading (at most 8), the rest to post-processing. Numbers
+    in the config are used as they are."""
+    from wsiseg.segment import resolve_tiling
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = dict(batch_size="auto", workers="auto", postprocess_workers="auto")
+
+    def used(cfg, threads, dev):
+        r = resolve_tiling(cfg, threads, dev)
+        return r["batch_size"], r["workers"], r["postprocess_workers"], r["network_threads"]
+
+    assert used(auto, 1, cpu) == (1, 0, 0, 1)
+    assert used(auto, 2, cpu) == (1, 0, 0, 2) and used(auto, 7, cpu) == (1, 0, 0, 7)
+    assert used(auto, 8, cpu) == (1, 1, 0, 7) and used(auto, 16, cpu) == (1, 1, 0, 15)
+    assert used({}, 2, cpu) == (1, 0, 0, 2)  # absent keys are 'auto' (configs from before)
+    assert used(auto, 1, cuda) == (8, 0, 0, 1) and used(auto, 2, cuda) == (8, 1, 0, 1)
+    assert used(auto, 8, cuda) == (8, 4, 3, 1) and used(auto, 16, cuda) == (8, 8, 7, 1)
+    assert used(auto, 40, cuda) == (8, 8, 31, 1)
+    assert all(sum(used(auto, t, cuda)[1:]) == t for t in range(2, 40))  # every CPU used, none twice
+    # numbers as given; the network shares its CPUs with readers set by number, as before
+    old = dict(batch_size=4, workers=2, postprocess_workers="auto")
+    assert used(old, 2, cpu) == (4, 2, 0, 2) and used(old, 16, cuda) == (4, 2, 13, 1)
+    assert used(dict(auto, postprocess_workers=3), 16, cuda) == (8, 8, 3, 5)
+    assert used(dict(auto, workers=0), 16, cpu) == (1, 0, 0, 16)

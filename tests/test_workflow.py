@@ -61,6 +61,15 @@ def test_readme_example_with_shipped_config(tmp_path):
         assert s.level_count >= 3
     with tifffile.TiffFile(res / "example" / "mask.ome.tif") as tif:
         assert tif.series[0].levels[0].shape == (round(h0 * 0.25 / 0.5), round(w0 * 0.25 / 0.5))
+    # tiling 'auto' (the shipped defaults) as the stage resolved it: a CPU job of 2 CPUs (--cores 2)
+    # runs batch 1 with no workers and gives the network both CPUs
+    settings = json.load(open(res / "example" / "work" / "segment.json"))["settings"]
+    assert settings == dict(batch_size=1, workers=0, postprocess_workers=0, network_threads=2, amp=False)
+    # ... after asking for 8 CPUs (common.smk, SEGMENT_AUTO_CPUS), which --cores lowers
+    for cores, want in (("16", 8), ("2", 2)):
+        dry = snakemake(tmp_path, cfgfile, "-n", "-R", "segment", cores=cores).stdout
+        seg = re.findall(r"rule segment:\n(?:    .*\n)+", dry)
+        assert len(seg) == 1 and re.search(rf"threads: {want}\n", seg[0]), (cores, seg)
     plan = json.load(open(res / "example" / "plan.json"))
     assert plan["geometry"]["level"] == 1  # 0.25 µm/px slide, 0.5 µm/px model: level 1, not level 0
     # the shipped nuclei model: separated nuclei, counted one by one
@@ -283,7 +292,9 @@ def test_reruns_follow_content_not_mtime(archive, tmp_path):
         os.utime(script, ns=(kept.st_atime_ns, kept.st_mtime_ns))
     # settings that say how, not what: batch size, workers, precision, device, tolerance
     cfg = yaml.safe_load(open(cfgfile))
-    cfg["tiling"].update(batch_size=1, workers=0, postprocess_workers=0, amp=False, max_unreadable_fraction=0.9)
+    cfg["tiling"].update(
+        batch_size="auto", workers="auto", postprocess_workers=0, amp=False, max_unreadable_fraction=0.9
+    )
     cfg["device"] = "cpu"
     how = tmp_path / "how.yaml"
     how.write_text(yaml.safe_dump(cfg))

@@ -356,6 +356,63 @@ def _loop(
                 last = now
 
 
+#: tiling.batch_size 'auto' on a GPU: windows per forward pass (8 windows of 736 px in bf16
+#: keep a GPU's kernels large and need a few hundred MB of activations and pinned batches)
+GPU_BATCH = 8
+#: tiling.workers 'auto' on the CPU: a job of this many CPUs or more gets one reading worker,
+#: one with fewer none. Reading costs about 0.12 CPU s per output Mpx, the network on the CPU
+#: about 5.6 (one thread), so read in the network's process it idles the job's other T - 1
+#: threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's
+#: speed-up on T threads (T at best; 0.6 T assumed, not measured: 2-core machines here),
+#: 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16. A reading worker with a CPU of its own costs
+#: the network 1 / T instead (12 % on 8, 6 % on 16); next to all T network threads it takes
+#: CPU from them at every one of their barriers (2 readers beside a 2-CPU job's network:
+#: efficiency 0.79-0.89 against 0.90-1.00 without, benchmarks/README.md). The two break even
+#: near 8 CPUs. One worker reads about 8 Mpx/s, far more than a CPU network segments, so
+#: 'auto' never gives more than one.
+CPU_READER_FROM = 8
+#: tiling.workers 'auto' on a GPU: at most this many reading workers. The network's loop
+#: (about 0.03 CPU s per output Mpx, one process) bounds the stage near 30 Mpx/s, which about
+#: 4 readers keep up with (0.12 CPU s per Mpx each); more only add memory (a few hundred MB
+#: of process and 2 pinned batches each). Projected from 2-core measurements, not measured on
+#: a GPU (benchmarks/README.md).
+GPU_READERS_MAX = 8
+
+
+def _auto(value) -> bool:
+    return value in (None, "auto")
+
+
+def batch_size(tiling_cfg: dict, device: torch.device) -> int:
+    """Windows per forward pass: ``tiling.batch_size``, or for 'auto' 1 on the CPU (batches of
+    4 made a 2-CPU job slower, efficiency 0.75-0.80 against 0.90-1.00, with 4 times the
+    activations: benchmarks/README.md) and :data:`GPU_BATCH` on a GPU. The masks do not depend on it, byte
+    for byte (tests/test_postpool.py)."""
+    b = tiling_cfg.get("batch_size", "auto")
+    if _auto(b):
+        return 1 if device.type == "cpu" else GPU_BATCH
+    return int(b)
+
+
+def reading_workers(tiling_cfg: dict, threads: int, device: torch.device | None = None) -> int:
+    """DataLoader worker processes reading the windows: ``tiling.workers``, or for 'auto' from
+    the device and the job's CPUs (Snakemake threads, SLURM cpus_per_task). On the CPU none
+    below :data:`CPU_READER_FROM` CPUs (the network's process reads, between its forward
+    passes), one from there on (with a CPU of its own: :func:`network_threads`). On a GPU
+    (or ``device`` None) half of the CPUs the network's loop leaves, rounded up: reading
+    (0.12 CPU s per output Mpx) and the post-processing workers that get the rest (0.13)
+    cost about the same, and reading cannot be skipped where a model has no instance
+    post-processing; at most :data:`GPU_READERS_MAX`. 16 CPUs: 8 reading, 7 post-processing
+    workers and the loop."""
+    n = tiling_cfg.get("workers", "auto")
+    if not _auto(n):
+        return int(n)
+    threads = max(1, int(threads))
+    if device is not None and device.type == "cpu":
+        return 1 if threads >= CPU_READER_FROM else 0
+    return min(GPU_READERS_MAX, threads // 2)
+
+
 def postprocess_workers(tiling_cfg: dict, threads: int, device: torch.device | None = None) -> int:
     """Post-processing worker processes of a segment job: ``tiling.postprocess_workers``, or for
     'auto' the job's CPUs (Snakemake threads, SLURM cpus_per_task) less one for the network's
@@ -363,10 +420,10 @@ def postprocess_workers(tiling_cfg: dict, threads: int, device: torch.device | N
     'auto' does on the CPU, where the network needs the cores (post-processing is about a
     tenth of its time there: benchmarks/README.md)."""
     n = tiling_cfg.get("postprocess_workers", "auto")
-    if n in (None, "auto"):
+    if _auto(n):
         if device is not None and device.type == "cpu":
             return 0
-        return max(0, int(threads) - 1 - int(tiling_cfg.get("workers", 0)))
+        return max(0, int(threads) - 1 - reading_workers(tiling_cfg, threads, device))
     return int(n)
 
 
@@ -374,11 +431,26 @@ def network_threads(tiling_cfg: dict, threads: int, device: torch.device) -> int
     """Torch threads of the network's process in a job of ``threads`` CPUs. On a GPU the
     process only drives the device: it keeps the CPUs that the reading and post-processing
     workers do not take, so that none of them competes for a core. On the CPU the network
-    is most of the work and keeps them all (as before the pipeline existed)."""
+    is most of the work and keeps them all (as before the pipeline existed), less the one
+    reading worker that ``tiling.workers: auto`` gives a job of :data:`CPU_READER_FROM` CPUs
+    or more (a number of workers set in the config shares the network's CPUs, as before)."""
     if device.type == "cpu":
-        return max(1, int(threads))
-    workers = int(tiling_cfg.get("workers", 0)) + postprocess_workers(tiling_cfg, threads, device)
+        readers = reading_workers(tiling_cfg, threads, device) if _auto(tiling_cfg.get("workers", "auto")) else 0
+        return max(1, int(threads) - readers)
+    workers = reading_workers(tiling_cfg, threads, device) + postprocess_workers(tiling_cfg, threads, device)
     return max(1, int(threads) - workers)
+
+
+def resolve_tiling(tiling_cfg: dict, threads: int, device: torch.device) -> dict:
+    """How a segment job of ``threads`` CPUs on ``device`` runs: batch size, reading and
+    post-processing workers and the network's torch threads, 'auto' resolved to integers
+    (what segment.json's ``settings`` records)."""
+    return dict(
+        batch_size=batch_size(tiling_cfg, device),
+        workers=reading_workers(tiling_cfg, threads, device),
+        postprocess_workers=postprocess_workers(tiling_cfg, threads, device),
+        network_threads=network_threads(tiling_cfg, threads, device),
+    )
 
 
 @contextlib.contextmanager
@@ -426,14 +498,15 @@ def run(
     torch.set_num_threads(max(1, int(threads)))
     model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
     dev = pick_device(device, log) if model.wants_gpu else torch.device("cpu")
-    torch.set_num_threads(network_threads(tiling_cfg, threads, dev))
+    used = resolve_tiling(tiling_cfg, threads, dev)  # 'auto' follows the device and the job's CPUs
+    torch.set_num_threads(used["network_threads"])
     plan = Plan.read(plan_tsv, plan_json)
     if plan.model_checksum != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
     tiles = plan.tiles if model.apply_calibration(plan.calibration, log) else plan.tiles.iloc[:0]
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     geom, spec = plan.geometry, plan.spec
-    post_workers = postprocess_workers(tiling_cfg, threads, dev)
+    post_workers = used["postprocess_workers"]
     merger = StoreMerger(
         out_store,
         geom,
@@ -450,7 +523,7 @@ def run(
     tta = bool(model_cfg.get("tta", False)) and model.supports_tta
     log(
         f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
-        f"(batch {tiling_cfg['batch_size']}, {tiling_cfg['workers']} reading workers, {post_workers} post-processing "
+        f"(batch {used['batch_size']}, {used['workers']} reading workers, {post_workers} post-processing "
         f"workers, {torch.get_num_threads()} network threads, amp={dev.type == 'cuda'}, "
         f"tta={'8 flips/rotations' if tta else 'off'})"
     )
@@ -466,8 +539,8 @@ def run(
             model.module,
             merger,
             dev,
-            batch_size=int(tiling_cfg["batch_size"]),
-            workers=int(tiling_cfg["workers"]),
+            batch_size=used["batch_size"],
+            workers=used["workers"],
             amp=bool(tiling_cfg.get("amp", True)),
             log_fn=log,
             max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
@@ -490,10 +563,10 @@ def run(
         device=str(dev),
         **device_facts(dev),  # the CPU's or GPU's name, the CUDA version
         device_asked=device,  # the config's `device` (not a param: it cannot change a mask)
-        # how the stage ran (the config's tiling settings that change no mask, as used)
+        # how the stage ran (the config's tiling settings that change no mask, as used: 'auto' resolved)
         settings=dict(
-            batch_size=int(tiling_cfg["batch_size"]),
-            workers=int(tiling_cfg["workers"]),
+            batch_size=used["batch_size"],
+            workers=used["workers"],
             postprocess_workers=post_workers,
             network_threads=torch.get_num_threads(),
             amp=bool(tiling_cfg.get("amp", True)) and dev.type == "cuda",

@@ -187,13 +187,28 @@ def gpu_request(device):
     return 0
 
 
+#: CPUs a segment job asks for while tiling.workers is 'auto' (Snakemake threads, SLURM
+#: cpus_per_task): on a GPU node the stage splits them into 4 reading workers, 3
+#: post-processing workers and the network's loop, about 20 output Mpx/s of feed at the CPU
+#: costs measured on 2 cores; half of a 16-CPU GPU node, so that the node's other CPUs serve
+#: the other slides' CPU jobs (--set-threads segment=16 gives the segment job all of them).
+#: A local run lowers it to --cores (on a 2-core machine 2, as the fixed default got).
+SEGMENT_AUTO_CPUS = 8
+
+
 def segment_threads():
-    """Reading workers + the network's process + post-processing workers. 'auto' asks for no
-    more (the job's request is as before) and then uses whatever CPUs the job was given:
-    raise them with --set-threads segment=N (SLURM: cpus_per_task follows)."""
+    """The segment job's CPUs. Numbers: reading workers + the network's process +
+    post-processing workers ('auto' adds none). tiling.workers 'auto' (the default):
+    SEGMENT_AUTO_CPUS, plus the post-processing workers when they are a number; the stage
+    then splits what the job was given (wsiseg.segment.resolve_tiling). Either way, raise
+    them with --set-threads segment=N (SLURM: cpus_per_task follows) and 'auto' uses them."""
     t = config["tiling"]
     post = t.get("postprocess_workers", "auto")
-    return max(1, int(t["workers"]) + 1 + (0 if post in (None, "auto") else int(post)))
+    post = 0 if post in (None, "auto") else int(post)
+    workers = t.get("workers", "auto")
+    if workers in (None, "auto"):
+        return SEGMENT_AUTO_CPUS + post
+    return max(1, int(workers) + 1 + post)
 
 
 def segment_resources_gpu(wildcards):
