@@ -12,7 +12,7 @@ white background, L* < :data:`TISSUE_L`.
 Why this keeps seams exact: the map is the same for the whole slide and acts on each
 pixel alone, so it commutes with cutting windows, with mirroring at the slide's borders
 and with flips/rotations (TTA). The source statistics are measured once per slide by the
-plan stage (:func:`measure_slide`, stored in plan.json); the segment stage puts
+plan stage (:meth:`wsiseg.models.spec.ModelSpec.calibrate`, stored in plan.json); the segment stage puts
 :class:`StainNormalised` in front of the network, on the network's device.
 
 The statistics are sums (pixel count, sum, sum of squares per channel: :class:`LabStats`),
@@ -146,6 +146,15 @@ def measure_windows(windows) -> dict | None:
     return stats.moments()
 
 
+def reference_of(images) -> dict | None:
+    """``model.stain_reference`` of training images ((H, W, 3) uint8 at the model's mpp): their
+    tissue's Lab mean and std, rounded to 4 decimals (None: too little tissue)."""
+    m = measure_windows(images)
+    if m is None:
+        return None
+    return dict(mean=[round(v, 4) for v in m["mean"]], std=[round(v, 4) for v in m["std"]])
+
+
 def reference_from_sheet(sheet: str, mpp: float) -> dict:
     """``model.stain_reference`` of a labeled-set sheet: its training rows (split other than
     val/test) at ``mpp``."""
@@ -154,10 +163,10 @@ def reference_from_sheet(sheet: str, mpp: float) -> dict:
     samples = [s for s in L.load_set(sheet, mpp) if s.split not in ("val", "test")]
     if not samples:
         raise ConfigError(f"labeled-set sheet {sheet} has no training rows (split other than val/test)")
-    m = measure_windows(s.image for s in samples)
-    if m is None:
+    ref = reference_of(s.image for s in samples)
+    if ref is None:
         raise ConfigError(f"labeled-set sheet {sheet}: its training tiles have almost no tissue pixels")
-    return dict(mean=[round(v, 4) for v in m["mean"]], std=[round(v, 4) for v in m["std"]])
+    return ref
 
 
 def main(argv=None) -> None:

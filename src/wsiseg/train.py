@@ -417,12 +417,11 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
 def _stain_reference(train_s, log) -> dict | None:
     """The training tissue's CIE-Lab statistics: what ``model.stain_reference`` should hold to
     use this model with ``model.stain_normalise: reinhard`` (logged; kept in the checkpoint)."""
-    from .stain import measure_windows
+    from .stain import reference_of
 
-    m = measure_windows(s.image for s in train_s)
-    if m is None:
+    ref = reference_of(s.image for s in train_s)
+    if ref is None:
         return None
-    ref = dict(mean=[round(v, 4) for v in m["mean"]], std=[round(v, 4) for v in m["std"]])
     log(f"stain reference of the training tiles (model.stain_reference): mean {ref['mean']}, std {ref['std']}")
     return ref
 

@@ -94,10 +94,8 @@ if workflow.is_main_process and not all(made_by(w) for w in weights_of(config["m
     except ConfigError as exc:
         raise WorkflowError(str(exc))
 if workflow.is_main_process:  # model.stain_normalise without a reference, or on the classical model
-    try:
-        stain_settings(config["model"])
-        if config["model"].get("format") == "classical":
-            check_stain(config["model"])
+    try:  # check_stain looks at the weights file's format, which 'auto' cannot before `train` made it
+        (check_stain if config["model"].get("format") == "classical" else stain_settings)(config["model"])
     except ConfigError as exc:
         raise WorkflowError(str(exc))
 
