@@ -15,7 +15,8 @@ gets one torch thread, as on a GPU node. The plan is the slide's whole grid, rep
 (``--cpus``, default all) split by the stage's own rules (wsiseg.segment.resolve_tiling)
 for each ``--configs`` entry batch/reading workers/post-processing workers (each a number
 or ``auto``; ``auto`` alone: all three, the default config), against the model alone on the
-same windows in memory with as many torch threads (segment Mpx/s / model Mpx/s). Each row
+same windows in memory with as many torch threads and in the same memory layout
+(channels_last, as the stage runs it) (segment Mpx/s / model Mpx/s). Each row
 says the 1-minute load average before each of its runs (the machine may be shared). ``--reps
 N`` runs every config N times, one round after another (so that each sees the same load),
 and keeps each one's best model and stage times, which filters out most of another user's
@@ -106,8 +107,12 @@ def efficiency(args, model, geom, spec, grid, windows):
         f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
         f"{'model Mpx/s':>11} {'efficiency':>10} {'load (1 min)':>12}"
     )
+    nhwc = torch.channels_last  # the model alone in the layout the stage runs it in (run_segmentation)
+    net = model.module.to(memory_format=nhwc)
     with torch.inference_mode():  # warm-up (oneDNN picks its kernels on a first call): not in the first row
-        model.module(torch.from_numpy(windows[0].transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0)
+        net(
+            (torch.from_numpy(windows[0].transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0).contiguous(memory_format=nhwc)
+        )
     runs = {}  # config -> (resolved settings, best model s, best stage s, loads)
     for _ in range(args.reps):  # every config once per round: each sees the same load; the best of each
         for cfg in args.configs:
@@ -121,8 +126,9 @@ def efficiency(args, model, geom, spec, grid, windows):
             with torch.inference_mode():  # the model alone on the windows in memory, same threads
                 for w in windows:
                     x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
+                    x = x.contiguous(memory_format=nhwc)
                     t0 = time.monotonic()
-                    model.module(x)
+                    net(x)
                     t_model += time.monotonic() - t0
             dt, *_ = run_stage(
                 args.slide,

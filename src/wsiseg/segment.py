@@ -4,8 +4,8 @@ tile's write region.
 A pipeline in which the network's loop does nothing but feed the network:
 
     DataLoader workers      read, decode and resample each read window (:class:`TileDataset`)
-    this process            the network, on the job's device (CUDA: bf16/fp16 autocast,
-                            channels_last, cuDNN autotuning, pinned memory, non-blocking copies)
+    this process            the network, on the job's device in channels_last (CUDA: bf16/fp16
+                            autocast, cuDNN autotuning, pinned memory, non-blocking copies)
     post-processing workers the model's per-tile labels (e.g. the instance watershed), tissue
                             clipping and the store write (:mod:`wsiseg.postpool`), fed through a
                             bounded queue
@@ -238,9 +238,10 @@ def run_segmentation(
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
-    model = model.to(device).eval()
-    if cuda:  # tensor cores: NHWC activations; cuDNN picks its fastest kernels for the one window size
-        model = model.to(memory_format=torch.channels_last)
+    # NHWC activations on every device: tensor cores on CUDA, and oneDNN's NHWC convolutions on
+    # the CPU (1.7x the shipped U-Net's contiguous speed on 2 cores: benchmarks/README.md, net_layout.py)
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    if cuda:  # cuDNN picks its fastest kernels for the one window size
         torch.backends.cudnn.benchmark = True
     ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
     loader = DataLoader(
@@ -306,22 +307,19 @@ def _loop(
     t0,
     timings,
 ):
-    cuda = device.type == "cuda"
     last, done = t0, 0
     with torch.inference_mode():
         for x, idx, errors, read_s in loader:
             timings["read_cpu_s"] += float(read_s.sum())
             t_net = time.monotonic()
-            x = x.to(device, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = torch.log(softmax_tta(model, x).clamp_min(1e-12)) if tta else model(x)
             out = out.float()
             assert out.shape[-1] >= keep.stop and out.shape[-2] >= keep.stop, (
                 f"model output {tuple(out.shape[-2:])} does not cover the write region {keep}"
             )
-            out = out.cpu()  # one copy per batch; the per-tile work runs on the CPU
+            out = out.cpu().contiguous()  # one copy per batch, back to NCHW; the per-tile work runs on the CPU
             timings["network_s"] += time.monotonic() - t_net
             for j, i in enumerate(idx.tolist()):
                 tile = rows[i]
