@@ -179,8 +179,9 @@ def test_empty_truncated_and_missing_weights_named_as_such(tmp_path):
 
 
 def test_weights_checked_where_snakemake_runs_without_torch(tmp_path):
-    """With --use-conda, Snakemake's own environment may have no torch: the startup check reads
-    the pickle's opcodes instead (no unpickling), and still refuses the payload by name."""
+    """With --use-conda, Snakemake's own environment may have no torch (and importing it costs
+    seconds at every start): the startup check reads the pickle's opcodes, refuses the payload
+    by name, then reads the metadata without the tensors and checks the config against it."""
     import subprocess
     import sys
 
@@ -190,22 +191,26 @@ def test_weights_checked_where_snakemake_runs_without_torch(tmp_path):
     pickle_payload(evil, marker)
     p4 = tmp_path / "p4.pt"  # a checkpoint of ours in pickle protocol 4 (STACK_GLOBAL): accepted
     m = UNet(n_classes=2, depth=2, base_width=4)
-    torch.save(dict(format="wsiseg-unet/1", state_dict=m.state_dict(), config=m.config), p4, pickle_protocol=4)
+    ckpt = dict(format="wsiseg-unet/1", state_dict=m.state_dict(), config=m.config, classes=["bg", "x"], mpp=0.5)
+    torch.save(ckpt, p4, pickle_protocol=4)
     code = (
         "import sys; sys.modules['torch'] = None\n"  # import torch now fails, as without it
         "from wsiseg.models import check_weights\n"
         "from wsiseg.errors import ConfigError\n"
         "for w in sys.argv[1:]:\n"
-        "    try:\n"
-        "        check_weights(dict(name='m', weights=w, mpp=0.5)); print('accepted', w)\n"
-        "    except ConfigError as e:\n"
-        "        print('refused', e)\n"
+        "    for mpp in (0.5, 0.25):\n"
+        "        try:\n"
+        "            check_weights(dict(name='m', weights=w, mpp=mpp)); print('accepted', w)\n"
+        "        except ConfigError as e:\n"
+        "            print('refused', e)\n"
     )
     weights = [str(evil), str(p4), str(REPO / "models" / "nuclei-unet.pt")]
     res = subprocess.run([sys.executable, "-c", code, *weights], capture_output=True, text=True, check=True)
     said = res.stdout.splitlines()
     assert said[0].startswith(f"refused model.weights {evil} is refused") and "calls posix.system" in said[0]
-    assert said[1:] == [f"accepted {p4}", f"accepted {weights[2]}"] and not marker.exists()
+    assert said[2:5:2] == [f"accepted {p4}", f"accepted {weights[2]}"] and not marker.exists()
+    for line, w in zip(said[3::2], weights[1:]):  # mpp 0.25 against a model trained at 0.5: refused, no torch
+        assert line.startswith("refused model.mpp=0.25") and f"checkpoint {w} was trained at 0.5" in line
 
 
 def test_stain_normalise_needs_a_reference_and_a_network():

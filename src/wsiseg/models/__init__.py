@@ -89,9 +89,11 @@ def wants_gpu(cfg: dict) -> bool:
 def check_weights(cfg: dict) -> None:
     """Refuse weights that no stage could load, in words that name the file and the fix:
     asked once when the workflow starts, before any job runs. The file is not unpickled for
-    this: its pickle's opcodes are read (:mod:`.weights`; no torch needed where Snakemake
-    runs, e.g. with --use-conda); where torch is there, the checkpoint is then read as data
-    and checked against the config. A TorchScript file is code and is not run here."""
+    this: its pickle's opcodes are read, then its metadata without its tensors, and checked
+    against the config (:mod:`.weights`; no torch imported where Snakemake runs: it costs
+    seconds at every start, and with --use-conda it is not there). Only a file that is not
+    a zip archive is handed to torch.load, where torch is installed. A TorchScript file is
+    code and is not run here."""
     if not weights_of(cfg):
         return
     path = cfg["weights"]
@@ -102,12 +104,13 @@ def check_weights(cfg: dict) -> None:
         raise ConfigError(f"model.weights {path} is a folder, not a weights file. Fix: {fix}")
     if format_of(cfg).name != "checkpoint":
         return
-    from .weights import scan_checkpoint
+    from .weights import check_checkpoint
 
-    scan_checkpoint(path)
-    try:
+    if check_checkpoint(cfg):  # read without torch
+        return
+    try:  # not a zip archive: only torch.load can say what it is
         from .checkpoint import check
-    except ImportError:  # no torch in Snakemake's environment: the plan stage checks the rest
+    except ImportError:  # no torch in Snakemake's environment: the plan stage says it
         return
     check(cfg)
 

@@ -24,9 +24,7 @@ from ..errors import ConfigError
 from ..unet import UNet
 from .probe import cached, measure_halo
 from .spec import ModelSpec
-from .weights import WEIGHTS_FIX, refused_pickle
-
-CHECKPOINT_FORMAT = "wsiseg-unet/1"
+from .weights import CHECKPOINT_FORMAT, WEIGHTS_FIX, check_format, refused_pickle, resolve
 
 
 def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extra: dict | None = None) -> None:
@@ -112,51 +110,13 @@ def _load_data(path: str, device: str):
 
 def read(path: str, device: str = "cpu") -> dict:
     """The checkpoint dict, checked to be one of ours."""
-    ckpt = _load_data(path, device)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(
-            f"model weights {path} are neither a wsiseg checkpoint nor TorchScript; "
-            "save with wsiseg.models.checkpoint.save_checkpoint or torch.jit.save"
-        )
-    if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-        raise ConfigError(
-            f"model weights {path} are a checkpoint of format {ckpt['format']!r}; this version of the "
-            f"workflow reads {CHECKPOINT_FORMAT!r}: re-save it with a matching version or retrain"
-        )
-    return ckpt
-
-
-def _resolve(cfg: dict, ckpt: dict, path: str) -> tuple:
-    """(architecture, classes, mpp) from the checkpoint and the config; a conflict is an error."""
-    arch = dict(ckpt.get("config", {}))
-    for key in ("depth", "base_width", "padding", "batch_norm"):
-        if key in cfg and cfg[key] is not None and key in arch and cfg[key] != arch[key]:
-            raise ConfigError(
-                f"model.{key}={cfg[key]!r} in the config but the checkpoint {path} was trained with "
-                f"{key}={arch[key]!r}; remove model.{key} from the config or use matching weights"
-            )
-        if key in cfg and cfg[key] is not None:
-            arch.setdefault(key, cfg[key])
-    classes = list(cfg.get("classes") or ckpt.get("classes"))
-    if ckpt.get("classes") and len(ckpt["classes"]) != len(classes):
-        raise ConfigError(
-            f"model.classes lists {len(classes)} classes but the checkpoint {path} has "
-            f"{len(ckpt['classes'])} ({ckpt['classes']})"
-        )
-    arch["n_classes"] = len(classes)
-    mpp = float(cfg.get("mpp") or ckpt["mpp"])
-    if ckpt.get("mpp") and abs(mpp / float(ckpt["mpp"]) - 1) > 0.01:
-        raise ConfigError(
-            f"model.mpp={mpp} in the config but the checkpoint {path} was trained at {ckpt['mpp']} µm/px; "
-            f"set model.mpp: {ckpt['mpp']} (a model applied at another resolution segments poorly)"
-        )
-    return arch, classes, mpp
+    return check_format(_load_data(path, device), path)
 
 
 def check(cfg: dict) -> None:
-    """What :func:`load` would refuse (a file that is not a checkpoint of ours, a config that
-    contradicts it), without building the network: the workflow asks before any job runs."""
-    _resolve(cfg, read(cfg["weights"]), cfg["weights"])
+    """What :func:`load` would refuse, by torch.load, for a file that is not a zip archive
+    (:func:`wsiseg.models.weights.check_checkpoint` reads the others without torch)."""
+    resolve(cfg, read(cfg["weights"]), cfg["weights"])
 
 
 def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
@@ -165,7 +125,7 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
     path = cfg["weights"]
     checksum = sha256(path)
     ckpt = read(path, device)
-    arch, classes, mpp = _resolve(cfg, ckpt, path)
+    arch, classes, mpp = resolve(cfg, ckpt, path)
     module = UNet(**arch)
     module.load_state_dict(ckpt["state_dict"])
     module.to(device).eval()
