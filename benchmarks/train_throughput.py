@@ -78,7 +78,8 @@ def main():
         )
         torch.manual_seed(0)
         crops = train.CropDataset(samples, cfg)
-        model = UNet(n_classes=3, depth=args.depth, base_width=width, dropout=0.1).to(device).train()
+        model = UNet(n_classes=3, depth=args.depth, base_width=width, dropout=0.1)
+        model = model.to(device, memory_format=torch.channels_last).train()  # NHWC, as wsiseg.train.run
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         t_crop = t_net = 0.0
         batches = crops.batches(0, args.steps + 1, workers=0)
