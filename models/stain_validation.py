@@ -39,14 +39,11 @@ def main(sheet: str, weights: str) -> None:
     base = {"weights": weights, "name": "model"}
     off = load_model(base, geometry=False)
     variants = {"none": off}
-    for name, within, bound in (
-        ("reinhard, pooled reference, unbounded", False, math.inf),
-        (f"reinhard, within-tile reference, bound {MAX_SCALE:g}", True, MAX_SCALE),
-    ):
+    for name, within, bound in (("pooled", False, math.inf), ("within-tile", True, MAX_SCALE)):
         ref = reference_from_sheet(sheet, off.mpp, within_tile=within)
         cfg = dict(base, stain_normalise="reinhard", stain_reference=ref, stain_max_scale=bound)
         variants[name] = load_model(cfg, geometry=False)
-        print(f"{name}: stain reference (training rows' tissue, CIE-Lab at {off.mpp} µm/px): {ref}")
+        print(f"reinhard, {name} reference (training rows' tissue, CIE-Lab at {off.mpp} µm/px), bound {bound:g}: {ref}")
     val = [s for s in L.load_set(sheet, off.mpp, keep_native=True) if s.split == "val"]
     if not val:
         sys.exit(f"{sheet} has no split=val rows: this script runs on validation tiles only")
@@ -59,7 +56,7 @@ def main(sheet: str, weights: str) -> None:
             rows.append(all_metrics(s.native_instances, pred))
             pred_px += int((pred > 0).sum())
             gt_px += int((s.native_instances > 0).sum())
-            line = f"  {name[:28]:<28} {s.name:<28} Dice {rows[-1]['dice']:.3f} AJI {rows[-1]['aji']:.3f}"
+            line = f"  {name:>11} {s.name:<28} Dice {rows[-1]['dice']:.3f} AJI {rows[-1]['aji']:.3f}"
             if spec.stain:  # the factors by which this tile's transform stretches L*, a*, b*
                 src, ref = measure_windows([s.image]), spec.stain["reference"]
                 line += f" scale {_fmt(scales(src, ref, spec.stain['max_scale']))} (unclamped {_fmt(scales(src, ref))})"
@@ -69,9 +66,11 @@ def main(sheet: str, weights: str) -> None:
             aji=float(np.mean([r["aji"] for r in rows])),
             area=pred_px / max(gt_px, 1),
         )
-    print("\n| stain_normalise | Dice | AJI | predicted / annotated area |\n|---|---|---|---|")
+    print("\n| stain_normalise | reference | bound | Dice | AJI | predicted / annotated area |")
+    print("|---|---|---|---|---|---|")
     for name, m in res.items():
-        print(f"| {name} | {m['dice']:.3f} | {m['aji']:.3f} | {m['area']:.2f} |")
+        how = "| none | | |" if name == "none" else f"| reinhard | {name} | {variants[name].stain['max_scale']:g} |"
+        print(f"{how} {m['dice']:.3f} | {m['aji']:.3f} | {m['area']:.2f} |")
     print(f"\ncommand: python models/stain_validation.py {sheet} {weights}")
 
 
