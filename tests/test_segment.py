@@ -126,19 +126,25 @@ def test_tta_stitched_equals_tta_over_the_whole_image(padding):
 REFERENCE = dict(mean=[60.0, 30.0, -20.0], std=[12.0, 10.0, 8.0])  # a stain far from CMU-1's
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_stain_normalised_stitched_equals_one_pass(tta):
+@pytest.mark.parametrize(("tta", "max_scale"), [(False, 2.0), (True, 2.0), (False, 1.2)])
+def test_stain_normalised_stitched_equals_one_pass(tta, max_scale):
     """model.stain_normalise: the plan stage measures the slide's tissue colour once and the
     segment stage puts one pointwise transform in front of the network, so the stitched
-    output still equals one pass over the whole mirror-padded, normalised image."""
+    output still equals one pass over the whole mirror-padded, normalised image; with
+    model.stain_max_scale 1.2 the stretch is clamped (L* x0.66 -> x0.83, b* x1.27 -> x1.2)
+    and it still does."""
     spec = _model("same")
-    spec.stain = dict(method="reinhard", reference=REFERENCE)
+    spec.stain = dict(method="reinhard", reference=REFERENCE, max_scale=max_scale)
     geom, img, margin, tiles, plan = cmu_plan(spec, 0.499 * 3.3)
     cal = spec.calibrate(lambda: open_slide(str(CMU)), geom, tiles, plan, print)
     src = cal["stain_source"]
     assert src["pixels"] > 10_000 and 40 < src["mean"][0] < 88  # H&E tissue, not background
+    raw = [r / s for s, r in zip(src["std"], REFERENCE["std"])]
+    assert cal["stain_scale"] == [min(max(k, 1 / max_scale), max_scale) for k in raw]
+    assert (cal["stain_scale"] != raw) == (max_scale < 2)  # the bound is what clamps, not the default
     plain = spec.module
     assert spec.apply_calibration(cal, print) and spec.module is not plain
+    assert np.allclose(spec.module.scale.flatten().numpy(), cal["stain_scale"])
     normalised, spec.module = spec.module, plain  # the spec's geometry (output_size) is the network's
     out = run_segmentation(
         str(CMU), "cmu", None, geom, tiles, plan, normalised, ArrayMerger(geom, 3), torch.device("cpu"), tta=tta
@@ -172,6 +178,43 @@ def test_stain_statistics_add_up_and_move_tissue_to_the_reference():
     moved = rgb_to_lab(norm(x))[0].reshape(3, -1)[:, tissue].double()
     assert np.allclose(moved.mean(1).numpy(), ref["mean"], atol=1.5)
     assert np.allclose(moved.std(1).numpy(), ref["std"], rtol=0.15)
+
+
+def test_stain_stretch_clamped_to_the_bound():
+    """model.stain_max_scale on real statistics: CMU-1's tissue to the within-tile reference of
+    four MICCAI training tiles (their per-tile means and stds averaged: a narrower spread than
+    all their pixels pooled). A bound between the channels' factors clamps the far ones only;
+    the tissue still goes to the reference mean, its spread by the clamped factors, and the
+    plan's warning says what was clamped."""
+    from wsiseg import labels as L
+    from wsiseg.stain import LabStats, StainNormalised, far_from_reference, reference_of, rgb_to_lab, scales
+
+    rows = L.read_sheet(str(REPO / "config" / "labeled" / "miccai2015-train.tsv")).iloc[:4]
+    images = [s.image for _, r in rows.iterrows() for s in L.load_samples(r, 0.5)]
+    within, pooled = reference_of(images, within_tile=True), reference_of(images)
+    per_tile = [LabStats().add_rgb(img).moments() for img in images]
+    assert np.allclose(within["mean"], np.mean([m["mean"] for m in per_tile], 0), atol=1e-4)
+    assert np.allclose(within["std"], np.mean([m["std"] for m in per_tile], 0), atol=1e-4)
+    assert all(w < p for w, p in zip(within["std"], pooled["std"]))  # no spread between tiles
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 2.0)
+        img = read_target(s, geom, 0, 0, geom.width, geom.height)
+    src = LabStats().add_rgb(img).moments()
+    raw = scales(src, within)
+    far = max(max(k, 1 / k) for k in raw)
+    bound = (1 + far) / 2  # clamps the channel furthest from x1, not every one
+    used = scales(src, within, bound)
+    assert used == [min(max(k, 1 / bound), bound) for k in raw] and 0 < sum(u != k for u, k in zip(used, raw)) < 3
+    assert scales(src, within, far + 1) == raw  # a bound beyond every factor changes nothing
+    norm = StainNormalised(torch.nn.Identity(), src, within, bound)
+    assert np.allclose(norm.scale.flatten().numpy(), used)
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None] / 255.0
+    tissue = rgb_to_lab(x)[0].reshape(3, -1)[0] < 88
+    moved = rgb_to_lab(norm(x))[0].reshape(3, -1)[:, tissue].double()
+    assert np.allclose(moved.mean(1).numpy(), within["mean"], atol=1.5)
+    assert np.allclose(moved.std(1).numpy(), np.array(src["std"]) * used, rtol=0.15)
+    warning = far_from_reference(src, within, bound)
+    assert "clamped to" in warning and f"model.stain_max_scale {bound:g}" in warning
 
 
 def test_small_margin_shows_seams():

@@ -27,6 +27,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from .models import STAIN_MAX_SCALE
+
 #: the stages of one slide, in the order they run, as provenance.json lists them
 STAGES = ("inspect", "tissue", "plan", "segment", "stitch", "stats", "report_histograms")
 #: distributions whose versions every stage records (None: not installed in its environment)
@@ -242,7 +244,11 @@ def build(records: dict) -> dict:
     if plan.get("stain_source") is not None:  # model.stain_normalise: what the slide's colours were moved from/to
         model = ((runs.get("plan") or {}).get("params") or {}).get("model") or {}
         out["stain_normalisation"] = dict(
-            method=model.get("stain_normalise"), source=plan["stain_source"], reference=model.get("stain_reference")
+            method=model.get("stain_normalise"),
+            source=plan["stain_source"],
+            reference=model.get("stain_reference"),
+            max_scale=model.get("stain_max_scale", STAIN_MAX_SCALE),
+            scale=plan.get("stain_scale"),  # per Lab channel, as applied (clamped to the bound)
         )
     if seg.get("settings") and runs.get("segment"):  # how segment ran: settings that change no mask
         out["stages"]["segment"] = dict(runs["segment"], settings=seg["settings"])

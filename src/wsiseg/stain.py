@@ -7,7 +7,10 @@ one affine map per Lab channel,
 
 which gives the slide's tissue the Lab mean and standard deviation of the tissue the
 model was trained on (``model.stain_reference``). *Tissue* is every pixel darker than
-white background, L* < :data:`TISSUE_L`.
+white background, L* < :data:`TISSUE_L`. The factor ``reference.std / source.std`` of
+each channel is clamped to [1 / ``model.stain_max_scale``, ``model.stain_max_scale``]
+(the shift follows, so the tissue mean still goes to the reference's): a slide far from
+the reference is moved towards it without its noise being stretched without bound.
 
 Why this keeps seams exact: the map is the same for the whole slide and acts on each
 pixel alone, so it commutes with cutting windows, with mirroring at the slide's borders
@@ -18,8 +21,11 @@ plan stage (:meth:`wsiseg.models.spec.ModelSpec.calibrate`, stored in plan.json)
 The statistics are sums (pixel count, sum, sum of squares per channel: :class:`LabStats`),
 so tiles add up in any order and memory stays one window.
 
-``python -m wsiseg.stain SHEET [--mpp 0.5]`` prints the ``model.stain_reference`` of a
-labeled-set sheet (its rows other than ``split`` = val/test, at the model's mpp).
+``python -m wsiseg.stain SHEET [--mpp 0.5] [--within-tile]`` prints the
+``model.stain_reference`` of a labeled-set sheet (its rows other than ``split`` = val/test,
+at the model's mpp): the statistics of all their tissue pixels pooled, or with
+``--within-tile`` the mean of each tile's own mean and std (a spread within one tile, as
+a slide's is, without the differences between tiles).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .models import STAIN_MAX_SCALE
 
 TISSUE_L = 88.0  # CIE-Lab lightness below which a pixel is tissue, not white background
 MIN_TISSUE_PX = 1000  # fewer tissue pixels than this on a slide: no statistics, no normalisation
@@ -103,10 +110,10 @@ class StainNormalised(nn.Module):
 
     The transform runs in float32 outside autocast, on the input's device."""
 
-    def __init__(self, net: nn.Module, source: dict, reference: dict):
+    def __init__(self, net: nn.Module, source: dict, reference: dict, max_scale: float = STAIN_MAX_SCALE):
         super().__init__()
         self.net = net
-        scale = scales(source, reference)
+        scale = scales(source, reference, max_scale)
         shift = [rm - sm * k for sm, rm, k in zip(source["mean"], reference["mean"], scale)]
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1))
@@ -119,21 +126,29 @@ class StainNormalised(nn.Module):
         return self.net(self.normalise(x))
 
 
-def scales(source: dict, reference: dict) -> list:
-    """Per-channel factor by which the transform stretches the slide's tissue colour spread."""
-    return [1.0 if s <= MIN_STD else r / s for s, r in zip(source["std"], reference["std"])]
+def scales(source: dict, reference: dict, max_scale: float = math.inf) -> list:
+    """Per-channel factor by which the transform stretches the slide's tissue colour spread,
+    clamped to [1 / ``max_scale``, ``max_scale``] (``model.stain_max_scale``; inf: unclamped)."""
+    k = [1.0 if s <= MIN_STD else r / s for s, r in zip(source["std"], reference["std"])]
+    return [min(max(v, 1 / max_scale), max_scale) for v in k]
 
 
-def far_from_reference(source: dict, reference: dict) -> str:
-    """'' or a warning: a channel's spread changes by more than :data:`WARN_SCALE` times, which
-    amplifies noise (the example's synthetic slide: a* x3.8, a quarter of its 'nuclei' false)."""
-    k = scales(source, reference)
-    bad = [f"{c} x{v:.2f}" for c, v in zip(("L*", "a*", "b*"), k) if not 1 / WARN_SCALE <= v <= WARN_SCALE]
-    if not bad:
+def far_from_reference(source: dict, reference: dict, max_scale: float = STAIN_MAX_SCALE) -> str:
+    """'' or a warning: a channel's spread would change by more than :data:`WARN_SCALE` times (or
+    the bound, if lower), which amplifies noise (the example's synthetic slide: a* x3.8 to the
+    pooled reference, a quarter of its 'nuclei' false); says what the bound clamped it to."""
+    warn = min(WARN_SCALE, max_scale)
+    names = ("L*", "a*", "b*")
+    raw, used = scales(source, reference), scales(source, reference, max_scale)
+    far = [i for i, v in enumerate(raw) if not 1 / warn <= v <= warn]
+    if not far:
         return ""
+    clamped = [f"{names[i]} x{used[i]:.2f}" for i in far if used[i] != raw[i]]
     return (
-        f"stain normalisation stretches this slide's tissue colour spread by {', '.join(bad)} (more than "
-        f"{WARN_SCALE:g}x): its stain is far from the model's reference and the transform amplifies noise; "
+        f"stain normalisation would stretch this slide's tissue colour spread by "
+        f"{', '.join(f'{names[i]} x{raw[i]:.2f}' for i in far)} (more than {warn:g}x)"
+        + (f", clamped to {', '.join(clamped)} (model.stain_max_scale {max_scale:g})" if clamped else "")
+        + ": its stain is far from the model's reference and the transform amplifies noise; "
         "check the mask, or set model.stain_normalise: none"
     )
 
@@ -146,24 +161,30 @@ def measure_windows(windows) -> dict | None:
     return stats.moments()
 
 
-def reference_of(images) -> dict | None:
+def reference_of(images, within_tile: bool = False) -> dict | None:
     """``model.stain_reference`` of training images ((H, W, 3) uint8 at the model's mpp): their
-    tissue's Lab mean and std, rounded to 4 decimals (None: too little tissue)."""
-    m = measure_windows(images)
+    tissue's Lab mean and std, rounded to 4 decimals (None: too little tissue). Pooled over all
+    their tissue pixels, or ``within_tile``: the mean of each image's own mean and of its own std
+    (an image with too little tissue left out), every image weighing the same."""
+    if within_tile:
+        tiles = [m for m in (measure_windows([img]) for img in images) if m is not None]
+        m = {k: np.mean([t[k] for t in tiles], 0) for k in ("mean", "std")} if tiles else None
+    else:
+        m = measure_windows(images)
     if m is None:
         return None
-    return dict(mean=[round(v, 4) for v in m["mean"]], std=[round(v, 4) for v in m["std"]])
+    return dict(mean=[round(float(v), 4) for v in m["mean"]], std=[round(float(v), 4) for v in m["std"]])
 
 
-def reference_from_sheet(sheet: str, mpp: float) -> dict:
+def reference_from_sheet(sheet: str, mpp: float, within_tile: bool = False) -> dict:
     """``model.stain_reference`` of a labeled-set sheet: its training rows (split other than
-    val/test) at ``mpp``."""
+    val/test) at ``mpp``, pooled or ``within_tile`` (:func:`reference_of`)."""
     from . import labels as L
 
     samples = [s for s in L.load_set(sheet, mpp) if s.split not in ("val", "test")]
     if not samples:
         raise ConfigError(f"labeled-set sheet {sheet} has no training rows (split other than val/test)")
-    ref = reference_of(s.image for s in samples)
+    ref = reference_of((s.image for s in samples), within_tile)
     if ref is None:
         raise ConfigError(f"labeled-set sheet {sheet}: its training tiles have almost no tissue pixels")
     return ref
@@ -175,13 +196,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m wsiseg.stain", description=__doc__.split("\n\n")[0])
     ap.add_argument("sheet", help="labeled-set sheet (image, labels, mpp[, split])")
     ap.add_argument("--mpp", type=float, default=0.5, help="the model's µm/px (default 0.5)")
+    ap.add_argument(
+        "--within-tile",
+        action="store_true",
+        help="the mean of each training tile's own tissue mean and std (default: all their tissue pooled)",
+    )
     args = ap.parse_args(argv)
-    ref = reference_from_sheet(args.sheet, args.mpp)
+    ref = reference_from_sheet(args.sheet, args.mpp, args.within_tile)
+    how = "mean of each tile's own statistics" if args.within_tile else "all tissue pixels pooled"
     print("model:")
     print("  stain_normalise: reinhard")
-    print(f"  stain_reference:  # CIE-Lab of the tissue of {args.sheet}'s training rows at {args.mpp} µm/px")
+    print(f"  stain_reference:  # CIE-Lab of the tissue of {args.sheet}'s training rows at {args.mpp} µm/px ({how})")
     print(f"    mean: {ref['mean']}")
     print(f"    std: {ref['std']}")
+    print(f"  stain_max_scale: {STAIN_MAX_SCALE:g}  # each channel's stretch clamped to [1/this, this]")
 
 
 if __name__ == "__main__":

@@ -163,8 +163,8 @@ def model_cfg(tta=True):
     if not (tta and cfg.get("tta")):
         cfg.pop("tta", None)
     if (cfg.get("stain_normalise") or "none") == "none":  # off: params as before the switch existed
-        cfg.pop("stain_normalise", None)
-        cfg.pop("stain_reference", None)
+        for key in ("stain_normalise", "stain_reference", "stain_max_scale"):
+            cfg.pop(key, None)
     return cfg
 
 

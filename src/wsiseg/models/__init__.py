@@ -43,6 +43,7 @@ class Format:
 
 
 STAIN_METHODS = ("none", "reinhard")  # model.stain_normalise (wsiseg.stain)
+STAIN_MAX_SCALE = 2.0  # model.stain_max_scale's default: each channel's stretch clamped to [1/2, 2]
 
 
 FORMATS = {
@@ -146,14 +147,25 @@ def stain_reference(cfg: dict) -> dict:
     return dict(mean=[float(v) for v in ref["mean"]], std=[float(v) for v in ref["std"]])
 
 
+def stain_max_scale(cfg: dict) -> float:
+    """``model.stain_max_scale`` checked: a number > 1 (:data:`STAIN_MAX_SCALE` when absent)."""
+    v = cfg.get("stain_max_scale", STAIN_MAX_SCALE)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
+        raise ConfigError(
+            f"model.stain_max_scale must be a number above 1 (each channel's stretch is clamped to "
+            f"[1/it, it]), got {v!r}. Fix: set it to {STAIN_MAX_SCALE:g}, or leave it out"
+        )
+    return float(v)
+
+
 def stain_settings(cfg: dict) -> dict | None:
-    """The model block's stain normalisation: None (off) or {'method', 'reference'}."""
+    """The model block's stain normalisation: None (off) or {'method', 'reference', 'max_scale'}."""
     method = cfg.get("stain_normalise") or "none"
     if method not in STAIN_METHODS:
         raise ConfigError(f"model.stain_normalise={method!r}; use one of {list(STAIN_METHODS)}")
     if method == "none":
         return None
-    return dict(method=method, reference=stain_reference(cfg))
+    return dict(method=method, reference=stain_reference(cfg), max_scale=stain_max_scale(cfg))
 
 
 def check_stain(cfg: dict) -> dict | None:

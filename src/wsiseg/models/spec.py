@@ -84,24 +84,26 @@ class ModelSpec:
         if self.stain is None:
             return {}
         from ..classical import sample_rows
-        from ..stain import far_from_reference, measure_windows
+        from ..stain import far_from_reference, measure_windows, scales
         from .sampling import sampled_windows
 
         rows = sample_rows(len(tiles), STAIN_SAMPLE_TILES)
         source = measure_windows(sampled_windows(opener, geom, tiles, rows, log, "stain", write_region=True))
         if source is None:
             log("stain normalisation: too little tissue-coloured area in the tiles to measure; not normalised")
-        else:
-            log(
-                f"stain normalisation ({self.stain['method']}): tissue CIE-Lab mean "
-                f"{[round(v, 2) for v in source['mean']]}, std {[round(v, 2) for v in source['std']]} over "
-                f"{source['pixels']} px of {len(rows)} tiles -> reference mean {self.stain['reference']['mean']}, "
-                f"std {self.stain['reference']['std']}"
-            )
-            warning = far_from_reference(source, self.stain["reference"])
-            if warning:
-                log(f"WARNING: {warning}")
-        return dict(stain_source=source)
+            return dict(stain_source=None)
+        ref, bound = self.stain["reference"], self.stain["max_scale"]
+        scale = scales(source, ref, bound)  # what the segment stage applies: kept in plan.json for provenance
+        log(
+            f"stain normalisation ({self.stain['method']}): tissue CIE-Lab mean "
+            f"{[round(v, 2) for v in source['mean']]}, std {[round(v, 2) for v in source['std']]} over "
+            f"{source['pixels']} px of {len(rows)} tiles -> reference mean {ref['mean']}, std {ref['std']}; "
+            f"spread x{', x'.join(f'{v:.2f}' for v in scale)} (bound {bound:g})"
+        )
+        warning = far_from_reference(source, ref, bound)
+        if warning:
+            log(f"WARNING: {warning}")
+        return dict(stain_source=source, stain_scale=scale)
 
     def apply_calibration(self, calibration: dict, log) -> bool:
         """Take what :meth:`calibrate` stored; False: nothing on this slide to segment."""
@@ -122,7 +124,7 @@ class ModelSpec:
 
         if log is not None:
             log(f"stain normalisation ({self.stain['method']}) in front of the network")
-        return StainNormalised(module, source, self.stain["reference"])
+        return StainNormalised(module, source, self.stain["reference"], self.stain["max_scale"])
 
     # ---- per-tile post-processing (segment stage)
     def labeler(self) -> TileLabeler:
