@@ -244,3 +244,12 @@ def test_stain_max_scale_must_be_above_one():
             check_stain({**base, "stain_reference": ref, "stain_max_scale": bad})
     # off: the key is not looked at (the rules drop it, so nothing reruns)
     assert check_stain({**base, "stain_normalise": "none", "stain_max_scale": 0.5}) is None
+
+
+def test_stain_max_scale_default_agrees():
+    """The config check (wsiseg.models, no torch) and the transform (wsiseg.stain, torch) each hold
+    model.stain_max_scale's default: one number."""
+    from wsiseg.models import STAIN_MAX_SCALE, stain_max_scale
+    from wsiseg.stain import MAX_SCALE
+
+    assert STAIN_MAX_SCALE == MAX_SCALE == stain_max_scale({"name": "m"})

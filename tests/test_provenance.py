@@ -203,20 +203,21 @@ def test_rule_job_is_only_a_rule_scripts_snakemake_object(monkeypatch):
 def test_stain_normalisation_in_provenance(tmp_path):
     """A plan made with model.stain_normalise: provenance.json says what the slide's tissue colour
     was (the plan's measurement), what it was moved to (the plan's params) and by what factors
-    (the plan's, clamped to model.stain_max_scale)."""
+    (the plan's, clamped to the bound the plan applied, model.stain_max_scale)."""
     ref = {"mean": [54.0, 31.7, -11.0], "std": [18.0, 10.2, 8.8]}
     src = {"mean": [60.0, 25.0, -15.0], "std": [15.0, 8.0, 7.0], "pixels": 123456}
     model = {"name": "m", "weights": "w.pt", "mpp": 0.5, "stain_normalise": "reinhard", "stain_reference": ref}
     plan = str(tmp_path / "plan.json")
     with stage("plan", "s", None, record=plan, params={"model": model}):
         with open(plan, "w") as fh:
-            json.dump({"slide_id": "s", "stain_source": src, "stain_scale": [1.2, 1.275, 1.257]}, fh)
+            plan_json = {"slide_id": "s", "stain_source": src, "stain_scale": [1.2, 1.275, 1.257]}
+            json.dump({**plan_json, "stain_max_scale": 2.0}, fh)  # as the plan stage writes them
     prov = provenance.build({"plan": plan})
     assert prov["stain_normalisation"] == {
         "method": "reinhard",
         "source": src,
         "reference": ref,
-        "max_scale": 2.0,  # the default: model.stain_max_scale was not set
+        "max_scale": 2.0,  # the bound the plan applied (the default: model.stain_max_scale was not set)
         "scale": [1.2, 1.275, 1.257],
     }
     with stage("plan", "s", None, record=plan, params={"model": {"name": "m"}}):  # off: nothing said

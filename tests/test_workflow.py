@@ -104,7 +104,7 @@ def test_readme_example_with_shipped_config(tmp_path):
     plan = json.load(open(res / "example" / "plan.json"))
     src, bound = plan["stain_source"], cfg["model"].get("stain_max_scale", 2)
     assert src["pixels"] > 100_000 and 20 < src["mean"][0] < 88 and min(src["std"]) > 0
-    assert plan["stain_scale"][1] == bound  # a*: clamped
+    assert plan["stain_scale"][1] == bound == plan["stain_max_scale"]  # a*: clamped, and the bound recorded
     plan_log = (res / "example" / "logs" / "plan.log").read_text()
     assert re.search(
         r"WARNING: stain normalisation would stretch this slide's tissue colour spread by a\* x\d\.\d\d \(more "

@@ -27,8 +27,6 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from .models import STAIN_MAX_SCALE
-
 #: the stages of one slide, in the order they run, as provenance.json lists them
 STAGES = ("inspect", "tissue", "plan", "segment", "stitch", "stats", "report_histograms")
 #: distributions whose versions every stage records (None: not installed in its environment)
@@ -247,7 +245,7 @@ def build(records: dict) -> dict:
             method=model.get("stain_normalise"),
             source=plan["stain_source"],
             reference=model.get("stain_reference"),
-            max_scale=model.get("stain_max_scale", STAIN_MAX_SCALE),
+            max_scale=plan.get("stain_max_scale"),  # the bound the plan applied
             scale=plan.get("stain_scale"),  # per Lab channel, as applied (clamped to the bound)
         )
     if seg.get("settings") and runs.get("segment"):  # how segment ran: settings that change no mask

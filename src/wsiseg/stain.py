@@ -38,7 +38,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .models import STAIN_MAX_SCALE
+
+#: model.stain_max_scale's default (each channel's stretch clamped to [1/2, 2]); the config check
+#: in wsiseg.models holds the same number as STAIN_MAX_SCALE (models must not import torch, this
+#: module does, and it must not import models: tests/test_models.py asserts they agree)
+MAX_SCALE = 2.0
 
 TISSUE_L = 88.0  # CIE-Lab lightness below which a pixel is tissue, not white background
 MIN_TISSUE_PX = 1000  # fewer tissue pixels than this on a slide: no statistics, no normalisation
@@ -110,7 +114,7 @@ class StainNormalised(nn.Module):
 
     The transform runs in float32 outside autocast, on the input's device."""
 
-    def __init__(self, net: nn.Module, source: dict, reference: dict, max_scale: float = STAIN_MAX_SCALE):
+    def __init__(self, net: nn.Module, source: dict, reference: dict, max_scale: float = MAX_SCALE):
         super().__init__()
         self.net = net
         scale = scales(source, reference, max_scale)
@@ -133,7 +137,7 @@ def scales(source: dict, reference: dict, max_scale: float = math.inf) -> list:
     return [min(max(v, 1 / max_scale), max_scale) for v in k]
 
 
-def far_from_reference(source: dict, reference: dict, max_scale: float = STAIN_MAX_SCALE) -> str:
+def far_from_reference(source: dict, reference: dict, max_scale: float = MAX_SCALE) -> str:
     """'' or a warning: a channel's spread would change by more than :data:`WARN_SCALE` times (or
     the bound, if lower), which amplifies noise (the example's synthetic slide: a* x3.8 to the
     pooled reference, a quarter of its 'nuclei' false); says what the bound clamped it to."""
@@ -209,7 +213,7 @@ def main(argv=None) -> None:
     print(f"  stain_reference:  # CIE-Lab of the tissue of {args.sheet}'s training rows at {args.mpp} µm/px ({how})")
     print(f"    mean: {ref['mean']}")
     print(f"    std: {ref['std']}")
-    print(f"  stain_max_scale: {STAIN_MAX_SCALE:g}  # each channel's stretch clamped to [1/this, this]")
+    print(f"  stain_max_scale: {MAX_SCALE:g}  # each channel's stretch clamped to [1/this, this]")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class ModelSpec:
         warning = far_from_reference(source, ref, bound)
         if warning:
             log(f"WARNING: {warning}")
-        return dict(stain_source=source, stain_scale=scale)
+        return dict(stain_source=source, stain_scale=scale, stain_max_scale=bound)
 
     def apply_calibration(self, calibration: dict, log) -> bool:
         """Take what :meth:`calibrate` stored; False: nothing on this slide to segment."""
