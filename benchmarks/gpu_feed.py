@@ -22,8 +22,15 @@ N`` runs every config N times, one round after another (so that each sees the sa
 and keeps each one's best model and stage times, which filters out most of another user's
 load.
 
+``--real cuda`` runs the stage with the real network on the GPU over the repeated plan, tiling
+resolved for a job of ``--cpus`` CPUs (each ``--configs`` entry; ``auto``: the default config),
+after a warm-up: tiles/s, output Mpx/s, the share of the wall time in the network's calls, in
+waiting for windows (the GPU starved of data) and in the rest (per-tile hand-over to the
+post-processing pool), and the GPU's mean utilisation (NVML). ``--real cpu`` runs the same on
+the CPU. ``benchmarks/gpu_device.sh`` runs it on the device machine.
+
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--cpus N] [--tiles N] [--reps N] [--configs auto 1/0/0 4/2/0 ...]
+        [--efficiency] [--real cuda] [--cpus N] [--tiles N] [--reps N] [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
 
@@ -151,6 +158,91 @@ def efficiency(args, model, geom, spec, grid, windows):
         )
 
 
+class GpuSampler:
+    """Mean GPU utilisation (%) while it runs, sampled by NVML every 0.1 s (nvidia-ml-py, which
+    the device machine has); None where there is no NVML or no CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.samples, self._stop, self._thread = [], None, None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:  # no NVML: utilisation not measured
+            return
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.1):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def real(args, model, geom, spec, plan):
+    """The segment stage with the real network on ``--real``'s device, tiling resolved as a job of
+    ``--cpus`` CPUs resolves it (auto, or ``--configs`` entries), over the repeated plan: tiles/s,
+    output Mpx/s, where the loop's wall time went (network, waiting for windows, the rest) and the
+    GPU's mean utilisation (NVML)."""
+    dev = torch.device(args.real)
+    cpus = args.cpus or os.cpu_count()
+    out_mpx = plan.tw.mul(plan.th).sum() / 1e6
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"\nreal network on {dev} ({name}), a job of {cpus} CPUs, {len(plan)} tiles ({out_mpx:.1f} output Mpx):")
+    print(
+        f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'seconds':>8} {'tiles/s':>8} "
+        f"{'Mpx/s':>6} {'network %':>9} {'waiting %':>9} {'rest %':>6} {'GPU util %':>10}"
+    )
+    keys = ("batch_size", "workers", "postprocess_workers")
+    for cfg in args.configs:
+        parts = ["auto"] * 3 if cfg == "auto" else cfg.split("/")
+        used = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
+        torch.set_num_threads(used["network_threads"])
+        timings = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            merger = StoreMerger(
+                os.path.join(tmp, "s"),
+                geom,
+                spec,
+                labels=model.labeler(),
+                workers=used["postprocess_workers"],
+                slide_name="bench",
+                channels=len(model.classes),
+            )
+            run_segmentation(  # warm-up on a few tiles: cuDNN's autotuning, the workers' start
+                args.slide, "bench", None, geom, spec, plan.iloc[: used["batch_size"] * 2], model.module,
+                StoreMerger(os.path.join(tmp, "w"), geom, spec, labels=model.labeler(), slide_name="bench"),
+                dev, batch_size=used["batch_size"], log_fn=lambda m: None,
+            )  # fmt: skip
+            gpu = GpuSampler(dev)
+            t0 = time.monotonic()
+            run_segmentation(
+                args.slide, "bench", None, geom, spec, plan, model.module, merger, dev,
+                batch_size=used["batch_size"], workers=used["workers"], log_fn=lambda m: None, timings=timings,
+            )  # fmt: skip
+            dt = time.monotonic() - t0
+            util = gpu.stop()
+            merger.store.close()
+        net, wait = 100 * timings["network_s"] / dt, 100 * timings["wait_s"] / dt
+        print(
+            f"{cfg:>11} {used['batch_size']:>5} {used['workers']:>6} {used['postprocess_workers']:>6} "
+            f"{used['network_threads']:>7} {dt:>8.1f} {len(plan) / dt:>8.2f} {out_mpx / dt:>6.2f} {net:>9.0f} "
+            f"{wait:>9.0f} {max(100 - net - wait, 0):>6.0f} {'n/a' if util is None else f'{util:.0f}':>10}"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("slide", nargs="?", default=CMU)
@@ -160,6 +252,7 @@ def main():
     ap.add_argument("--post-workers", type=int, nargs="*", default=[0, 1, 2], help="none: skip the replay")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--efficiency", action="store_true")
+    ap.add_argument("--real", metavar="DEVICE", help="the stage with the real network on DEVICE (cuda, cpu)")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
     ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
     ap.add_argument("--reps", type=int, default=1, help="--efficiency: N rounds over the configs, the best of each")
@@ -212,6 +305,8 @@ def main():
             print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
     if args.efficiency:
         efficiency(args, model, geom, spec, grid, windows)
+    if args.real:
+        real(args, model, geom, spec, plan)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,9 @@ def run_segmentation(
     ``max_unreadable_fraction`` of the tiles are unreadable the slide fails.
 
     ``timings`` (a dict) receives ``read_cpu_s``, the CPU seconds of reading the windows
-    (in the DataLoader workers), and ``network_s``, the wall time of the network's calls.
+    (in the DataLoader workers), ``network_s``, the wall time of the network's calls (with
+    the copy of their outputs back to the CPU), and ``wait_s``, the wall time the loop waited
+    for the next batch of windows: on a GPU, the time the network waited for data.
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
@@ -259,7 +261,7 @@ def run_segmentation(
     t0 = time.monotonic()
     rows = list(plan.itertuples(index=False))  # keeps each column's dtype
     timings = {} if timings is None else timings
-    timings.update(read_cpu_s=0.0, network_s=0.0)
+    timings.update(read_cpu_s=0.0, network_s=0.0, wait_s=0.0)
     try:
         _loop(
             loader,
@@ -308,8 +310,15 @@ def _loop(
     timings,
 ):
     last, done = t0, 0
+    batches = iter(loader)
     with torch.inference_mode():
-        for x, idx, errors, read_s in loader:
+        while True:
+            t_wait = time.monotonic()  # the loop waits for the next batch of windows (read in-process without workers)
+            try:
+                x, idx, errors, read_s = next(batches)
+            except StopIteration:
+                break
+            timings["wait_s"] += time.monotonic() - t_wait
             timings["read_cpu_s"] += float(read_s.sum())
             t_net = time.monotonic()
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -556,6 +565,18 @@ def run(
         f"({post_workers or 'no'} post-processing worker{'s' if post_workers != 1 else ''}); "
         f"network {timings['network_s']:.1f} s"
     )
+    loop = dict(
+        network_s=round(timings["network_s"], 3),
+        wait_s=round(timings["wait_s"], 3),  # the network's loop waiting for windows
+        other_s=round(max(elapsed - timings["network_s"] - timings["wait_s"], 0.0), 3),  # start, hand-over, end
+    )
+    if elapsed > 0:
+        log(
+            f"the network's loop: network {100 * loop['network_s'] / elapsed:.0f} %, waiting for windows "
+            f"{100 * loop['wait_s'] / elapsed:.0f} %, the rest (start-up, per-tile hand-over"
+            f"{', post-processing' if not post_workers else ''}, the end) {100 * loop['other_s'] / elapsed:.0f} % "
+            f"of {elapsed:.1f} s"
+        )
     info = dict(
         slide_id=slide_id,
         device=str(dev),
@@ -573,6 +594,7 @@ def run(
         n_tiles=len(tiles),
         elapsed_s=elapsed,
         tiles_per_s=len(tiles) / max(elapsed, 1e-9),
+        loop=loop,  # where the stage's wall time went (network, waiting for windows, the rest)
         tiles_unreadable=len(unreadable),
         unreadable=[dict(row=r, col=c, error=e) for r, c, e in unreadable],
     )
