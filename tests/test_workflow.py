@@ -63,8 +63,14 @@ def test_readme_example_with_shipped_config(tmp_path):
         assert tif.series[0].levels[0].shape == (round(h0 * 0.25 / 0.5), round(w0 * 0.25 / 0.5))
     # tiling 'auto' (the shipped defaults) as the stage resolved it: a CPU job of 2 CPUs (--cores 2)
     # runs batch 1 with no workers and gives the network both CPUs
-    settings = json.load(open(res / "example" / "work" / "segment.json"))["settings"]
+    seg = json.load(open(res / "example" / "work" / "segment.json"))
+    settings = seg["settings"]
     assert settings == dict(batch_size=1, workers=0, postprocess_workers=0, network_threads=2, amp=False)
+    # where the stage's time went: the network's calls, waiting for windows (read in-process here), the rest
+    loop = seg["loop"]
+    assert set(loop) == {"network_s", "wait_s", "other_s"} and min(loop.values()) >= 0 and loop["wait_s"] > 0
+    assert loop["network_s"] > loop["wait_s"] and sum(loop.values()) <= seg["elapsed_s"] + 0.01
+    assert "the network's loop: network " in (res / "example" / "logs" / "segment.log").read_text()
     # ... after asking for 8 CPUs (common.smk, SEGMENT_AUTO_CPUS), which --cores lowers
     for cores, want in (("16", 8), ("2", 2)):
         dry = snakemake(tmp_path, cfgfile, "-n", "-R", "segment", cores=cores).stdout
