@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 import codecs
 import collections
+import io
 import os
 import pickle
 import zipfile
@@ -102,9 +103,10 @@ def _data_pkl(path: str) -> bytes | None:
     return data
 
 
-def scan_checkpoint(path: str) -> None:
+def scan_checkpoint(path: str) -> bytes | None:
     """Without torch: an empty, truncated or non-PyTorch file, or a pickle that names anything
-    but tensors and plain data (what torch.load(weights_only=True) would refuse)."""
+    but tensors and plain data (what torch.load(weights_only=True) would refuse). Returns the
+    pickle it scanned (None: not a zip archive)."""
     size = os.path.getsize(path)
     if size == 0:
         raise ConfigError(
@@ -112,7 +114,7 @@ def scan_checkpoint(path: str) -> None:
         )
     data = _data_pkl(path)
     if data is None:
-        return  # torch's legacy format, or not PyTorch at all: torch.load says which (checkpoint.read)
+        return None  # torch's legacy format, or not PyTorch at all: torch.load says which (checkpoint.read)
     try:
         found = pickle_globals(data)
     except Exception as exc:  # pickletools' own complaints about a broken stream
@@ -123,6 +125,7 @@ def scan_checkpoint(path: str) -> None:
     bad = [f"{m}.{n}" for m, n in found if _not_data(m, n)]
     if bad:
         raise refused_pickle(path, f"calls {bad[0]} when unpickled")
+    return data
 
 
 def _no_tensor(*args, **kwargs):
@@ -149,16 +152,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         return None  # a tensor's storage: not read
 
 
-def read_metadata(path: str) -> dict | None:
+def read_metadata(data: bytes, path: str) -> dict:
     """A zip checkpoint's dict without its tensors (``state_dict`` values are None), read
-    without torch; None for a file that is not a zip archive (torch's legacy format, or not
-    PyTorch: :func:`wsiseg.models.checkpoint.read` says which). Call :func:`scan_checkpoint`
-    first: it refuses what this must not read."""
-    data = _data_pkl(path)
-    if data is None:
-        return None
-    import io
-
+    without torch from ``data``, the pickle that :func:`scan_checkpoint` scanned and let
+    through (only what it lets through may be read here)."""
     try:
         return _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as exc:  # a broken stream, or a global scan_checkpoint was not asked about
@@ -221,9 +218,8 @@ def check_checkpoint(cfg: dict) -> bool:
     that is not data, a file that is not a checkpoint of ours, a config that contradicts
     it). False for a file that is not a zip archive, which only torch can judge."""
     path = cfg["weights"]
-    scan_checkpoint(path)
-    meta = read_metadata(path)
-    if meta is None:
+    data = scan_checkpoint(path)
+    if data is None:
         return False
-    resolve(cfg, check_format(meta, path), path)
+    resolve(cfg, check_format(read_metadata(data, path), path), path)
     return True
