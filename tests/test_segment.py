@@ -215,6 +215,17 @@ def test_stain_stretch_clamped_to_the_bound():
     assert np.allclose(moved.std(1).numpy(), np.array(src["std"]) * used, rtol=0.15)
     warning = far_from_reference(src, within, bound)
     assert "clamped to" in warning and f"model.stain_max_scale {bound:g}" in warning
+    # model.stain_max_scale 1: a shift only. The tissue's mean goes to the reference's, its spread
+    # stays the slide's own, and the plan warns only where the unbounded stretch would pass 2x
+    shift = StainNormalised(torch.nn.Identity(), src, within, 1)
+    assert scales(src, within, 1) == [1.0, 1.0, 1.0] and np.all(shift.scale.numpy() == 1)
+    moved = rgb_to_lab(shift(x))[0].reshape(3, -1)[:, tissue].double()
+    assert np.allclose(moved.mean(1).numpy(), within["mean"], atol=1.5)
+    assert np.allclose(moved.std(1).numpy(), src["std"], rtol=0.15)
+    narrow = dict(src, std=[src["std"][0], within["std"][1] / 2.5, src["std"][2]])  # a* would go x2.5
+    warning = far_from_reference(narrow, within, 1)
+    assert "by a* x2.50 (more than 2x), clamped to a* x1.00 (model.stain_max_scale 1)" in warning, warning
+    assert "only its mean is moved" in warning and "amplifies" not in warning
 
 
 def test_small_margin_shows_seams():

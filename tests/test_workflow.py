@@ -114,7 +114,7 @@ def test_readme_example_with_shipped_config(tmp_path):
     plan_log = (res / "example" / "logs" / "plan.log").read_text()
     assert re.search(
         r"WARNING: stain normalisation would stretch this slide's tissue colour spread by a\* x\d\.\d\d \(more "
-        rf"than 2x\), clamped to a\* x2\.00 \(model\.stain_max_scale {bound:g}\)",
+        rf"than 2x\), clamped to a\* x{bound:.2f} \(model\.stain_max_scale {bound:g}\)",
         plan_log,
     ), plan_log
     # every nucleus's outline for QuPath, in level-0 px: drawn back, exactly its mask pixels

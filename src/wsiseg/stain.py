@@ -10,7 +10,8 @@ model was trained on (``model.stain_reference``). *Tissue* is every pixel darker
 white background, L* < :data:`TISSUE_L`. The factor ``reference.std / source.std`` of
 each channel is clamped to [1 / ``model.stain_max_scale``, ``model.stain_max_scale``]
 (the shift follows, so the tissue mean still goes to the reference's): a slide far from
-the reference is moved towards it without its noise being stretched without bound.
+the reference is moved towards it without its noise being stretched without bound. With
+``model.stain_max_scale: 1`` only the mean moves: lab' = lab - source.mean + reference.mean.
 
 Why this keeps seams exact: the map is the same for the whole slide and acts on each
 pixel alone, so it commutes with cutting windows, with mirroring at the slide's borders
@@ -141,7 +142,8 @@ def far_from_reference(source: dict, reference: dict, max_scale: float = MAX_SCA
     """'' or a warning: a channel's spread would change by more than :data:`WARN_SCALE` times (or
     the bound, if lower), which amplifies noise (the example's synthetic slide: a* x3.8 to the
     pooled reference, a quarter of its 'nuclei' false); says what the bound clamped it to."""
-    warn = min(WARN_SCALE, max_scale)
+    shift_only = max_scale <= 1  # nothing is stretched: warn as the unbounded transform would
+    warn = WARN_SCALE if shift_only else min(WARN_SCALE, max_scale)
     names = ("L*", "a*", "b*")
     raw, used = scales(source, reference), scales(source, reference, max_scale)
     far = [i for i, v in enumerate(raw) if not 1 / warn <= v <= warn]
@@ -152,8 +154,12 @@ def far_from_reference(source: dict, reference: dict, max_scale: float = MAX_SCA
         f"stain normalisation would stretch this slide's tissue colour spread by "
         f"{', '.join(f'{names[i]} x{raw[i]:.2f}' for i in far)} (more than {warn:g}x)"
         + (f", clamped to {', '.join(clamped)} (model.stain_max_scale {max_scale:g})" if clamped else "")
-        + ": its stain is far from the model's reference and the transform amplifies noise; "
-        "check the mask, or set model.stain_normalise: none"
+        + (
+            ": its stain is far from the model's reference (only its mean is moved); "
+            if shift_only
+            else ": its stain is far from the model's reference and the transform amplifies noise; "
+        )
+        + "check the mask, or set model.stain_normalise: none"
     )
 
 

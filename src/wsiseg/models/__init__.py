@@ -148,12 +148,14 @@ def stain_reference(cfg: dict) -> dict:
 
 
 def stain_max_scale(cfg: dict) -> float:
-    """``model.stain_max_scale`` checked: a number > 1 (:data:`STAIN_MAX_SCALE` when absent)."""
+    """``model.stain_max_scale`` checked: a number >= 1 (:data:`STAIN_MAX_SCALE` when absent; 1: the
+    tissue's mean is moved to the reference's and its spread kept, a shift without stretch)."""
     v = cfg.get("stain_max_scale", STAIN_MAX_SCALE)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1:
         raise ConfigError(
-            f"model.stain_max_scale must be a number above 1 (each channel's stretch is clamped to "
-            f"[1/it, it]), got {v!r}. Fix: set it to {STAIN_MAX_SCALE:g}, or leave it out"
+            f"model.stain_max_scale must be a number of at least 1 (each channel's stretch is clamped to "
+            f"[1/it, it]; 1 moves the colour's mean only), got {v!r}. Fix: set it to {STAIN_MAX_SCALE:g} "
+            "or 1, or leave it out"
         )
     return float(v)
 
