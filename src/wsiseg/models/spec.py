@@ -158,5 +158,9 @@ class ModelSpec:
         return (
             f"model {self.name} ({self.kind}): mpp {self.mpp}, classes {self.classes}, "
             f"post-processing {self.postprocess}"
-            + (f", stain normalisation {self.stain['method']}" if self.stain else "")
+            + (
+                f", stain normalisation {self.stain['method']} (bound {self.stain['max_scale']:g})"
+                if self.stain
+                else ""
+            )
         )
