@@ -158,6 +158,29 @@ def test_stain_normalised_stitched_equals_one_pass(tta, max_scale):
     assert np.abs(one_pass(spec, img, margin, grid_w, grid_h, tta=tta) - ref).max() > 1e-2
 
 
+def test_stain_transform_equals_the_textbook_formula_bit_for_bit():
+    """The Lab conversions run in place (for speed); on a real CMU-1 window, in float32 in both
+    memory layouts and in float64 (the statistics), they equal the textbook formula exactly,
+    leave their input alone, and so does the whole per-slide transform."""
+    from wsiseg.stain import StainNormalised, lab_to_rgb, lab_to_rgb_textbook, rgb_to_lab, rgb_to_lab_textbook
+
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+        img = read_target(s, geom, 300, 300, 400, 300)
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None] / 255.0
+    for t in (x, x.contiguous(memory_format=torch.channels_last), x.double()):
+        before = t.clone()
+        lab = rgb_to_lab(t)
+        assert torch.equal(lab, rgb_to_lab_textbook(t)) and torch.equal(t, before)
+        moved = lab * torch.tensor([1.0, 1.4, 0.6]).to(lab).view(1, 3, 1, 1) + 3  # some out of gamut
+        kept = moved.clone()
+        assert torch.equal(lab_to_rgb(moved), lab_to_rgb_textbook(moved)) and torch.equal(moved, kept)
+    src = dict(mean=[48.5, 28.4, -12.3], std=[19.3, 12.1, 8.8])
+    norm = StainNormalised(torch.nn.Identity(), src, REFERENCE, 2.0)
+    textbook = lab_to_rgb_textbook(rgb_to_lab_textbook(x) * norm.scale + norm.shift)
+    assert torch.equal(norm(x), textbook) and not torch.equal(textbook, x)
+
+
 def test_stain_statistics_add_up_and_move_tissue_to_the_reference():
     """The per-slide statistics are sums (tiles add up in any order) and the transform gives the
     tissue the reference's Lab mean and std (to the clipping of out-of-gamut colours)."""
