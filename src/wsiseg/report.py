@@ -175,6 +175,18 @@ def _text_width(strings, size: float = 10) -> float:
     return max((text_to_path.get_text_width_height_descent(s, prop, ismath=False)[0] for s in strings), default=0) * PT
 
 
+def _fill(line: str, width: float, size: float) -> str:
+    """``line`` broken between words into lines of at most ``width`` inches at ``size`` points (a
+    longer word, a line of its own)."""
+    out = []
+    for word in line.split(" "):
+        if out and _text_width([f"{out[-1]} {word}"], size) <= width:
+            out[-1] += f" {word}"
+        else:
+            out.append(word)
+    return "\n".join(out)
+
+
 def _log_xticks(ax) -> None:
     """Ticks of a log x axis (its limits and place set) for a fraction of matplotlib's cost: the
     minor ticks where matplotlib puts them, unlabelled, as one artist of tick marks (matplotlib makes
@@ -287,7 +299,7 @@ def plot_slides(summary: pd.DataFrame):
             ax.tick_params(labelleft=False)
         lefts = [_text_width(summary["slide_id"].astype(str)) + TICK] + [0.0] * (ncols - 1)
     else:
-        ids = summary["slide_id"].astype(str)
+        ids, ends = summary["slide_id"].astype(str), []
         for ax, c in zip(axes, classes):
             v = dens[c][is_ok].dropna().sort_values(kind="stable")
             ax.hist(v, bins=30, color=class_colour(classes.index(c)))
@@ -296,8 +308,8 @@ def plot_slides(summary: pd.DataFrame):
             ax.set_xlabel("objects per mm² of tissue")
             ax.set_ylabel("slides")
             ax.set_title(f"{c} density", y=1)
-            ends = f"lowest: {', '.join(ids[v.index[:3]])}\nhighest: {', '.join(ids[v.index[-3:][::-1]])}"
-            ax.text(0.98, 0.75, ends, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.25")
+            low, high = ", ".join(ids[v.index[:3]]), ", ".join(ids[v.index[-3:][::-1]])
+            ends.append((ax, f"lowest: {low}", f"highest: {high}"))
         ax = axes[-1]
         values = {c: frac[c][is_ok].dropna() for c in classes}
         bins = np.histogram_bin_edges(pd.concat(list(values.values())), bins=30)  # the same bins for every class
@@ -309,6 +321,10 @@ def plot_slides(summary: pd.DataFrame):
         ax.legend(loc="upper right", fontsize=8)
         lefts = [YLABEL + _tick_width(ax.yaxis) + TICK for ax in axes]
     width = (5.0 * ncols - EDGE - sum(lefts) - XOVER * ncols) / ncols
+    if not labelled:  # the lowest and highest slides' ids, broken into lines as wide as the panel
+        for ax, *lines in ends:
+            text = "\n".join(_fill(s, 0.95 * width, 8) for s in lines)
+            ax.text(0.98, 0.75, text, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.25")
     # across: each panel's y tick labels (and label) to its left, room for x tick labels between panels
     x = EDGE
     for ax, lw in zip(axes, lefts):
