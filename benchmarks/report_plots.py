@@ -4,8 +4,8 @@ this tree's src/ against another revision's, side by side.
 Cases: one slide (``--results``: a finished run's summary.csv and histograms, e.g.
 results/nuclei-unet of the README example; without it, a synthetic slide of 3,000 nuclei),
 and archives of N slides made from it (each slide's histograms the template's, counts
-resampled; every 20th slide failed with one of the messages inspection gives, ids of 12 to
-30 characters). Each run in a fresh process, the revisions alternating, ``--reps`` rounds:
+resampled; every 20th slide failed with one of the messages inspection gives, ids of 9 to
+33 characters). Each run in a fresh process, the revisions alternating, ``--reps`` rounds:
 prints the min and median of run_plots' seconds and CPU seconds (steadier on a shared machine),
 and of the whole process's seconds (Python start and imports included, as the rule's job runs it).
 
