@@ -1,8 +1,9 @@
 """Report plots: per-slide histograms against numpy over the whole table (read in chunks),
 with and without the shape columns; the archive figures' bars, distributions and failure
 groups against the numbers they show, on real objects (MICCAI nuclei through the
-objects.csv.gz writer) and real slides' error messages. The report opened in Chromium:
-tests/test_workflow.py (archive run)."""
+objects.csv.gz writer) and real slides' error messages; the figures' fixed layout (no text
+cut off or over another, no panel over another) on random archives of 1, 40 and 200 slides.
+The report opened in Chromium: tests/test_workflow.py (archive run)."""
 
 import xml.etree.ElementTree as ET
 
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 from conftest import BAD, CMU, DATA, TCGA, needs_data
 from helpers import array_tiles
+from matplotlib.markers import TICKDOWN
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.measure import regionprops_table
@@ -257,3 +259,91 @@ def test_archive_figures_are_svg_and_reproducible(tmp_path):
     sizes = "sizes: area_um2, equivalent_diameter_um, perimeter_um, major_axis_um, minor_axis_um"
     shapes = "shapes: circularity, eccentricity, solidity, orientation_deg, nearest_neighbour_um, neighbours_25um"
     assert f"{sizes}; {shapes}" in said[0] and "(5 failed)" in said[0]
+
+
+def archive(n, classes=("nucleus",), failed_every=20, seed=0):
+    """summary.csv rows and per-slide histograms of n slides (random counts; ids of 6 to 47
+    characters; every ``failed_every``-th slide failed), the haematoxylin OD within one decade."""
+    rng = np.random.default_rng(seed)
+    rows, hist_rows, counts = [], [], {c: [] for c in report.METRICS}
+    for i in range(n):
+        sid = f"s{i:04d}" + "-TCGA-A1-A0SB-01Z" * int(rng.integers(0, 3)) + "-DX1" * (i % 3)
+        if failed_every and i % failed_every == failed_every - 1:
+            error = f"slide '{sid}': file not found: /archive/{sid}.svs. Fix: correct the 'path' column of the sheet"
+            rows.append(dict(slide_id=sid, status="failed", error=error))
+            continue
+        rows.append(ok_row(sid, rng.uniform(0.5, 50), rng.integers(10, 10**5, 2), rng.uniform(0, 0.3, 2)))
+        for cls in classes:
+            hist_rows.append((sid, cls))
+            for col, m in report.METRICS.items():
+                h = rng.poisson(50 * np.exp(-0.5 * ((np.arange(m.bins) - m.bins / 2) / (m.bins / 8)) ** 2))
+                if col == "mean_hematoxylin_od":  # bins of 1/10 decade: 0.3 to 1.6
+                    h[:25], h[32:] = 0, 0
+                counts[col].append(h)
+    summary = pd.DataFrame(rows)
+    if "mitosis" not in classes:
+        summary = summary.drop(columns=[c for c in summary if c.startswith("mitosis")])
+    return summary, report.Distributions(hist_rows, {c: np.array(v) for c, v in counts.items()}, [])
+
+
+def drawn_texts(fig):
+    """(text, bbox in points) of every text the SVG writer draws, with the SVG's glyph metrics."""
+    import io
+    from unittest import mock
+
+    from matplotlib.text import Text
+
+    seen, draw = {}, Text.draw
+
+    def record(self, renderer):
+        draw(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            seen[self] = self.get_window_extent(renderer)
+
+    with mock.patch.object(Text, "draw", record):
+        report._save(fig, io.BytesIO())
+    return list(seen.items())
+
+
+@pytest.mark.parametrize(
+    "n, classes", [(1, ("nucleus",)), (40, ("nucleus",)), (200, ("nucleus", "mitosis"))], ids=["1", "40", "200"]
+)
+def test_figures_laid_out_without_overlaps(n, classes):
+    """The fixed layout (panels placed from their measured tick labels, no layout engine): every
+    text inside the figure, no text over another or over another panel, no panel over another;
+    one slide, as many as are labelled (long ids, failed ones), and many (two classes)."""
+    summary, dist = archive(n, classes)
+    figures = [
+        report.plot_slides(summary),
+        report.plot_distributions(dist, report.SIZE_METRICS, "Object sizes", "none"),
+        report.plot_distributions(dist, report.SHAPE_METRICS, "Object shapes", "none"),
+        report.plot_failed(summary) if n > 1 else None,
+    ]
+    for fig in filter(None, figures):
+        assert fig.get_layout_engine() is None  # drawn once: no layout pass before the SVG's
+        texts = drawn_texts(fig)
+        w, h = fig.get_size_inches() * 72
+        boxes = np.array([b.extents for _, b in texts])  # x0, y0, x1, y1
+        out = (boxes[:, :2] < -0.5).any(1) | (boxes[:, 2] > w + 0.5) | (boxes[:, 3] > h + 0.5)
+        assert not out.any(), [t.get_text() for (t, _), o in zip(texts, out) if o]
+
+        def overlap(a, b):
+            return (np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) > 0.5) & (
+                np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) > 0.5
+            )
+
+        hit = np.triu(overlap(boxes, boxes), 1)
+        assert not hit.any(), [(texts[i][0].get_text(), texts[j][0].get_text()) for i, j in zip(*np.nonzero(hit))]
+        panels = np.array([ax.get_position().extents * [w, h, w, h] for ax in fig.axes])
+        assert not np.triu(overlap(panels, panels), 1).any()
+        owner = np.array([[t.axes is ax for ax in fig.axes] for t, _ in texts])
+        over = overlap(boxes, panels) & ~owner
+        assert not over.any(), [(texts[i][0].get_text(), j) for i, j in zip(*np.nonzero(over))]
+    # the haematoxylin OD within one decade (0.25 to 2): ticks at 0.5 and 1 labelled so, not matplotlib's
+    # minor tick labels 3×10⁻¹, 4×10⁻¹ ... (which overlapped); its minor ticks where matplotlib puts them
+    k = [m.column for m in dist.drawn(report.SHAPE_METRICS)].index("mean_hematoxylin_od")
+    for ax in figures[2].axes[2 * k : 2 * k + 2]:
+        lo, hi = ax.get_xlim()
+        assert [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi] == ["0.5", "1"]
+        (marks,) = [a for a in ax.lines if a.get_marker() == TICKDOWN]
+        assert marks.get_xdata() == pytest.approx([0.3, 0.4, 0.6, 0.7, 0.8, 0.9])

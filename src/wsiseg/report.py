@@ -137,10 +137,94 @@ def class_colour(i: int):
     return tuple(PALETTE[(i + 1) % len(PALETTE)] / 255.0)
 
 
+# A fixed layout, in inches from the figure's top-left corner, sized from the panels and their
+# labels (measured with the glyph metrics the SVG is written with): matplotlib's constrained
+# layout drew every figure twice, once only to measure it, and took most of report_plots' time.
+PT = 1 / 72  # inches per point
+EDGE = 0.1  # the figure's margin
+SUPTITLE = 0.34  # the figure's title (13 pt) from the top edge, and a gap below it
+TITLE = 0.3  # an axes title (10-12 pt) and its pad
+XBAND = 0.5  # below an axes: x tick labels (log axes' 10ⁿ the tallest) and the x label
+YLABEL = 0.24  # left of the tick labels: a y label (rotated, 10 pt) and its pad
+TICK = 7 * PT  # a tick and its pad (3.5 + 3.5 points)
+XOVER = 0.3  # room beside an axes for its last x tick label, centred on the edge
+
+
 def _figure(width, height):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height))
+
+
+def _rect(fig, left, top, width, height) -> list:
+    """[left, bottom, width, height] as figure fractions of a box in inches from the top-left corner."""
+    w, h = fig.get_size_inches()
+    return [left / w, 1 - (top + height) / h, width / w, height / h]
+
+
+def _suptitle(fig, text: str) -> None:
+    fig.suptitle(text, fontsize=13, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
+
+
+def _text_width(strings, size: float = 10) -> float:
+    """Inches of the widest of ``strings`` at ``size`` points, as the SVG writes them (glyphs as paths)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    prop = FontProperties(size=size)
+    return max((text_to_path.get_text_width_height_descent(s, prop, ismath=False)[0] for s in strings), default=0) * PT
+
+
+def _fill(line: str, width: float, size: float) -> str:
+    """``line`` broken between words into lines of at most ``width`` inches at ``size`` points (a
+    longer word, a line of its own)."""
+    out = []
+    for word in line.split(" "):
+        if out and _text_width([f"{out[-1]} {word}"], size) <= width:
+            out[-1] += f" {word}"
+        else:
+            out.append(word)
+    return "\n".join(out)
+
+
+def _log_xticks(ax) -> None:
+    """Ticks of a log x axis (its limits and place set) for a fraction of matplotlib's cost: the
+    minor ticks where matplotlib puts them, unlabelled, as one artist of tick marks (matplotlib makes
+    five artists per tick, ~40 ticks per axis here: a fifth of report_plots' time for one slide). Major
+    ticks as matplotlib's (10ⁿ), or where fewer than two decades are in view, at 0.2, 0.5, 1, 2 ...
+    labelled so (matplotlib labels minor ticks there, 2×10⁻¹ 3×10⁻¹ ..., which overlapped)."""
+    import matplotlib
+    from matplotlib.lines import Line2D
+    from matplotlib.markers import TICKDOWN
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    lo, hi = sorted(ax.get_xlim())
+    if np.floor(np.log10(hi)) - np.ceil(np.log10(lo)) < 1:  # matplotlib would label minor ticks, 2×10⁻¹ ...
+        for subs in ((1.0, 2.0, 5.0), np.arange(1.0, 10.0)):  # the first that puts two ticks in view
+            major = LogLocator(subs=subs)
+            ticks = major.tick_values(lo, hi)
+            if np.count_nonzero((ticks >= lo) & (ticks <= hi)) >= 2:
+                break
+        ax.xaxis.set_major_locator(major)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    minor = ax.xaxis.get_minorticklocs()
+    minor = minor[(minor >= lo) & (minor <= hi)]  # matplotlib leaves out those beyond the limits when it draws
+    ax.xaxis.set_minor_locator(NullLocator())
+    rc = matplotlib.rcParams
+    marks = Line2D(minor, np.zeros(len(minor)), linestyle="none", marker=TICKDOWN, color=rc["xtick.color"])
+    marks.set(markersize=rc["xtick.minor.size"], markeredgewidth=rc["xtick.minor.width"], clip_on=False)
+    marks.set_transform(ax.get_xaxis_transform())
+    ax.add_artist(marks)
+
+
+def _tick_width(axis, size: float = 10) -> float:
+    """Inches of ``axis``'s widest major tick label, as its locator and formatter give them for its
+    limits (the ticks that will be drawn, without drawing them)."""
+    locs = np.asarray(axis.get_majorticklocs(), float)
+    labels = axis.get_major_formatter().format_ticks(locs)
+    lo, hi = sorted(axis.get_view_interval())
+    tol = 1e-9 * (hi - lo)
+    return _text_width([t for x, t in zip(locs, labels) if lo - tol <= x <= hi + tol], size)
 
 
 def _save(fig, path: str) -> None:
@@ -178,9 +262,12 @@ def plot_slides(summary: pd.DataFrame):
     n = len(summary)
     labelled = n <= MAX_LABELLED
     ncols = len(classes) + 1
-    fig = _figure(5.0 * ncols, 1.6 + (0.3 * n if labelled else 3.0))
-    fig.suptitle(f"Objects per slide: {title}", fontsize=13)
-    axes = fig.subplots(1, ncols, sharey=labelled, squeeze=False)[0]
+    fig = _figure(5.0 * ncols, 1.8 + (0.3 * n if labelled else 3.0))
+    _suptitle(fig, f"Objects per slide: {title}")
+    top, height = SUPTITLE + TITLE, fig.get_size_inches()[1] - SUPTITLE - TITLE - XBAND - EDGE
+    axes = []
+    for _ in range(ncols):  # placed across once their tick labels are known (below)
+        axes.append(fig.add_axes(_rect(fig, 0, top, 1, height), sharey=axes[0] if labelled and axes else None))
     is_ok = summary["status"].astype(str).eq("ok").to_numpy()
     if labelled:
         y = np.arange(n)
@@ -192,7 +279,7 @@ def plot_slides(summary: pd.DataFrame):
                 ax.axvline(med, color="0.3", ls="--", lw=1, label=f"median {med:.4g}")
                 ax.legend(loc="lower right", fontsize=8)
             ax.set_xlabel("objects per mm² of tissue")
-            ax.set_title(f"{c} density")
+            ax.set_title(f"{c} density", y=1)
         left = np.zeros(n)
         ax = axes[-1]
         for i, c in enumerate(classes):
@@ -200,7 +287,7 @@ def plot_slides(summary: pd.DataFrame):
             ax.barh(y, v, left=left, color=class_colour(i), label=c)
             left += v
         ax.set_xlabel("area, % of tissue")
-        ax.set_title("class area fraction")
+        ax.set_title("class area fraction", y=1)
         if len(classes) > 1:
             ax.legend(loc="lower right", fontsize=8)
         for ax in axes:
@@ -208,8 +295,11 @@ def plot_slides(summary: pd.DataFrame):
                 ax.text(0, k, "  failed", va="center", ha="left", color="0.45", style="italic", fontsize=8)
         axes[0].set_yticks(y, summary["slide_id"].astype(str))
         axes[0].invert_yaxis()
+        for ax in axes[1:]:
+            ax.tick_params(labelleft=False)
+        lefts = [_text_width(summary["slide_id"].astype(str)) + TICK] + [0.0] * (ncols - 1)
     else:
-        ids = summary["slide_id"].astype(str)
+        ids, ends = summary["slide_id"].astype(str), []
         for ax, c in zip(axes, classes):
             v = dens[c][is_ok].dropna().sort_values(kind="stable")
             ax.hist(v, bins=30, color=class_colour(classes.index(c)))
@@ -217,9 +307,9 @@ def plot_slides(summary: pd.DataFrame):
             ax.legend(loc="upper right", fontsize=8)
             ax.set_xlabel("objects per mm² of tissue")
             ax.set_ylabel("slides")
-            ax.set_title(f"{c} density")
-            ends = f"lowest: {', '.join(ids[v.index[:3]])}\nhighest: {', '.join(ids[v.index[-3:][::-1]])}"
-            ax.text(0.98, 0.75, ends, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.25")
+            ax.set_title(f"{c} density", y=1)
+            low, high = ", ".join(ids[v.index[:3]]), ", ".join(ids[v.index[-3:][::-1]])
+            ends.append((ax, f"lowest: {low}", f"highest: {high}"))
         ax = axes[-1]
         values = {c: frac[c][is_ok].dropna() for c in classes}
         bins = np.histogram_bin_edges(pd.concat(list(values.values())), bins=30)  # the same bins for every class
@@ -227,8 +317,19 @@ def plot_slides(summary: pd.DataFrame):
             ax.hist(values[c], bins=bins, histtype="step", lw=1.5, color=class_colour(i), label=c)
         ax.set_xlabel("area, % of tissue")
         ax.set_ylabel("slides")
-        ax.set_title("class area fraction")
+        ax.set_title("class area fraction", y=1)
         ax.legend(loc="upper right", fontsize=8)
+        lefts = [YLABEL + _tick_width(ax.yaxis) + TICK for ax in axes]
+    width = (5.0 * ncols - EDGE - sum(lefts) - XOVER * ncols) / ncols
+    if not labelled:  # the lowest and highest slides' ids, broken into lines as wide as the panel
+        for ax, *lines in ends:
+            text = "\n".join(_fill(s, 0.95 * width, 8) for s in lines)
+            ax.text(0.98, 0.75, text, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.25")
+    # across: each panel's y tick labels (and label) to its left, room for x tick labels between panels
+    x = EDGE
+    for ax, lw in zip(axes, lefts):
+        ax.set_position(_rect(fig, x + lw, top, width, height))
+        x += lw + width + XOVER
     return fig
 
 
@@ -303,8 +404,13 @@ def plot_distributions(dist: Distributions, metrics, title: str, missing: str):
     head = f"{title}: {n} slide{'s' * (n != 1)}" if not many else f"{title}: {n} slide · class rows"
     if dist.left_out:
         head += f" ({len(dist.left_out)} left out: histograms of another version)"
-    fig.suptitle(head, fontsize=13)
-    axes = fig.subplots(len(present), 2, squeeze=False, width_ratios=[1, 1.25])
+    _suptitle(fig, head)
+    # rows of (pooled, per slide, colour bar), placed across once their tick labels are known (below)
+    pitch = (fig.get_size_inches()[1] - SUPTITLE - EDGE) / len(present)
+    height = pitch - TITLE - XBAND
+    tops = [SUPTITLE + TITLE + i * pitch for i in range(len(present))]
+    axes = [[fig.add_axes(_rect(fig, 0, t, 1, height)) for _ in range(2)] for t in tops]
+    bars = []
     for (ax, axs), m in zip(axes, present):
         e = m.edges()
         c = dist.counts[m.column]
@@ -323,7 +429,7 @@ def plot_distributions(dist: Distributions, metrics, title: str, missing: str):
             axs.set_xscale("log")
         ax.set_xlabel(m.label)
         ax.set_ylabel("% of objects")
-        ax.set_title(f"{m.label}: all slides, {int(c.sum())} objects", fontsize=10)
+        ax.set_title(f"{m.label}: all slides, {int(c.sum())} objects", fontsize=10, y=1)
         ax.legend(loc="upper right", fontsize=8)
         tot = c.sum(1, keepdims=True)
         pct = np.divide(100.0 * c, tot, out=np.zeros(c.shape), where=tot > 0)
@@ -338,8 +444,30 @@ def plot_distributions(dist: Distributions, metrics, title: str, missing: str):
         else:
             axs.set_ylabel("slides")
         axs.set_xlabel(m.label)
-        axs.set_title(f"{m.label}: per slide", fontsize=10)
-        fig.colorbar(mesh, ax=axs, label="% of the slide's objects", shrink=0.9)
+        axs.set_title(f"{m.label}: per slide", fontsize=10, y=1)
+        bars.append(fig.colorbar(mesh, cax=fig.add_axes(_rect(fig, 0, 0, 1, 1)), label="% of the slide's objects"))
+    # across: pooled | per slide (1.25 times as wide, less where a pooled title needs the room) | colour bar
+    # 90% as high; each after its tick labels
+    pooled_left = EDGE + YLABEL + max(_tick_width(ax.yaxis) for ax, _ in axes) + TICK
+    if labelled:
+        slide_left = _text_width([t.get_text() for t in axes[0][1].get_yticklabels()], 8) + TICK
+    else:
+        slide_left = YLABEL + max(_tick_width(axs.yaxis) for _, axs in axes) + TICK
+    bar_w, bar_pad = 0.12, 0.15
+    bar_right = bar_pad + bar_w + TICK + max(_tick_width(b.ax.yaxis) for b in bars) + YLABEL + EDGE
+    room = 12 - pooled_left - XOVER - slide_left - bar_right
+    # the pooled panels' titles may reach over their tick labels, not over the figure's edge or the next panel
+    reach = min(pooled_left - EDGE, XOVER + slide_left - 0.05)
+    titles = _text_width([ax.get_title() for ax, _ in axes]) - 2 * reach
+    w = min(max(room / 2.25, titles), room / 1.5)
+    for (ax, axs), b, top, m in zip(axes, bars, tops, present):
+        ax.set_position(_rect(fig, pooled_left, top, w, height))
+        x = pooled_left + w + XOVER + slide_left
+        axs.set_position(_rect(fig, x, top, room - w, height))
+        b.ax.set_position(_rect(fig, x + room - w + bar_pad, top + 0.05 * height, bar_w, 0.9 * height))
+        if m.log:  # the number of ticks depends on the axes' width: now known
+            _log_xticks(ax)
+            _log_xticks(axs)
     return fig
 
 
@@ -383,10 +511,12 @@ def plot_failed(summary: pd.DataFrame):
     groups, fixes = failure_groups(summary)
     order = list(groups)
     fig = _figure(13, 1.2 + 0.9 * len(order))
-    fig.suptitle(
-        f"Failed slides: {len(failed)} of {len(summary)} (each one's message: summary.csv, 'error')", fontsize=13
-    )
-    ax, text = fig.subplots(1, 2, sharey=True, width_ratios=[1, 5])
+    _suptitle(fig, f"Failed slides: {len(failed)} of {len(summary)} (each one's message: summary.csv, 'error')")
+    # bars | text, 1:5 across, between the title and the bars' x tick labels and label
+    height = fig.get_size_inches()[1] - SUPTITLE - XBAND - EDGE
+    w = (13 - 2 * EDGE - XOVER) / 6
+    ax = fig.add_axes(_rect(fig, EDGE, SUPTITLE, w, height))
+    text = fig.add_axes(_rect(fig, EDGE + w + XOVER, SUPTITLE, 5 * w, height), sharey=ax)
     y = np.arange(len(order))
     counts = [len(groups[k]) for k in order]
     bars = ax.barh(y, counts, color=(0.75, 0.2, 0.2))
