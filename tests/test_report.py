@@ -120,7 +120,7 @@ def failed_rows():
     ]:
         with pytest.raises(SlideError) as exc:
             inspect_slide(str(path), sid, mpp)
-        out.append(dict(slide_id=sid, path=str(path), status="failed", error=str(exc.value)))
+        out.append(dict(slide_id=sid, path=str(path), status="failed", failed_stage="inspect", error=str(exc.value)))
     return out
 
 
@@ -216,22 +216,23 @@ def test_distributions_pooled_and_per_slide(tmp_path):
 def test_failed_slides_grouped_by_reason_with_the_fix(tmp_path):
     summary = summary_of(tmp_path, [ok_row("a", 1.0, (5, 1), (0.1, 0.01))] + failed_rows())
     groups, fixes = report.failure_groups(summary)
-    assert groups == {
-        "file not found": ["typo", "typo2"],  # two paths, one reason
-        "not a slide format OpenSlide or tifffile can read": ["broken"],
-        "the file has no resolution (mpp) in its metadata": ["no_mpp"],
-        "a 3-channel image, not an 8-bit RGB brightfield slide": ["vectra"],  # details in parentheses left out
+    assert groups == {  # led by the stage that failed (summary.csv's failed_stage)
+        "inspect: file not found": ["typo", "typo2"],  # two paths, one reason
+        "inspect: not a slide format OpenSlide or tifffile can read": ["broken"],
+        "inspect: the file has no resolution (mpp) in its metadata": ["no_mpp"],
+        "inspect: a 3-channel image, not an 8-bit RGB brightfield slide": ["vectra"],  # details in parentheses out
     }
-    assert list(groups)[:2] == ["file not found", "a 3-channel image, not an 8-bit RGB brightfield slide"]  # most first
-    assert fixes["file not found"] == "correct the 'path' column of the sample sheet"
+    most = ["inspect: file not found", "inspect: a 3-channel image, not an 8-bit RGB brightfield slide"]
+    assert list(groups)[:2] == most  # most first
+    assert fixes["inspect: file not found"] == "correct the 'path' column of the sample sheet"
     fig = report.plot_failed(summary)
     bars, text = fig.axes
     assert [p.get_width() for p in bars.patches] == [2, 1, 1, 1]
     shown = " ".join(t.get_text() for t in text.texts)
     assert all(r in shown for r in groups) and "typo, typo2" in shown and "fix: correct the 'path'" in shown
     assert "5 of 6" in fig.get_suptitle()
-    # a stage column (failures after inspection) leads the reason
-    summary["stage"] = ["", "inspect", "inspect", "inspect", "segment", "inspect"]
+    # a failure after inspection: its own stage leads the reason, apart from the same words at inspection
+    summary["failed_stage"] = [None, "inspect", "inspect", "inspect", "segment", "inspect"]
     assert "segment: the file has no resolution (mpp) in its metadata" in report.failure_groups(summary)[0]
     fig = report.plot_failed(summary_of(tmp_path, [ok_row("a", 1.0, (5, 1), (0.1, 0.01))]))
     assert "None: all 1 slides" in " ".join(t.get_text() for t in fig.texts)

@@ -486,14 +486,15 @@ def failure_reason(error: str, slide_id: str) -> tuple[str, str]:
 
 def failure_groups(summary: pd.DataFrame) -> tuple[dict, dict]:
     """({reason: [slide_id, ...]}, {reason: fix}) of summary.csv's failed slides, the most
-    frequent reason first; the reason starts with the stage where summary.csv has a
-    'stage' column."""
+    frequent reason first; each reason starts with the stage that failed (summary.csv's
+    'failed_stage', as aggregate writes it), so that the same words from two stages stay
+    apart."""
     groups, fixes = {}, {}
     _, failed = _status(summary)
     for r in failed.itertuples(index=False):
         sid = str(r.slide_id)
         reason, fix = failure_reason(getattr(r, "error", ""), sid)
-        stage = getattr(r, "stage", None)
+        stage = getattr(r, "failed_stage", None)
         if isinstance(stage, str) and stage:
             reason = f"{stage}: {reason}"
         groups.setdefault(reason, []).append(sid)
