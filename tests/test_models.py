@@ -253,3 +253,20 @@ def test_stain_max_scale_default_agrees():
     from wsiseg.stain import MAX_SCALE
 
     assert STAIN_MAX_SCALE == MAX_SCALE == stain_max_scale({"name": "m"})
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_unet_sizes_are_the_networks(padding):
+    """The U-Net's sizes without torch (wsiseg.unet_sizes, what the plan stage uses) are
+    UNet.output_size's, and the network's own output where they call an input legal."""
+    from wsiseg import unet_sizes
+    from wsiseg.models.probe import probe
+
+    for depth in range(1, 6):
+        m = UNet(n_classes=1, depth=depth, base_width=1, padding=padding, batch_norm=False).eval()
+        sizes = range(1, 12 * 2**depth + 200)
+        assert [unet_sizes.output_size(n, depth, padding) for n in sizes] == [m.output_size(n) for n in sizes]
+        legal = [n for n in sizes if m.output_size(n)][:3]
+        assert legal and [probe(m, n) for n in legal] == [m.output_size(n) for n in legal]
+        assert unet_sizes.border(depth, padding) == (legal[0] - probe(m, legal[0])) // 2
+        assert unet_sizes.first_legal(depth, padding) == legal[0]
