@@ -89,3 +89,30 @@ def pickle_payload(path, marker) -> None:
     """A .pt that runs a command when unpickled (touching ``marker``), as a malicious or
     careless "weights" file does: a dict with a state_dict that is a call of os.system."""
     torch.save({"state_dict": _Payload(marker)}, str(path))
+
+
+def all_tissue(tmp_path, slide, slide_id: str = "cmu") -> dict:
+    """The plan stage's tissue inputs for ``slide`` (CMU-1's region: 0.499 µm/px) with every
+    pixel tissue (an 8x thumbnail mask and its tissue.json): plan.run's ``tissue_png`` and
+    ``tissue_json``."""
+    from PIL import Image
+
+    from wsiseg.runner import write_json
+    from wsiseg.slide import open_slide
+
+    with open_slide(str(slide)) as s:
+        thumb_ds = 8.0
+        w, h = (int(np.ceil(d / thumb_ds)) for d in s.dimensions)
+    Image.fromarray(np.full((h, w), 255, np.uint8)).save(tmp_path / "tissue.png")
+    write_json(
+        str(tmp_path / "tissue.json"),
+        dict(
+            slide_id=slide_id,
+            method="all",
+            thumbnail_downsample=thumb_ds,
+            thumbnail_mpp=thumb_ds * 0.499,
+            tissue_area_mm2=1.0,
+            tissue_fraction=1.0,
+        ),
+    )
+    return dict(tissue_png=str(tmp_path / "tissue.png"), tissue_json=str(tmp_path / "tissue.json"))

@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import CMU, REPO, corrupt_slide, needs_data
 from e2e import snakemake
-from helpers import ArrayMerger
+from helpers import ArrayMerger, all_tissue
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
@@ -82,31 +82,11 @@ def test_tiles_equal_one_pass_with_the_slide_threshold():
 
 
 def test_plan_stage_stores_the_threshold(tmp_path):
-    from PIL import Image
-
-    from wsiseg.runner import write_json
-
-    with open_slide(str(CMU)) as s:
-        thumb_ds = 8.0
-        w, h = (int(np.ceil(d / thumb_ds)) for d in s.dimensions)
-    Image.fromarray(np.full((h, w), 255, np.uint8)).save(tmp_path / "tissue.png")
-    write_json(
-        str(tmp_path / "tissue.json"),
-        dict(
-            slide_id="cmu",
-            method="all",
-            thumbnail_downsample=thumb_ds,
-            thumbnail_mpp=thumb_ds * 0.499,
-            tissue_area_mm2=1.0,
-            tissue_fraction=1.0,
-        ),
-    )
     plan.run(
         slide_path=str(CMU),
         slide_id="cmu",
         mpp=None,
-        tissue_png=str(tmp_path / "tissue.png"),
-        tissue_json=str(tmp_path / "tissue.json"),
+        **all_tissue(tmp_path, CMU),
         model_cfg=dict(CFG),
         tiling_cfg=dict(tile_size=512, margin="auto"),
         out_tsv=str(tmp_path / "plan.tsv"),

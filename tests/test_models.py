@@ -1,6 +1,10 @@
+import json
+import re
+
 import pytest
 import torch
-from helpers import pickle_payload
+from conftest import CMU, REPO, needs_data
+from helpers import all_tissue, pickle_payload
 
 from wsiseg.errors import ConfigError
 from wsiseg.models import check_weights, load_model
@@ -72,8 +76,6 @@ def test_torchscript_accepted_and_halo_measured(tmp_path):
 def test_torchscript_geometry_is_measured_once_per_weights_file(tmp_path, monkeypatch):
     """The plan stage of every slide loads the model; the gradient probe runs only for a file
     not seen before (cache keyed by the weights' sha256)."""
-    import json
-
     from wsiseg.models import torchscript
 
     monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "cache"))
@@ -255,3 +257,117 @@ def test_stain_max_scale_default_agrees():
     from wsiseg.stain import MAX_SCALE
 
     assert STAIN_MAX_SCALE == MAX_SCALE == stain_max_scale({"name": "m"})
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_unet_sizes_are_the_networks(padding):
+    """The U-Net's sizes without torch (wsiseg.unet_sizes, what the plan stage uses) are
+    UNet.output_size's, and the network's own output where they call an input legal."""
+    from wsiseg import unet_sizes
+    from wsiseg.models.probe import probe
+
+    for depth in range(1, 6):
+        m = UNet(n_classes=1, depth=depth, base_width=1, padding=padding, batch_norm=False).eval()
+        sizes = range(1, 12 * 2**depth + 200)
+        assert [unet_sizes.output_size(n, depth, padding) for n in sizes] == [m.output_size(n) for n in sizes]
+        legal = [n for n in sizes if m.output_size(n)][:3]
+        assert legal and [probe(m, n) for n in legal] == [m.output_size(n) for n in legal]
+        assert unet_sizes.border(depth, padding) == (legal[0] - probe(m, legal[0])) // 2
+        assert unet_sizes.first_legal(depth, padding) == legal[0]
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_checkpoint_geometry_without_the_network(tmp_path, padding):
+    """load_model(network=False), the plan stage's: no module, the rest as the full load says it
+    (its output sizes included), from the checkpoint's metadata."""
+    p, _ = _ckpt(tmp_path, depth=2, base_width=4, padding=padding, batch_norm=False)
+    cfg = dict(name="t", weights=str(p), classes=["background", "nucleus"], mpp=0.5)
+    full, light = load_model(cfg), load_model(cfg, network=False)
+    assert light.module is None and full.module is not None
+    fields = ("classes", "mpp", "name", "checksum", "kind", "align", "border", "halo", "postprocess", "stain")
+    assert [getattr(light, f) for f in fields] == [getattr(full, f) for f in fields]
+    assert [light.output_size(n) for n in range(1, 200)] == [full.module.output_size(n) for n in range(1, 200)]
+    with pytest.raises(ConfigError, match="depth"):  # a config that contradicts it: refused as before
+        load_model(dict(cfg, depth=3), network=False)
+
+
+def test_unet_code_key_is_the_hash_of_inspect_getsource(tmp_path):
+    """The halo cache's key for the U-Net's code, read off the file without importing it, is
+    the value it had when it hashed inspect.getsource(wsiseg.unet): caches stay valid. Also for
+    files with a coding cookie, CRLF line ends and no newline at the end."""
+    import hashlib
+    import importlib.util
+    import inspect
+
+    from wsiseg import unet
+    from wsiseg.models.checkpoint import source_key, unet_code_key
+
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    assert unet_code_key() == key(inspect.getsource(unet))
+    files = {
+        "plain": b"x = 1\n",
+        "crlf_no_end": b"x = 1\r\ny = 'two'\r\nz = 3",
+        "latin1": "# -*- coding: latin-1 -*-\ns = 'caf\xe9'\n".encode("latin-1"),
+    }
+    for name, data in files.items():
+        path = tmp_path / f"{name}.py"
+        path.write_bytes(data)
+        spec = importlib.util.spec_from_file_location(f"srckey_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert source_key(str(path)) == key(inspect.getsource(mod)), name
+    assert source_key(str(tmp_path / "missing.py")) is None and source_key(None) is None
+
+
+@needs_data
+@pytest.mark.parametrize("weights", ["shipped", "valid"])
+def test_plan_stage_of_a_checkpoint_imports_no_torch(tmp_path, monkeypatch, weights):
+    """The plan stage of a checkpoint, in a process of its own, imports neither torch nor
+    scikit-image (1.5 s and 0.3 s of every plan job) once the halo is in the cache, and
+    writes the plan that the full model gives, byte for byte but its elapsed time."""
+    import subprocess
+    import sys
+
+    from wsiseg import models, plan
+    from wsiseg.models import checkpoint
+
+    if weights == "shipped":  # 'same', depth 4, its own post-processing settings
+        path = REPO / "models" / "nuclei-unet.pt"
+    else:  # 'valid', depth 2, the default post-processing settings
+        torch.manual_seed(0)
+        m = UNet(n_classes=3, depth=2, base_width=4, padding="valid", batch_norm=False)
+        path = tmp_path / "valid.pt"
+        save_checkpoint(str(path), m, ["background", "nucleus", "boundary"], mpp=0.5, name="v")
+    monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "cache"))
+    checkpoint.unet_same_halo.cache_clear()
+    kw = dict(
+        slide_path=str(CMU),
+        slide_id="cmu",
+        mpp=None,
+        **all_tissue(tmp_path, CMU),
+        model_cfg=dict(name="m", weights=str(path)),
+        tiling_cfg=dict(tile_size=512, margin="auto"),
+    )
+    # the full model first (as every plan job loaded it before): it measures the halo into the cache
+    monkeypatch.setattr(plan, "load_model", lambda cfg, **_: models.load_model(cfg))
+    full = plan.run(**kw, out_tsv=str(tmp_path / "full.tsv"), out_json=str(tmp_path / "full.json"))
+    checkpoint.unet_same_halo.cache_clear()
+    assert (full.spec.out_offset > 0) == (weights == "valid")
+    code = (
+        "import json, sys\n"
+        "from wsiseg import plan\n"
+        "plan.run(**json.loads(sys.argv[1]), log=lambda s: None)\n"
+        "print(json.dumps([m for m in ('torch', 'skimage') if m in sys.modules]))\n"
+    )
+    light = dict(kw, out_tsv=str(tmp_path / "plan.tsv"), out_json=str(tmp_path / "plan.json"))
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(light)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.splitlines()[-1]) == []
+    assert (tmp_path / "plan.tsv").read_bytes() == (tmp_path / "full.tsv").read_bytes()
+    light_json, full_json = (
+        re.sub(r'"elapsed_s": [^,\n]+', '"elapsed_s": 0', (tmp_path / f).read_text())
+        for f in ("plan.json", "full.json")
+    )
+    assert light_json == full_json and json.loads(full_json)["n_tiles"] > 0

@@ -83,13 +83,6 @@ def slide_threshold(windows, mpp: float, params: BaselineParams, margin: int) ->
     return float(threshold_otsu(values))
 
 
-def sample_rows(n_tiles: int, n_sample: int) -> np.ndarray:
-    """Evenly spread plan rows (deterministic)."""
-    if n_tiles <= n_sample:
-        return np.arange(n_tiles)
-    return np.unique(np.linspace(0, n_tiles - 1, n_sample).round().astype(np.int64))
-
-
 class ClassicalNuclei(torch.nn.Module):
     """(B, 3, n, n) RGB in [0, 1] -> (B, 2, n, n) one-hot 'logits' of the separated nucleus mask."""
 

@@ -3,6 +3,10 @@
 The model decides the margin (its halo), the window (its legal input sizes) and any
 per-slide calibration (:meth:`wsiseg.models.ModelSpec.calibrate`); the grid is
 :func:`wsiseg.tiling.plan_tiles` over the tissue mask.
+
+The plan needs the model's geometry, not its network: a checkpoint of the project's
+U-Net is read without torch or scikit-image (``load_model(..., network=False)``; torch
+only to measure a halo not yet in ``$WSISEG_CACHE``, or for stain statistics).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def run(
     log=print,
 ) -> Plan:
     t0 = time.monotonic()
-    model = load_model(model_cfg)
+    model = load_model(model_cfg, network=False)
     margin = plan_margin(
         model, tiling_cfg.get("margin", "auto"), bool(tiling_cfg.get("allow_small_margin", False)), log
     )

@@ -25,19 +25,7 @@ from skimage.morphology import disk
 from skimage.segmentation import watershed
 
 from .labels import relabel
-
-
-@dataclass
-class InstanceParams:
-    # defaults: typical of models trained by `snakemake train`; training stores its own choice
-    fg_threshold: float = 0.7  # object where P(background) < 1 - fg_threshold
-    seed_threshold: float = 0.9  # seed where P(interior) > seed_threshold
-    min_seed_um2: float = 2.0
-    min_object_um2: float = 6.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
+from .postparams import InstanceParams  # its settings, kept apart: the plan stage needs no scikit-image
 
 MAX_HOLE_UM2 = 100.0  # holes up to this area are filled: inside a nucleus, not a ring of nuclei
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from . import unet_sizes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,17 +65,16 @@ class UNet(nn.Module):
     def __init__(
         self,
         n_classes: int = 2,
-        depth: int = 4,
+        depth: int = unet_sizes.DEPTH,
         base_width: int = 64,
-        padding: str = "same",
+        padding: str = unet_sizes.PADDING,
         batch_norm: bool = True,
         dropout: float = 0.0,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     ):
         super().__init__()
-        if padding not in ("same", "valid"):
-            raise ConfigError(f"model padding must be 'same' or 'valid', not {padding!r}")
+        unet_sizes.check_padding(padding)
         self.config = dict(
             n_classes=n_classes,
             depth=depth,
@@ -118,20 +117,10 @@ class UNet(nn.Module):
             x = up(x, skips[len(skips) - 1 - i])
         return self.head(x)
 
-    # ---- geometry of the valid network, computed analytically
     def output_size(self, n: int) -> int | None:
-        """Output side for input side ``n`` (None if ``n`` is not a legal input)."""
-        if self.padding == "same":
-            return n if n % 2**self.depth == 0 else None
-        for _ in range(self.depth):
-            n -= 4
-            if n <= 0 or n % 2:
-                return None
-            n //= 2
-        n -= 4
-        for _ in range(self.depth):
-            n = 2 * n - 4
-        return n if n > 0 else None
+        """Output side for input side ``n`` (None if ``n`` is not a legal input), computed
+        analytically (:func:`wsiseg.unet_sizes.output_size`, which needs no torch)."""
+        return unet_sizes.output_size(n, self.depth, self.padding)
 
 
 # ----------------------------------------------------- test-time augmentation

@@ -15,7 +15,7 @@ Formats (``model.format``), one module each in this package:
 ``auto``        ``torchscript`` if the weights file is TorchScript, else ``checkpoint``
 =============  =================================================================
 
-Adding a format: a module here with ``load(cfg, device, geometry) -> ModelSpec`` (a
+Adding a format: a module here with ``load(cfg, device, geometry, network) -> ModelSpec`` (a
 subclass of :class:`wsiseg.models.spec.ModelSpec` where the defaults do not fit), one
 :class:`Format` entry in :data:`FORMATS`, the name in the schema's ``model.format``
 enum (a test checks they agree), and its tests.
@@ -27,6 +27,7 @@ whether it wants a GPU while it builds the DAG.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import zipfile
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..errors import ConfigError
 @dataclass(frozen=True)
 class Format:
     name: str
-    module: str  # wsiseg.models.<module>, with load(cfg, device, geometry) -> ModelSpec
+    module: str  # wsiseg.models.<module>, with load(cfg, device, geometry, network) -> ModelSpec
     weights: bool  # reads the file model.weights (a rule input: new weights rerun plans and masks)
     gpu: bool  # worth a GPU (the classical model runs numpy on the CPU)
 
@@ -109,23 +110,26 @@ def check_weights(cfg: dict) -> None:
 
     if check_checkpoint(cfg):  # read without torch
         return
-    try:  # not a zip archive: only torch.load can say what it is
-        from .checkpoint import check
-    except ImportError:  # no torch in Snakemake's environment: the plan stage says it
+    if importlib.util.find_spec("torch") is None:  # no torch in Snakemake's environment: the plan stage says it
         return
-    check(cfg)
+    from .checkpoint import check
+
+    check(cfg)  # not a zip archive: only torch.load can say what it is
 
 
-def load_model(cfg: dict, device: str = "cpu", geometry: bool = True):
+def load_model(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True):
     """Load the model described by the config's ``model:`` block, in eval mode.
 
     ``geometry=False`` skips measuring border and halo (the segment stage reads them
-    from the tile plan, which measured them once).
+    from the tile plan, which measured them once). ``network=False`` (the plan stage)
+    asks for everything but the network: a format that knows its geometry without it
+    (a checkpoint: from its metadata, without torch) leaves ``module`` None; the others
+    load it as before.
     """
     fmt = format_of(cfg)
     stain = check_stain(cfg)
     loader = importlib.import_module(f"{__name__}.{fmt.module}")
-    spec = loader.load(cfg, device=device, geometry=geometry)
+    spec = loader.load(cfg, device=device, geometry=geometry, network=network)
     spec.stain = stain
     return spec
 

@@ -4,31 +4,48 @@ saves it.
 A checkpoint is a plain dict read with ``torch.load(weights_only=True)``: data, never
 code. It embeds what inference needs (architecture, classes, mpp, and the instance
 post-processing chosen on the validation images), so ``model:`` needs only ``weights``.
+
+The plan stage needs none of the tensors: ``load(..., network=False)`` reads the
+checkpoint's metadata without torch (:mod:`.weights`) and the U-Net's sizes by arithmetic
+(:mod:`wsiseg.unet_sizes`); torch is imported by what builds, loads or saves a network.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
+import importlib.util
 import os
 import pickle
 import re
+import tokenize
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from .. import unet
+from .. import unet_sizes
 from ..content import file_sha256 as sha256
 from ..errors import ConfigError
-from ..unet import UNet
+from ..postparams import InstanceParams
 from .probe import cached, measure_halo
 from .spec import ModelSpec
-from .weights import CHECKPOINT_FORMAT, WEIGHTS_FIX, check_format, refused_pickle, resolve
+from .weights import (
+    CHECKPOINT_FORMAT,
+    WEIGHTS_FIX,
+    check_format,
+    read_metadata,
+    refused_pickle,
+    resolve,
+    scan_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from ..unet import UNet
 
 
 def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extra: dict | None = None) -> None:
     """Checkpoint that embeds what inference needs (architecture, classes, mpp); atomic."""
+    import torch
+
     ckpt = dict(
         format=CHECKPOINT_FORMAT,
         name=name,
@@ -45,10 +62,12 @@ def save_checkpoint(path: str, model: UNet, classes, mpp: float, name: str, extr
 
 @dataclass
 class UNetSpec(ModelSpec):
-    """The project's U-Net: its input/output sizes are known analytically."""
+    """The project's U-Net: its input/output sizes are known analytically, from its depth
+    (``align`` is 2**depth) and padding (``border`` 0: 'same'), with or without the network."""
 
     def output_size(self, n: int) -> int | None:
-        return self.module.output_size(n)
+        padding = "same" if self.border == 0 else "valid"
+        return unet_sizes.output_size(n, self.align.bit_length() - 1, padding)
 
 
 @functools.cache
@@ -62,29 +81,55 @@ def unet_same_halo(depth: int) -> int:
     """
 
     def measure() -> dict:
+        import torch
+
+        from ..unet import UNet
+
         probe = UNet(n_classes=1, depth=depth, base_width=2, padding="same", batch_norm=False)
         with torch.no_grad():
             for p in probe.parameters():
                 p.fill_(0.1)
         return dict(depth=depth, halo=measure_halo(probe, 2**depth, 0, positive=False))
 
-    try:
-        code = hashlib.sha256(inspect.getsource(unet).encode()).hexdigest()[:16]
-    except (OSError, TypeError):  # no source to key the cache on: measure
+    code = unet_code_key()
+    if code is None:  # no source to key the cache on: measure
         return int(measure()["halo"])
     return int(cached(f"unet-same-halo-depth{depth}-{code}", measure, ("halo",))["halo"])
 
 
-def _first_legal(module: UNet) -> int:
-    n = 1
-    while module.output_size(n) is None:
-        n += 1
-    return n
+def unet_code_key() -> str | None:
+    """The version of the U-Net's code that :func:`unet_same_halo` keys its cache on, read off
+    wsiseg/unet.py without importing it (and torch): :func:`source_key`."""
+    try:
+        spec = importlib.util.find_spec("wsiseg.unet")
+    except (ImportError, ValueError):
+        return None
+    return source_key(spec.origin if spec else None)
+
+
+def source_key(path: str | None) -> str | None:
+    """sha256 (16 hex digits) of a module's source as ``inspect.getsource(module)`` gives it
+    (decoded as its coding cookie says, universal newlines, a newline after the last line),
+    from the file ``path``; None where there is no source to read."""
+    if not path or not path.endswith(".py"):
+        return None
+    try:
+        with tokenize.open(path) as fh:
+            text = fh.read()
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if not text:
+        return None
+    if not text.endswith("\n"):
+        text += "\n"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _load_data(path: str, device: str):
     """torch.load as data only, with its failures said in our words (torch's own advice for
     a refused pickle is to load it as code, which is never what to do with weights)."""
+    import torch
+
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -119,23 +164,39 @@ def check(cfg: dict) -> None:
     resolve(cfg, read(cfg["weights"]), cfg["weights"])
 
 
-def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> UNetSpec:
+def read_without_tensors(path: str) -> dict | None:
+    """The checkpoint dict with its tensors as None, read without torch and without unpickling
+    anything but plain data (:func:`.weights.scan_checkpoint`, then :func:`.weights.read_metadata`);
+    None for a file that is not a zip archive, which only torch.load can read (:func:`read`)."""
+    data = scan_checkpoint(path)
+    return None if data is None else check_format(read_metadata(data, path), path)
+
+
+def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True) -> UNetSpec:
     """The checkpoint's embedded architecture, classes and mpp are used unless the config
-    gives them; a conflict is an error."""
+    gives them; a conflict is an error.
+
+    ``network=False`` (the plan stage): everything but the network (``module`` None), from
+    the checkpoint's metadata, without torch unless the file is not a zip archive.
+    """
     path = cfg["weights"]
     checksum = sha256(path)
-    ckpt = read(path, device)
+    ckpt = None if network else read_without_tensors(path)
+    if ckpt is None:
+        ckpt = read(path, device)
     arch, classes, mpp = resolve(cfg, ckpt, path)
-    module = UNet(**arch)
-    module.load_state_dict(ckpt["state_dict"])
-    module.to(device).eval()
-    align = 2**module.depth
-    first = _first_legal(module)
-    border = 0 if module.padding == "same" else (first - module.output_size(first)) // 2
-    halo = border if module.padding == "valid" else (unet_same_halo(module.depth) if geometry else None)
+    module = None
+    if network:
+        from ..unet import UNet
+
+        module = UNet(**arch)
+        module.load_state_dict(ckpt["state_dict"])
+        module.to(device).eval()
+    depth, padding = arch.get("depth", unet_sizes.DEPTH), arch.get("padding", unet_sizes.PADDING)
+    unet_sizes.check_padding(padding)
+    border = unet_sizes.border(depth, padding)
+    halo = border if padding == "valid" else (unet_same_halo(depth) if geometry else None)
     post = None
     if len(classes) == 3 and classes[-1] == "boundary":  # background / object / boundary model
-        from ..postprocess import InstanceParams
-
         post = (ckpt.get("extra") or {}).get("postprocess") or InstanceParams().as_dict()
-    return UNetSpec(module, classes, mpp, cfg["name"], checksum, "unet", align, border, halo, post)
+    return UNetSpec(module, classes, mpp, cfg["name"], checksum, "unet", 2**depth, border, halo, post)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import classical
-from .sampling import sampled_windows
+from .sampling import sample_rows, sampled_windows
 from .spec import ModelSpec
 
 CLASSICAL_SAMPLE_TILES = 64  # tissue tiles whose haematoxylin histogram sets a slide's threshold
@@ -33,7 +33,7 @@ class ClassicalSpec(ModelSpec):
         A sampled tile that cannot be decoded is skipped (:func:`.sampling.sampled_windows`).
         """
         params = self.module.params
-        rows = classical.sample_rows(len(tiles), CLASSICAL_SAMPLE_TILES)
+        rows = sample_rows(len(tiles), CLASSICAL_SAMPLE_TILES)
         windows = sampled_windows(opener, geom, tiles, rows, log, "classical model")
 
         try:
@@ -66,7 +66,7 @@ class ClassicalSpec(ModelSpec):
         return f"classical model {self.name}: settings {self.module.params.as_dict()}"
 
 
-def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> ClassicalSpec:
+def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True) -> ClassicalSpec:
     params = classical.params_from_cfg(cfg)
     mpp = float(cfg["mpp"])
     module = classical.ClassicalNuclei(mpp, params)

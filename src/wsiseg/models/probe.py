@@ -1,5 +1,6 @@
 """Geometry of a network we cannot read analytically (TorchScript): measured by running it,
-once (:func:`cached`)."""
+once (:func:`cached`). torch is imported by the functions that run a network: the plan
+stage reads a cached measurement without it."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def probe(module: nn.Module, n: int):
     """Output side of ``module`` on a zero n x n input (None if it does not run)."""
+    import torch
+
     try:
         with torch.inference_mode():
             dev = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
@@ -44,6 +48,8 @@ def measure_halo(module: nn.Module, align: int, border: int, positive: bool = Tr
     ``positive`` the weights of a copy are made positive first (dead ReLUs would
     otherwise hide part of the field).
     """
+    import torch
+
     m = copy.deepcopy(module).float().cpu().eval()
     if positive:
         with torch.no_grad():

@@ -1,9 +1,18 @@
-"""Windows of a sample of a slide's planned tiles, for the plan stage's per-slide
+"""A sample of a slide's planned tiles and their windows, for the plan stage's per-slide
 calibration (:meth:`wsiseg.models.spec.ModelSpec.calibrate`): one window in memory at a time."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..geometry import read_window
+
+
+def sample_rows(n_tiles: int, n_sample: int) -> np.ndarray:
+    """Evenly spread plan rows (deterministic)."""
+    if n_tiles <= n_sample:
+        return np.arange(n_tiles)
+    return np.unique(np.linspace(0, n_tiles - 1, n_sample).round().astype(np.int64))
 
 
 def sampled_windows(opener, geom, tiles, rows, log, who: str, write_region: bool = False):

@@ -3,16 +3,21 @@
 The defaults fit a segmentation network whose output is per-class logits (the
 project's U-Net, a TorchScript model); a format that differs overrides the methods
 it needs (e.g. :class:`wsiseg.models.classical.ClassicalSpec`).
+
+No torch at import: the plan stage holds a spec without its network (``module`` None,
+:func:`wsiseg.models.load_model` with ``network=False``); what runs a network imports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 STAIN_SAMPLE_TILES = 64  # tissue tiles whose write regions give a slide's stain statistics
 
@@ -31,6 +36,8 @@ class TileLabeler:
     mpp: float
 
     def __call__(self, out: torch.Tensor, keep: slice, th: int, tw: int) -> np.ndarray:
+        import torch
+
         if self.postprocess is not None:
             from ..postprocess import InstanceParams, instances_from_probs, separated_mask
 
@@ -44,7 +51,8 @@ class TileLabeler:
 class ModelSpec:
     """A loaded model plus what the tiler, the segment stage and evaluate need to know."""
 
-    module: nn.Module  # input N x 3 x H x W RGB in [0, 1]; output per-class logits N x K x H' x W'
+    module: nn.Module | None  # input N x 3 x H x W RGB in [0, 1]; output per-class logits N x K x H' x W'
+    # (None: loaded for its geometry only, network=False)
     classes: list
     mpp: float
     name: str
@@ -83,9 +91,8 @@ class ModelSpec:
         """
         if self.stain is None:
             return {}
-        from ..classical import sample_rows
-        from ..stain import far_from_reference, measure_windows, scales
-        from .sampling import sampled_windows
+        from ..stain import far_from_reference, measure_windows, scales  # torch: only with stain normalisation
+        from .sampling import sample_rows, sampled_windows
 
         rows = sample_rows(len(tiles), STAIN_SAMPLE_TILES)
         source = measure_windows(sampled_windows(opener, geom, tiles, rows, log, "stain", write_region=True))

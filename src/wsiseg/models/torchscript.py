@@ -20,7 +20,7 @@ from .probe import cached, measure_border, measure_halo
 from .spec import ModelSpec
 
 
-def load(cfg: dict, device: str = "cpu", geometry: bool = True) -> ModelSpec:
+def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True) -> ModelSpec:
     path = cfg["weights"]
     checksum = sha256(path)
     module = torch.jit.load(path, map_location=device).eval()

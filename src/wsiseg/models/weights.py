@@ -9,7 +9,8 @@ Once the opcodes are known to name nothing but tensors and data, the checkpoint'
 metadata (format, classes, mpp, architecture) is read with an unpickler that builds no
 tensor and imports nothing (:func:`read_metadata`), so the config is checked against it
 when the workflow starts without importing torch (2.4 s of every Snakemake start-up,
-also in each cluster job's own Snakemake).
+also in each cluster job's own Snakemake). The plan stage reads the same metadata for
+the model's geometry (:func:`wsiseg.models.checkpoint.read_without_tensors`).
 """
 
 from __future__ import annotations
