@@ -371,3 +371,18 @@ def test_plan_stage_of_a_checkpoint_imports_no_torch(tmp_path, monkeypatch, weig
         for f in ("plan.json", "full.json")
     )
     assert light_json == full_json and json.loads(full_json)["n_tiles"] > 0
+
+
+def test_weights_that_do_not_fit_their_architecture_are_refused_in_words(tmp_path):
+    """A checkpoint whose tensors belong to another U-Net than the one it names (edited, or
+    stitched together by hand): the stage that builds the network refuses it as a config error
+    (a failure record that names the file and the fix), not with torch's size-mismatch trace."""
+    path = tmp_path / "edited.pt"
+    save_checkpoint(str(path), UNet(n_classes=3, depth=3, base_width=4), ["bg", "nucleus", "boundary"], 0.5, "m")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["base_width"] = 8
+    torch.save(ckpt, path)
+    cfg = {"name": "m", "weights": str(path)}
+    assert load_model(cfg, network=False).halo > 0  # the plan needs only its geometry
+    with pytest.raises(ConfigError, match=r"edited\.pt: its weights do not fit the U-Net it names.*size mismatch"):
+        load_model(cfg)

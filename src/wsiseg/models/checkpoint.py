@@ -190,7 +190,13 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = 
         from ..unet import UNet
 
         module = UNet(**arch)
-        module.load_state_dict(ckpt["state_dict"])
+        try:
+            module.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:  # weights of another architecture than the one the file names
+            first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+            raise ConfigError(
+                f"model.weights {path}: its weights do not fit the U-Net it names ({arch}): {first}. Fix: {WEIGHTS_FIX}"
+            ) from None
         module.to(device).eval()
     depth, padding = arch.get("depth", unet_sizes.DEPTH), arch.get("padding", unet_sizes.PADDING)
     unet_sizes.check_padding(padding)
