@@ -714,7 +714,11 @@ def test_train_then_evaluate_targets(tmp_path):
     snakemake(tmp_path, cfgfile, "evaluate")
     assert (tmp_path / "results/training/tiny/best.pt").exists()
     assert len(pd.read_csv(tmp_path / "results/training/tiny/metrics.csv")) == 2
-    assert "epoch 2: train loss" in (tmp_path / "logs/training/tiny.log").read_text()
+    # logs and benchmarks under results:, as the slides' are (two results folders never share a file)
+    assert "epoch 2: train loss" in (tmp_path / "results/logs/training/tiny.log").read_text()
+    assert (tmp_path / "results/benchmarks/training/tiny.tsv").exists()
+    assert (tmp_path / "results/logs/evaluation/small/tiny.log").exists()
+    assert not (tmp_path / "logs").exists()
     val = pd.read_csv(tmp_path / "results/training/tiny/validation.csv")
     assert val["image"].tolist() == ["image03", "image10", "image14", "mean"]  # the sheet's val rows
     assert val["n_true"].iloc[2] == 139  # image14's annotated nuclei

@@ -7,9 +7,9 @@ rule train:
         metrics=report(f"{TRAIN_DIR}/metrics.csv", caption="../report/train.rst", category="Training"),
         validation=report(f"{TRAIN_DIR}/validation.csv", caption="../report/validation.rst", category="Training"),
     log:
-        f"logs/training/{TRAIN.get('name', 'unet')}.log",
+        f"{config['results']}/logs/training/{TRAIN.get('name', 'unet')}.log",
     benchmark:
-        f"benchmarks/training/{TRAIN.get('name', 'unet')}.tsv"
+        f"{config['results']}/benchmarks/training/{TRAIN.get('name', 'unet')}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: max(1, int(TRAIN.get("threads", 0) or 2))
@@ -34,9 +34,9 @@ rule evaluate_set:
         metrics=f"{EVAL_DIR}/{{set}}/{{method}}/metrics.csv",
         overlays=directory(f"{EVAL_DIR}/{{set}}/{{method}}/overlays"),
     log:
-        f"logs/evaluation/{{set}}/{{method}}.log",
+        f"{config['results']}/logs/evaluation/{{set}}/{{method}}.log",
     benchmark:
-        f"benchmarks/evaluation/{{set}}/{{method}}.tsv"
+        f"{config['results']}/benchmarks/evaluation/{{set}}/{{method}}.tsv"
     conda:
         "../../envs/torch.yaml"
     resources:
@@ -56,7 +56,7 @@ rule evaluate:
     output:
         report(f"{EVAL_DIR}/comparison.csv", caption="../report/evaluation.rst", category="Evaluation"),
     log:
-        "logs/evaluation/comparison.log",
+        f"{config['results']}/logs/evaluation/comparison.log",
     conda:
         "../../envs/wsi.yaml"
     script:
