@@ -32,10 +32,9 @@ from .weights import (
     CHECKPOINT_FORMAT,
     WEIGHTS_FIX,
     check_format,
-    read_metadata,
+    read_without_tensors,
     refused_pickle,
     resolve,
-    scan_checkpoint,
 )
 
 if TYPE_CHECKING:
@@ -164,14 +163,6 @@ def check(cfg: dict) -> None:
     resolve(cfg, read(cfg["weights"]), cfg["weights"])
 
 
-def read_without_tensors(path: str) -> dict | None:
-    """The checkpoint dict with its tensors as None, read without torch and without unpickling
-    anything but plain data (:func:`.weights.scan_checkpoint`, then :func:`.weights.read_metadata`);
-    None for a file that is not a zip archive, which only torch.load can read (:func:`read`)."""
-    data = scan_checkpoint(path)
-    return None if data is None else check_format(read_metadata(data, path), path)
-
-
 def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True) -> UNetSpec:
     """The checkpoint's embedded architecture, classes and mpp are used unless the config
     gives them; a conflict is an error.
@@ -181,7 +172,7 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = 
     """
     path = cfg["weights"]
     checksum = sha256(path)
-    ckpt = None if network else read_without_tensors(path)
+    ckpt = None if network else read_without_tensors(path)  # None: not a zip archive, torch.load reads it
     if ckpt is None:
         ckpt = read(path, device)
     arch, classes, mpp = resolve(cfg, ckpt, path)

@@ -10,7 +10,7 @@ metadata (format, classes, mpp, architecture) is read with an unpickler that bui
 tensor and imports nothing (:func:`read_metadata`), so the config is checked against it
 when the workflow starts without importing torch (2.4 s of every Snakemake start-up,
 also in each cluster job's own Snakemake). The plan stage reads the same metadata for
-the model's geometry (:func:`wsiseg.models.checkpoint.read_without_tensors`).
+the model's geometry (:func:`read_without_tensors`).
 """
 
 from __future__ import annotations
@@ -214,13 +214,20 @@ def resolve(cfg: dict, ckpt: dict, path: str) -> tuple:
     return arch, classes, mpp
 
 
+def read_without_tensors(path: str) -> dict | None:
+    """The checkpoint dict with its tensors as None, read without torch and without unpickling
+    anything but plain data (:func:`scan_checkpoint`, then :func:`read_metadata`), checked to be
+    one of ours; None for a file that is not a zip archive, which only torch.load can read."""
+    data = scan_checkpoint(path)
+    return None if data is None else check_format(read_metadata(data, path), path)
+
+
 def check_checkpoint(cfg: dict) -> bool:
     """Without torch: refuse what the plan stage's checkpoint loader would refuse (a pickle
     that is not data, a file that is not a checkpoint of ours, a config that contradicts
     it). False for a file that is not a zip archive, which only torch can judge."""
-    path = cfg["weights"]
-    data = scan_checkpoint(path)
-    if data is None:
+    ckpt = read_without_tensors(cfg["weights"])
+    if ckpt is None:
         return False
-    resolve(cfg, check_format(read_metadata(data, path), path), path)
+    resolve(cfg, ckpt, cfg["weights"])
     return True
