@@ -98,7 +98,12 @@ class TileDataset(Dataset):
         return self._slide
 
     def __getitem__(self, i: int):
-        """(window as 3 x n x n float in [0, 1], plan row, error message or '', CPU seconds)."""
+        """(window as n x n x 3 float in [0, 1], plan row, error message or '', CPU seconds).
+
+        Channels last, as read: a batch of them permuted to N x 3 x n x n is already in the
+        channels_last layout the network runs in (:func:`_loop`), so neither this worker nor the
+        network's loop transposes a window. The values are those of the channels-first window
+        (the same division of the same pixels): the masks do not change."""
         t0 = time.process_time()
         self._reads += 1
         if self._reads % TRIM_EVERY == 0:
@@ -111,9 +116,8 @@ class TileDataset(Dataset):
             if self._slide is not None:
                 self._slide.close()
             self._slide = None
-            return torch.zeros(3, int(n), int(n)), i, exc.problem, time.process_time() - t0
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))) / 255.0
-        return x, i, "", time.process_time() - t0
+            return torch.zeros(int(n), int(n), 3), i, exc.problem, time.process_time() - t0
+        return torch.from_numpy(img) / 255.0, i, "", time.process_time() - t0
 
 
 class StoreMerger:
@@ -321,7 +325,9 @@ def _loop(
             timings["wait_s"] += time.monotonic() - t_wait
             timings["read_cpu_s"] += float(read_s.sum())
             t_net = time.monotonic()
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            # N x n x n x 3 from the readers: permuted, it is N x 3 x n x n in channels_last already
+            # (no copy here; the transpose took half of this loop's CPU time: benchmarks/README.md)
+            x = x.permute(0, 3, 1, 2).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = torch.log(softmax_tta(model, x).clamp_min(1e-12)) if tta else model(x)
             out = out.float()
