@@ -238,9 +238,14 @@ def run_segmentation(
     ``max_unreadable_fraction`` of the tiles are unreadable the slide fails.
 
     ``timings`` (a dict) receives ``read_cpu_s``, the CPU seconds of reading the windows
-    (in the DataLoader workers), ``network_s``, the wall time of the network's calls (with
-    the copy of their outputs back to the CPU), and ``wait_s``, the wall time the loop waited
-    for the next batch of windows: on a GPU, the time the network waited for data.
+    (in the DataLoader workers), ``network_s``, the wall time of the network's calls and of
+    waiting for their outputs on the CPU, and ``wait_s``, the wall time the loop waited for
+    the next batch of windows: on a GPU, at most the time the network waited for data (the
+    GPU may still be busy with the batch before, which this process hands to the merger only
+    once the next one is launched).
+
+    The merger gets each batch's tiles after the next batch has gone to the network (on the
+    last batch, at the end), in plan order; a merger keeps what it needs of ``output``.
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
@@ -314,6 +319,54 @@ def _loop(
     timings,
 ):
     last, done = t0, 0
+    cuda = device.type == "cuda"
+
+    def hand_over(out, ready, idx, errors):
+        """The per-tile work of one batch the network is done with: to the merger (its
+        post-processing pool), unreadable tiles logged. ``ready``: the CUDA event after the
+        batch's copy to the host (None on the CPU)."""
+        nonlocal last, done
+        if ready is not None:
+            t_sync = time.monotonic()
+            ready.synchronize()
+            timings["network_s"] += time.monotonic() - t_sync
+        for j, i in enumerate(idx.tolist()):
+            tile = rows[i]
+            if errors[j]:
+                unreadable.append((int(tile.row), int(tile.col), errors[j]))
+                log_fn(
+                    f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
+                    f"y={tile.y0}) could not be read and is left as background: {errors[j]}"
+                )
+                if len(unreadable) > max_unreadable_fraction * n_tiles:
+                    raise SlideError(
+                        slide_name,
+                        f"{len(unreadable)} of {n_tiles} tiles could not be decoded, more than "
+                        f"tiling.max_unreadable_fraction={max_unreadable_fraction:g} allows (first: tile row "
+                        f"{unreadable[0][0]} col {unreadable[0][1]}: {unreadable[0][2]})",
+                        "the file is damaged: re-export or re-scan it, or raise tiling.max_unreadable_fraction "
+                        "to accept unreadable regions as background",
+                    )
+                continue
+            merger.aggregate(tile, out[j], keep)
+        if done // TRIM_EVERY != (done + len(idx)) // TRIM_EVERY:
+            trim_heap()  # the batches and outputs of the network's process: as the reading workers
+        done += len(idx)
+        now = time.monotonic()
+        if now - last >= log_every_s or done == n_tiles:
+            rate = done / max(now - t0, 1e-9)
+            eta = (n_tiles - done) / max(rate, 1e-9)
+            log_fn(
+                f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), "
+                f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s"
+            )
+            last = now
+
+    # One batch stays in hand: batch k goes to the merger after batch k + 1 has been launched,
+    # so that on a GPU the network computes k + 1 (and copies it back) while this process
+    # hands k's tiles to the post-processing pool; the GPU does not wait for that work. On
+    # the CPU the network's call returns when it is done, and the order changes nothing.
+    held = None
     batches = iter(loader)
     with torch.inference_mode():
         while True:
@@ -330,43 +383,24 @@ def _loop(
             x = x.permute(0, 3, 1, 2).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = torch.log(softmax_tta(model, x).clamp_min(1e-12)) if tta else model(x)
-            out = out.float()
             assert out.shape[-1] >= keep.stop and out.shape[-2] >= keep.stop, (
                 f"model output {tuple(out.shape[-2:])} does not cover the write region {keep}"
             )
-            out = out.cpu().contiguous()  # one copy per batch, back to NCHW; the per-tile work runs on the CPU
+            # back to NCHW for the per-tile work, on the device (a GPU transposes for free)
+            out = out.float().contiguous()
+            ready = None
+            if cuda:  # into pinned memory without waiting: the copy runs behind the network's kernels
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                out = host
             timings["network_s"] += time.monotonic() - t_net
-            for j, i in enumerate(idx.tolist()):
-                tile = rows[i]
-                if errors[j]:
-                    unreadable.append((int(tile.row), int(tile.col), errors[j]))
-                    log_fn(
-                        f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
-                        f"y={tile.y0}) could not be read and is left as background: {errors[j]}"
-                    )
-                    if len(unreadable) > max_unreadable_fraction * n_tiles:
-                        raise SlideError(
-                            slide_name,
-                            f"{len(unreadable)} of {n_tiles} tiles could not be decoded, more than "
-                            f"tiling.max_unreadable_fraction={max_unreadable_fraction:g} allows (first: tile row "
-                            f"{unreadable[0][0]} col {unreadable[0][1]}: {unreadable[0][2]})",
-                            "the file is damaged: re-export or re-scan it, or raise tiling.max_unreadable_fraction "
-                            "to accept unreadable regions as background",
-                        )
-                    continue
-                merger.aggregate(tile, out[j], keep)
-            if done // TRIM_EVERY != (done + len(idx)) // TRIM_EVERY:
-                trim_heap()  # the batches and outputs of the network's process: as the reading workers
-            done += len(idx)
-            now = time.monotonic()
-            if now - last >= log_every_s or done == n_tiles:
-                rate = done / max(now - t0, 1e-9)
-                eta = (n_tiles - done) / max(rate, 1e-9)
-                log_fn(
-                    f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), "
-                    f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s"
-                )
-                last = now
+            if held is not None:
+                hand_over(*held)
+            held = (out, ready, idx, errors)
+        if held is not None:
+            hand_over(*held)
 
 
 #: tiling.batch_size 'auto' on a GPU: windows per forward pass (8 windows of 736 px in bf16
