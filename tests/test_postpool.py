@@ -268,3 +268,47 @@ def test_auto_tiling_follows_the_device_and_the_jobs_cpus():
     assert used(old, 2, cpu) == (4, 2, 0, 2) and used(old, 16, cuda) == (4, 2, 13, 1)
     assert used(dict(auto, postprocess_workers=3), 16, cuda) == (8, 8, 3, 5)
     assert used(dict(auto, workers=0), 16, cpu) == (1, 0, 0, 16)
+
+
+@needs_data
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine (benchmarks/gpu_device.sh)")
+def test_on_cuda_the_masks_do_not_depend_on_the_workers(tmp_path):
+    """The CUDA path of the network's loop (bf16/fp16 autocast, outputs copied back into pinned
+    memory without waiting, a batch handed over once the next is launched): byte for byte the
+    same store with the post-processing and reading in this process or in workers. Both runs
+    are in one process with one batch size, so cuDNN's autotuning picks the same kernels."""
+    spec = load_model(SHIPPED)
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    block = plan[plan.row.between(4, 8) & plan.col.between(4, 8)]  # 25 tiles: several held batches
+    stores = []
+    for workers, read_workers in ((0, 0), (2, 2)):
+        path = tmp_path / f"w{workers}-r{read_workers}"
+        run_segmentation(
+            str(CMU),
+            "s",
+            None,
+            geom,
+            tiles,
+            block,
+            spec.module,
+            StoreMerger(
+                str(path),
+                geom,
+                tiles,
+                labels=spec.labeler(),
+                workers=workers,
+                slide_name="s",
+                channels=len(spec.classes),
+            ),
+            torch.device("cuda"),
+            batch_size=4,
+            workers=read_workers,
+        )
+        stores.append((path / "data.bin").read_bytes())
+    assert stores[0] == stores[1]
+    with TileStore(str(tmp_path / "w0-r0")) as st:  # real nuclei, not an empty store
+        mask = st.read(4 * 128, 4 * 128, 5 * 128, 5 * 128)
+    assert ndi.label(mask, structure=np.ones((3, 3)))[1] > 50
