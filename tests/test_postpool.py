@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
 SHIPPED = dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt"))
 
 
-def segment_store(path, slide, spec, geom, tiles, plan, workers, batch_size=3, read_workers=0, **kw):
-    """The store's bytes with ``workers`` post-processing and ``read_workers`` reading workers."""
+def segment_store(path, slide, spec, geom, tiles, plan, workers, batch_size=3, read_workers=0, module=None, **kw):
+    """The store's bytes with ``workers`` post-processing and ``read_workers`` reading workers
+    (``module``: the network, default the spec's)."""
     run_segmentation(
         str(slide),
         "s",
@@ -37,7 +39,7 @@ def segment_store(path, slide, spec, geom, tiles, plan, workers, batch_size=3, r
         geom,
         tiles,
         plan,
-        spec.module,
+        spec.module if module is None else module,
         StoreMerger(
             str(path), geom, tiles, labels=spec.labeler(), workers=workers, slide_name="s", channels=len(spec.classes)
         ),
@@ -102,6 +104,62 @@ def test_unreadable_tiles_the_same_with_workers(tmp_path):
             serial = stores
     assert bad[0] and bad[0] == bad[2]
     assert serial == stores
+
+
+@needs_data
+def test_without_reading_workers_windows_are_read_beside_the_hand_over_not_the_network(tmp_path, monkeypatch):
+    """Without reading workers the next batch is read in a helper thread while the loop hands the
+    last one over (post-processing it, without post-processing workers), never while the network
+    runs, where it would take cores from the network's threads; the store is the one the
+    reading workers give."""
+    from wsiseg import segment
+
+    spans, lock = [], threading.Lock()  # (what, thread, start, end)
+
+    def record(what, t0):
+        with lock:
+            spans.append((what, threading.current_thread().name, t0, time.perf_counter()))
+
+    class RecordedReads(segment.TileDataset):
+        def __getitem__(self, i):
+            t0 = time.perf_counter()
+            try:
+                return super().__getitem__(i)
+            finally:
+                record("read", t0)
+
+    class RecordedNetwork(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            t0 = time.perf_counter()
+            try:
+                return self.net(x)
+            finally:
+                record("network", t0)
+
+    spec = load_model(SHIPPED)
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)
+    block = plan[plan.row.between(5, 6) & plan.col.between(5, 7)]  # 6 tiles, real nuclei
+    with_readers = segment_store(tmp_path / "r2", CMU, spec, geom, tiles, block, 0, batch_size=2, read_workers=2)
+    monkeypatch.setattr(segment, "TileDataset", RecordedReads)
+    without = segment_store(
+        tmp_path / "r0", CMU, spec, geom, tiles, block, 0, batch_size=2, module=RecordedNetwork(spec.module)
+    )
+    assert without == with_readers
+    reads = [sp for sp in spans if sp[0] == "read"]
+    calls = [sp for sp in spans if sp[0] == "network"]
+    assert len(reads) == 6 and len(calls) == 3
+    # the first batch is read before there is anything to hand over; every later one in the helper thread
+    assert all(name.startswith("wsiseg-read") for _, name, *_ in reads[2:])
+    for _, _, r0, r1 in reads:
+        for _, _, n0, n1 in calls:
+            assert r1 <= n0 or n1 <= r0, "a window was read while the network ran"
 
 
 def writer(tmp_path, labeler):

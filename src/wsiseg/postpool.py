@@ -122,17 +122,17 @@ class TileWriter:
         its post-processing and of its write."""
         import torch
 
-        t0 = time.process_time()
+        t0 = time.thread_time()  # this thread's: in the network's process another one may read meanwhile
         out = job.output if output is None else output
         out = torch.from_numpy(out) if isinstance(out, np.ndarray) else out
         labels = self.labeler(out, self.keep, job.th, job.tw)
         if self.tissue is not None:
             labels = labels * self._tissue_in(job)
-        t1 = time.process_time()
+        t1 = time.thread_time()
         if self._store is None:
             self._store = TileStore(self.store_path, "r+")
         self._store.write_chunk(job.row, job.col, labels)
-        return t1 - t0, time.process_time() - t1
+        return t1 - t0, time.thread_time() - t1
 
     def close(self) -> None:
         if self._store is not None:

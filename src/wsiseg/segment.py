@@ -3,7 +3,9 @@ tile's write region.
 
 A pipeline in which the network's loop does nothing but feed the network:
 
-    DataLoader workers      read, decode and resample each read window (:class:`TileDataset`)
+    DataLoader workers      read, decode and resample each read window (:class:`TileDataset`);
+                            without workers a helper thread of this process reads the next
+                            batch while the loop hands the last one over (:class:`ReadAhead`)
     this process            the network, on the job's device in channels_last (CUDA: bf16/fp16
                             autocast, cuDNN autotuning, pinned memory, non-blocking copies)
     post-processing workers the model's per-tile labels (e.g. the instance watershed), tissue
@@ -28,6 +30,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -98,13 +101,9 @@ class TileDataset(Dataset):
         return self._slide
 
     def __getitem__(self, i: int):
-        """(window as n x n x 3 float in [0, 1], plan row, error message or '', CPU seconds).
-
-        Channels last, as read: a batch of them permuted to N x 3 x n x n is already in the
-        channels_last layout the network runs in (:func:`_loop`), so neither this worker nor the
-        network's loop transposes a window. The values are those of the channels-first window
-        (the same division of the same pixels): the masks do not change."""
-        t0 = time.process_time()
+        """(window as n x n x 3 uint8, plan row, error message or '', CPU seconds); zeros for a
+        window that could not be read. :func:`collate_windows` makes the batch."""
+        t0 = time.thread_time()  # this read's: another thread of the process may post-process meanwhile
         self._reads += 1
         if self._reads % TRIM_EVERY == 0:
             trim_heap()
@@ -116,8 +115,78 @@ class TileDataset(Dataset):
             if self._slide is not None:
                 self._slide.close()
             self._slide = None
-            return torch.zeros(int(n), int(n), 3), i, exc.problem, time.process_time() - t0
-        return torch.from_numpy(img) / 255.0, i, "", time.process_time() - t0
+            return np.zeros((int(n), int(n), 3), np.uint8), i, exc.problem, time.thread_time() - t0
+        return img, i, "", time.thread_time() - t0
+
+
+def collate_windows(items):
+    """A batch of :class:`TileDataset` items: (windows as N x n x n x 3 float in [0, 1], plan rows,
+    error messages, CPU seconds of reading them, the division included).
+
+    Channels last, as read: permuted to N x 3 x n x n, the batch is already in the channels_last
+    layout the network runs in (:func:`_loop`), so nothing transposes a window. The division is
+    numpy's, in float32, into the batch: the same values as torch's (each uint8 exactly in
+    float32, divided by 255 with IEEE rounding), and no torch kernel runs here, so the thread that
+    reads for the network's process without workers (:class:`ReadAhead`) starts no OpenMP team
+    of its own, whose threads took CPU from the network's: with torch's division there, the
+    network's calls took 4-6 % longer on a 2-CPU job (benchmarks/README.md). In a DataLoader
+    worker the batch is made in shared memory, as torch's default collate does, and reaches the
+    loop without a copy; each window is divided into it once (torch's collate copied a float
+    window into the batch)."""
+    t0 = time.thread_time()
+    imgs, idx, errors, read_s = zip(*items)
+    batch = torch.empty((len(imgs), *imgs[0].shape), dtype=torch.float32)
+    if get_worker_info() is not None:
+        batch.share_memory_()
+    out = batch.numpy()
+    for j, img in enumerate(imgs):
+        np.divide(img, np.float32(255.0), out=out[j], dtype=np.float32)
+    read_s = np.array(read_s, np.float64)
+    read_s[0] += time.thread_time() - t0
+    return batch, torch.tensor(idx, dtype=torch.int64), list(errors), torch.from_numpy(read_s)
+
+
+class ReadAhead:
+    """The loader's batches, each read beside the hand-over of the one before last when the
+    windows are read in the network's process (a loader without workers).
+
+    Without reading workers, reading a batch, the network's call and the hand-over (with the
+    per-tile post-processing, without post-processing workers) took turns in one thread, and
+    while that thread read or post-processed, the job's other CPUs idled. :meth:`start` is
+    called once the network is done with a batch: a helper thread reads the next batch while
+    the loop hands the last one over, so the two share the job's CPUs; :meth:`get` waits for
+    it. No read runs beside the network's call (on the CPU it would take cores from the
+    network's threads). The batches and their order are the loader's; with reading workers
+    the loader reads ahead itself, and this only iterates it.
+
+    On a 2-CPU job it hides about half of the reading (the loop waited 0.13-0.19 s for windows
+    per 10-15 tiles instead of 0.24-0.34 s); the stage was 1 % slower to 2 % faster, within the
+    machine's noise (benchmarks/README.md, ``gpu_feed.py --read-ahead``). Jobs of 3-7 CPUs,
+    whose network is faster while reading and post-processing are not, should gain more; not
+    measured (2-core machines).
+    """
+
+    def __init__(self, loader: DataLoader):
+        self._batches = iter(loader)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-read") if loader.num_workers == 0 else None
+        self._next = None
+
+    def start(self) -> None:
+        """Start reading the next batch (a no-op with reading workers, or if already started)."""
+        if self._pool is not None and self._next is None:
+            self._next = self._pool.submit(next, self._batches, None)
+
+    def get(self):
+        """The next batch; None at the end. A reading error is raised here."""
+        if self._next is None:
+            return next(self._batches, None)
+        pending, self._next = self._next, None
+        return pending.result()
+
+    def close(self) -> None:
+        """Wait for a read in flight (one batch at most) and end the helper thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class StoreMerger:
@@ -258,6 +327,7 @@ def run_segmentation(
     loader = DataLoader(
         ds,
         batch_size=batch_size,
+        collate_fn=collate_windows,
         num_workers=workers,
         shuffle=False,
         pin_memory=device.type == "cuda",
@@ -319,7 +389,6 @@ def _loop(
     timings,
 ):
     last, done = t0, 0
-    cuda = device.type == "cuda"
 
     def hand_over(out, ready, idx, errors):
         """The per-tile work of one batch the network is done with: to the merger (its
@@ -362,19 +431,30 @@ def _loop(
             )
             last = now
 
-    # One batch stays in hand: batch k goes to the merger after batch k + 1 has been launched,
-    # so that on a GPU the network computes k + 1 (and copies it back) while this process
-    # hands k's tiles to the post-processing pool; the GPU does not wait for that work. On
-    # the CPU the network's call returns when it is done, and the order changes nothing.
+    batches = ReadAhead(loader)
+    try:
+        _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, hand_over)
+    finally:
+        batches.close()
+
+
+def _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, hand_over):
+    """The network over each batch of ``batches`` (:class:`ReadAhead`); ``hand_over`` gets each
+    output once the next batch has been launched and the one after that is being read.
+
+    One batch stays in hand: batch k goes to the merger after batch k + 1 has been launched,
+    so that on a GPU the network computes k + 1 (and copies it back) while this process hands
+    k's tiles to the post-processing pool; the GPU does not wait for that work. On the CPU the
+    network's call returns when it is done, and the order changes nothing."""
+    cuda = device.type == "cuda"
     held = None
-    batches = iter(loader)
     with torch.inference_mode():
         while True:
-            t_wait = time.monotonic()  # the loop waits for the next batch of windows (read in-process without workers)
-            try:
-                x, idx, errors, read_s = next(batches)
-            except StopIteration:
+            t_wait = time.monotonic()  # the loop waits for the next batch of windows
+            batch = batches.get()
+            if batch is None:
                 break
+            x, idx, errors, read_s = batch
             timings["wait_s"] += time.monotonic() - t_wait
             timings["read_cpu_s"] += float(read_s.sum())
             t_net = time.monotonic()
@@ -396,6 +476,7 @@ def _loop(
                 ready.record()
                 out = host
             timings["network_s"] += time.monotonic() - t_net
+            batches.start()  # the next batch's windows read beside this hand-over, not beside the network
             if held is not None:
                 hand_over(*held)
             held = (out, ready, idx, errors)
