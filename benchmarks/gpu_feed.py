@@ -16,11 +16,18 @@ gets one torch thread, as on a GPU node. The plan is the slide's whole grid, rep
 for each ``--configs`` entry batch/reading workers/post-processing workers (each a number
 or ``auto``; ``auto`` alone: all three, the default config), against the model alone on the
 same windows in memory with as many torch threads and in the same memory layout
-(channels_last, as the stage runs it) (segment Mpx/s / model Mpx/s). Each row
-says the 1-minute load average before each of its runs (the machine may be shared). ``--reps
-N`` runs every config N times, one round after another (so that each sees the same load),
-and keeps each one's best model and stage times, which filters out most of another user's
-load.
+(channels_last, as the stage runs it) (segment Mpx/s / model Mpx/s). Each stage run sits
+between two runs of the model alone (with its threads) and is compared with their mean;
+``--reps N`` runs every config N times, in the given order and then reversed, round after
+round (the first configuration of a round used to score lower than the second), and the
+table gives the medians, the range of the ratios and the 1-minute load average before each
+run (the machine may be shared).
+
+``--read-ahead`` compares, for a stage without reading workers (the CPU default below 8 CPUs),
+reading each batch in a helper thread beside the hand-over of the last (as the stage does)
+with reading it in the loop after the hand-over, and with the helper thread dividing and
+stacking the windows with torch (which starts an OpenMP team in that thread): the real network,
+one process, the three alternating for ``--reps`` rounds.
 
 ``--real cuda`` runs the stage with the real network on the GPU over the repeated plan, tiling
 resolved for a job of ``--cpus`` CPUs (each ``--configs`` entry; ``auto``: the default config),
@@ -30,12 +37,14 @@ post-processing pool), and the GPU's mean utilisation (NVML). ``--real cpu`` run
 the CPU. ``benchmarks/gpu_device.sh`` runs it on the device machine.
 
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--real cuda] [--cpus N] [--tiles N] [--reps N] [--configs auto 1/0/0 4/2/0 ...]
+        [--efficiency] [--read-ahead] [--real cuda] [--cpus N] [--tiles N] [--reps N]
+        [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -141,40 +150,47 @@ def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_worke
 
 
 def efficiency(args, model, geom, spec, grid, windows):
-    """The real network through the stage as a CPU-only job runs it, against the model alone."""
+    """The real network through the stage as a CPU-only job runs it, against the model alone:
+    each stage run between two runs of the model alone, its ratio against their mean."""
     if args.tiles:
         grid, windows = grid.iloc[: args.tiles], windows[: args.tiles]
     cpus = args.cpus or os.cpu_count()
     dev = torch.device("cpu")
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
-    print(
-        f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
-        f"{'model Mpx/s':>11} {'efficiency':>10} {'load (1 min)':>12}"
-    )
     nhwc = torch.channels_last  # the model alone in the layout the stage runs it in (run_segmentation)
     net = model.module.to(memory_format=nhwc)
-    with torch.inference_mode():  # warm-up (oneDNN picks its kernels on a first call): not in the first row
-        net(
-            (torch.from_numpy(windows[0].transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0).contiguous(memory_format=nhwc)
-        )
-    runs = {}  # config -> (resolved settings, best model s, best stage s, loads)
-    for _ in range(args.reps):  # every config once per round: each sees the same load; the best of each
-        for cfg in args.configs:
-            parts = (cfg + "/auto/auto").split("/")[:3] if cfg == "auto" else cfg.split("/")
-            keys = ("batch_size", "workers", "postprocess_workers")
-            used = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
-            _, t_best, dt_best, loads = runs.get(cfg, (used, float("inf"), float("inf"), []))
-            loads.append(os.getloadavg()[0])
-            torch.set_num_threads(used["network_threads"])
-            t_model = 0.0
-            with torch.inference_mode():  # the model alone on the windows in memory, same threads
-                for w in windows:
-                    x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
-                    x = x.contiguous(memory_format=nhwc)
-                    t0 = time.monotonic()
-                    net(x)
-                    t_model += time.monotonic() - t0
+    inputs = [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]  # as the stage's
+
+    def model_alone(threads):
+        torch.set_num_threads(threads)
+        t = 0.0
+        with torch.inference_mode():  # the model alone on the windows in memory
+            for x in inputs:
+                t0 = time.monotonic()
+                net(x)
+                t += time.monotonic() - t0
+        return t
+
+    keys = ("batch_size", "workers", "postprocess_workers")
+    used = {}
+    for cfg in args.configs:
+        parts = ["auto"] * 3 if cfg == "auto" else cfg.split("/")
+        used[cfg] = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
+    model_alone(used[args.configs[0]]["network_threads"])  # warm-up (oneDNN picks its kernels on a first call)
+    runs = {cfg: [] for cfg in args.configs}  # cfg -> [(model s, stage s, load)]
+    for r in range(args.reps):
+        # the configs in turn, reversed every other round (the first run of a round scored lower
+        # than the second: benchmarks/README.md), each stage run between two of the model alone
+        order = args.configs if r % 2 == 0 else args.configs[::-1]
+        before = None  # (threads, model s) of the run just before
+        for cfg in order:
+            threads = used[cfg]["network_threads"]
+            if before is None or before[0] != threads:
+                before = (threads, model_alone(threads))
+            load = os.getloadavg()[0]
+            torch.set_num_threads(threads)
+            c = used[cfg]
             dt, *_ = run_stage(
                 args.slide,
                 geom,
@@ -182,18 +198,104 @@ def efficiency(args, model, geom, spec, grid, windows):
                 grid,
                 model.module,
                 model.labeler(),
-                used["postprocess_workers"],
-                used["workers"],
-                used["batch_size"],
+                c["postprocess_workers"],
+                c["workers"],
+                c["batch_size"],
             )
-            runs[cfg] = (used, min(t_best, t_model), min(dt_best, dt), loads)
-    for cfg, (used, t_model, dt, loads) in runs.items():
-        m_rate, s_rate = grid_mpx / t_model, grid_mpx / dt
+            after = (threads, model_alone(threads))
+            runs[cfg].append(((before[1] + after[1]) / 2, dt, load))
+            print(
+                f"  round {r + 1} {cfg:>7}: model alone {before[1]:.1f} s, stage {dt:.1f} s, model alone "
+                f"{after[1]:.1f} s: {(before[1] + after[1]) / 2 / dt:.2f}",
+                flush=True,
+            )
+            before = after
+    print(
+        f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
+        f"{'model Mpx/s':>11} {'efficiency':>10} {'range':>9} {'runs':>4} {'load (1 min)':>12}"
+    )
+    for cfg, rows in runs.items():
+        c = used[cfg]
+        ratios = sorted(m / s for m, s, _ in rows)
+        loads = [ld for *_, ld in rows]
+        s_rate = grid_mpx / statistics.median(s for _, s, _ in rows)
+        m_rate = grid_mpx / statistics.median(m for m, _, _ in rows)
         print(
-            f"{cfg:>11} {used['batch_size']:>5} {used['workers']:>6} {used['postprocess_workers']:>6} "
-            f"{used['network_threads']:>7} {s_rate:>11.3f} {m_rate:>11.3f} {s_rate / m_rate:>10.2f} "
-            f"{f'{min(loads):.1f}-{max(loads):.1f}':>12}"
+            f"{cfg:>11} {c['batch_size']:>5} {c['workers']:>6} {c['postprocess_workers']:>6} "
+            f"{c['network_threads']:>7} {s_rate:>11.3f} {m_rate:>11.3f} {statistics.median(ratios):>10.2f} "
+            f"{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>9} {len(rows):>4} {f'{min(loads):.1f}-{max(loads):.1f}':>12}"
         )
+    print("(medians over the runs; efficiency: each stage run against the mean of the model-alone runs either side)")
+
+
+def read_ahead(args, model, geom, spec, grid):
+    """Without reading workers (the CPU default below 8 CPUs): the stage as it runs (the next batch
+    read in a helper thread beside the hand-over of the last), against the loop reading each batch
+    itself, and against the helper thread with torch's division and stacking of the windows (an
+    OpenMP team of its own); one process, the real network, alternating, ``--reps`` rounds."""
+    from torch.utils.data import get_worker_info
+
+    from wsiseg import segment
+
+    if args.tiles:
+        grid = grid.iloc[: args.tiles]
+    cpus = args.cpus or os.cpu_count()
+    torch.set_num_threads(cpus)
+    grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
+
+    class InLoop(segment.ReadAhead):  # each batch read by the loop itself, after the hand-over
+        def __init__(self, loader):
+            super().__init__(loader)
+            self._pool = None
+
+    def torch_collate(items):  # the windows divided and stacked by torch kernels in the reading thread
+        imgs, idx, errors, read_s = zip(*items)
+        assert get_worker_info() is None
+        x = torch.stack([torch.from_numpy(i) / 255.0 for i in imgs])
+        return x, torch.tensor(idx), list(errors), torch.tensor(read_s, dtype=torch.float64)
+
+    variants = {
+        "read-ahead (the stage)": (segment.ReadAhead, segment.collate_windows),
+        "in the loop": (InLoop, segment.collate_windows),
+        "read-ahead, torch collate": (segment.ReadAhead, torch_collate),
+    }
+    runs = {v: [] for v in variants}
+    saved = segment.ReadAhead, segment.collate_windows
+
+    def one(name):
+        segment.ReadAhead, segment.collate_windows = variants[name]
+        try:
+            timings = {}
+            dt, *_ = run_stage(args.slide, geom, spec, grid, model.module, model.labeler(), 0, 0, 1, timings=timings)
+        finally:
+            segment.ReadAhead, segment.collate_windows = saved
+        runs[name].append((dt, timings["network_s"], timings["wait_s"]))
+
+    one("in the loop")  # warm-up
+    runs["in the loop"].clear()
+    names = list(variants)
+    for r in range(args.reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            one(name)
+    print(
+        f"\nwithout reading workers, {cpus} network threads, batch 1, {len(grid)} tiles ({grid_mpx:.1f} Mpx), "
+        f"{args.reps} rounds alternating (medians):"
+    )
+    print(
+        f"{'windows read':>26} {'seconds':>8} {'Mpx/s':>6} {'network s':>9} {'waiting s':>9} {'rest s':>6} "
+        f"{'vs in the loop':>14}"
+    )
+    base = [dt for dt, *_ in runs["in the loop"]]
+    for name, rows in runs.items():
+        dt = statistics.median(r[0] for r in rows)
+        net = statistics.median(r[1] for r in rows)
+        wait = statistics.median(r[2] for r in rows)
+        ratio = statistics.median(b / r[0] for b, r in zip(base, rows))  # round by round
+        print(
+            f"{name:>26} {dt:>8.2f} {grid_mpx / dt:>6.3f} {net:>9.2f} {wait:>9.2f} {dt - net - wait:>6.2f} "
+            f"{ratio:>13.3f}x"
+        )
+    print("(vs in the loop: the loop's time over this row's, round by round, median)")
 
 
 def real(args, model, geom, spec, plan):
@@ -250,6 +352,7 @@ def main():
     ap.add_argument("--post-workers", type=int, nargs="*", default=[0, 1, 2], help="none: skip the replay")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--efficiency", action="store_true")
+    ap.add_argument("--read-ahead", action="store_true", help="reading without workers: helper thread vs the loop")
     ap.add_argument("--real", metavar="DEVICE", help="the stage with the real network on DEVICE (cuda, cpu)")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
     ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
@@ -303,6 +406,8 @@ def main():
             print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
     if args.efficiency:
         efficiency(args, model, geom, spec, grid, windows)
+    if args.read_ahead:
+        read_ahead(args, model, geom, spec, grid)
     if args.real:
         real(args, model, geom, spec, plan)
 
