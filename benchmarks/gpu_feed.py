@@ -246,6 +246,7 @@ def read_ahead(args, model, geom, spec, grid):
     class InLoop(segment.ReadAhead):  # each batch read by the loop itself, after the hand-over
         def __init__(self, loader):
             super().__init__(loader)
+            self._pool.shutdown()  # never used: no thread was started
             self._pool = None
 
     def torch_collate(items):  # the windows divided and stacked by torch kernels in the reading thread

@@ -129,25 +129,16 @@ def main():
     ck = dict(name="nuclei-unet", weights=WEIGHTS, classes=spec.classes, mpp=spec.mpp)
     ts = dict(name="nuclei-ts", weights=ts_path, format="torchscript", classes=spec.classes, mpp=spec.mpp, depth=4)
     cache = os.path.join(wd, "cache")
-    for label, sub in (("first slide", "ck"), ("next slides", "ck2")):  # a U-Net's halo: measured once per machine
-        runs.append(
-            (
-                f"ours, checkpoint, {label}",
-                *workflow(os.path.join(wd, sub), args.slide, ck, tiling, args.cores, cache, args.reuse),
-            )
-        )
-    runs.append(
-        (
-            "ours, TorchScript, first slide",
-            *workflow(os.path.join(wd, "ts1"), args.slide, ts, tiling, args.cores, cache, args.reuse),
-        )
-    )
-    runs.append(
-        (
-            "ours, TorchScript, next slides",
-            *workflow(os.path.join(wd, "ts2"), args.slide, ts, tiling, args.cores, cache, args.reuse),
-        )
-    )
+    # the halo is measured once per machine and cached (a U-Net: per architecture; TorchScript: per
+    # weights file): each weights file runs twice, a machine's first slide, then every next one
+    for name, model_cfg, sub in (
+        ("checkpoint, first slide", ck, "ck"),
+        ("checkpoint, next slides", ck, "ck2"),
+        ("TorchScript, first slide", ts, "ts1"),
+        ("TorchScript, next slides", ts, "ts2"),
+    ):
+        wall, rules = workflow(os.path.join(wd, sub), args.slide, model_cfg, tiling, args.cores, cache, args.reuse)
+        runs.append((f"ours, {name}", wall, rules))
 
     res = os.path.join(wd, "ck", "results", "nuclei-unet", "slide")
     plan = Plan.read(os.path.join(res, "plan.tsv"), os.path.join(res, "plan.json"))
