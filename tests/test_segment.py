@@ -162,7 +162,7 @@ def test_stain_transform_equals_the_textbook_formula_bit_for_bit():
     """The Lab conversions run in place (for speed); on a real CMU-1 window, in float32 in both
     memory layouts and in float64 (the statistics), they equal the textbook formula exactly,
     leave their input alone, and so does the whole per-slide transform."""
-    from wsiseg.stain import StainNormalised, lab_to_rgb, lab_to_rgb_textbook, rgb_to_lab, rgb_to_lab_textbook
+    from wsiseg.stain_transform import StainNormalised, lab_to_rgb, lab_to_rgb_textbook, rgb_to_lab, rgb_to_lab_textbook
 
     with open_slide(str(CMU)) as s:
         geom = Geometry.for_slide(s, 0.5)
@@ -181,10 +181,38 @@ def test_stain_transform_equals_the_textbook_formula_bit_for_bit():
     assert torch.equal(norm(x), textbook) and not torch.equal(textbook, x)
 
 
+def test_stain_statistics_in_numpy_are_those_of_the_transforms_lab():
+    """The plan stage measures each slide's tissue statistics in numpy (LabStats: no torch in that
+    job); they are the statistics of the segment stage's own Lab conversion (rgb_to_lab, torch,
+    float64) of the same pixels: on real CMU-1 windows (one mirrored at the slide's corner), the
+    same tissue pixels and the same means and stds to rounding."""
+    from wsiseg.geometry import read_window
+    from wsiseg.stain import LabStats
+    from wsiseg.stain_transform import rgb_to_lab
+
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+        windows = [read_window(s, geom, x, y, 736) for x, y in ((-112, -112), (700, 900), (1500, 2300))]
+    ours, n, total, squares = LabStats(), 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for img in windows:  # resampled (0.499 -> 0.5 µm/px): float32 in [0, 255], as the plan reads them
+        ours.add_rgb(img)
+        lab = rgb_to_lab(torch.from_numpy(img.transpose(2, 0, 1).copy())[None].double() / 255)[0].reshape(3, -1)
+        px = lab[:, lab[0] < 88]
+        n, total, squares = n + px.shape[1], total + px.sum(1), squares + (px * px).sum(1)
+    mean = (total / n).numpy()
+    std = np.sqrt((squares / n).numpy() - mean**2)
+    m = ours.moments()
+    assert m["pixels"] == n and 0.2 < n / sum(w.shape[0] * w.shape[1] for w in windows) < 0.95
+    assert np.allclose(m["mean"], mean, rtol=1e-12, atol=0) and np.allclose(m["std"], std, rtol=1e-10, atol=0)
+    as_bytes = np.round(windows[1]).astype(np.uint8)  # bytes: as their float values
+    assert LabStats().add_rgb(as_bytes) == LabStats().add_rgb(as_bytes.astype(np.float32))
+
+
 def test_stain_statistics_add_up_and_move_tissue_to_the_reference():
     """The per-slide statistics are sums (tiles add up in any order) and the transform gives the
     tissue the reference's Lab mean and std (to the clipping of out-of-gamut colours)."""
-    from wsiseg.stain import LabStats, StainNormalised, rgb_to_lab
+    from wsiseg.stain import LabStats
+    from wsiseg.stain_transform import StainNormalised, rgb_to_lab
 
     with open_slide(str(CMU)) as s:
         geom = Geometry.for_slide(s, 2.0)
@@ -210,7 +238,8 @@ def test_stain_stretch_clamped_to_the_bound():
     the tissue still goes to the reference mean, its spread by the clamped factors, and the
     plan's warning says what was clamped."""
     from wsiseg import labels as L
-    from wsiseg.stain import LabStats, StainNormalised, far_from_reference, reference_of, rgb_to_lab, scales
+    from wsiseg.stain import LabStats, far_from_reference, reference_of, scales
+    from wsiseg.stain_transform import StainNormalised, rgb_to_lab
 
     rows = L.read_sheet(str(REPO / "config" / "labeled" / "miccai2015-train.tsv")).iloc[:4]
     images = [s.image for _, r in rows.iterrows() for s in L.load_samples(r, 0.5)]

@@ -17,10 +17,12 @@ Why this keeps seams exact: the map is the same for the whole slide and acts on 
 pixel alone, so it commutes with cutting windows, with mirroring at the slide's borders
 and with flips/rotations (TTA). The source statistics are measured once per slide by the
 plan stage (:meth:`wsiseg.models.spec.ModelSpec.calibrate`, stored in plan.json); the segment stage puts
-:class:`StainNormalised` in front of the network, on the network's device.
+:class:`wsiseg.stain_transform.StainNormalised` in front of the network, on the network's device.
 
 The statistics are sums (pixel count, sum, sum of squares per channel: :class:`LabStats`),
-so tiles add up in any order and memory stays one window.
+so tiles add up in any order and memory stays one window. This module measures and checks
+them with numpy alone: the plan stage imports no torch for them (1.5-2 s of every plan job);
+the transform itself, in torch, is :mod:`wsiseg.stain_transform`.
 
 ``python -m wsiseg.stain SHEET [--mpp 0.5] [--within-tile]`` prints the
 ``model.stain_reference`` of a labeled-set sheet (its rows other than ``split`` = val/test,
@@ -35,14 +37,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 from .errors import ConfigError
 
 #: model.stain_max_scale's default (each channel's stretch clamped to [1/2, 2]); the config check
-#: in wsiseg.models holds the same number as STAIN_MAX_SCALE (models must not import torch, this
-#: module does, and it must not import models: tests/test_models.py asserts they agree)
+#: in wsiseg.models holds the same number as STAIN_MAX_SCALE (this module must not import models,
+#: which reads the config when the DAG is built: tests/test_models.py asserts they agree)
 MAX_SCALE = 2.0
 
 TISSUE_L = 88.0  # CIE-Lab lightness below which a pixel is tissue, not white background
@@ -50,69 +50,11 @@ MIN_TISSUE_PX = 1000  # fewer tissue pixels than this on a slide: no statistics,
 MIN_STD = 1e-3  # a channel whose tissue is (nearly) uniform keeps its spread (scale 1)
 WARN_SCALE = 2.0  # a channel stretched or squeezed more than this: the slide is far from the reference
 
-# sRGB (D65) <-> CIE XYZ, as scikit-image's rgb2lab / lab2rgb (observer 2°)
-_XYZ_FROM_RGB = torch.tensor(
-    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
-    dtype=torch.float64,
+# sRGB (D65) -> CIE XYZ and the D65 white point, as scikit-image's rgb2lab / lab2rgb (observer 2°)
+XYZ_FROM_RGB = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
 )
-_RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
-_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
-
-
-def _mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Matrix ``m`` (3 x 3) applied to the channel axis (1) of ``x`` (N x 3 x H x W)."""
-    return torch.einsum("ij,njhw->nihw", m.to(x), x)
-
-
-def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
-    """N x 3 x H x W sRGB in [0, 1] -> CIE-Lab (L* in [0, 100]).
-
-    The formula of :func:`rgb_to_lab_textbook`, equal to it bit for bit (tested), written with
-    in-place operations: a window's conversion is some twenty passes over its pixels, and
-    reusing their buffers saves about a fifth of the transform's time on the CPU
-    (benchmarks/stain_cost.py)."""
-    lin = x.add(0.055).div_(1.055).pow_(2.4)
-    torch.where(x > 0.04045, lin, x / 12.92, out=lin)
-    xyz = _mix(_XYZ_FROM_RGB, lin).div_(_WHITE.to(x).view(1, 3, 1, 1))
-    f = xyz.clamp_min(0).pow_(1 / 3)
-    torch.where(xyz > 0.008856, f, xyz.mul_(7.787).add_(16 / 116), out=f)
-    lab = torch.empty_like(f)
-    torch.mul(f[:, 1], 116, out=lab[:, 0]).sub_(16)
-    torch.sub(f[:, 0], f[:, 1], out=lab[:, 1]).mul_(500)
-    torch.sub(f[:, 1], f[:, 2], out=lab[:, 2]).mul_(200)
-    return lab
-
-
-def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """CIE-Lab -> sRGB in [0, 1] (out-of-gamut colours clipped); in place as :func:`rgb_to_lab`."""
-    f = torch.empty_like(lab)
-    fy = torch.add(lab[:, 0], 16, out=f[:, 1]).div_(116)
-    torch.div(lab[:, 1], 500, out=f[:, 0]).add_(fy)
-    torch.sub(fy, torch.div(lab[:, 2], 200, out=f[:, 2]), out=f[:, 2]).clamp_min_(0)
-    xyz = f.pow(3)
-    torch.where(f > 0.2068966, xyz, f.sub_(16 / 116).div_(7.787), out=xyz)
-    lin = _mix(_RGB_FROM_XYZ, xyz.mul_(_WHITE.to(lab).view(1, 3, 1, 1))).clamp_(0, 1)
-    rgb = lin.pow(1 / 2.4).mul_(1.055).sub_(0.055)
-    torch.where(lin > 0.0031308, rgb, lin.mul_(12.92), out=rgb)
-    return rgb.clamp_(0, 1)
-
-
-def rgb_to_lab_textbook(x: torch.Tensor) -> torch.Tensor:
-    """:func:`rgb_to_lab` as the formula is written (a fresh tensor per step): the reference the
-    in-place version is tested against, bit for bit, and timed against (benchmarks/stain_cost.py)."""
-    lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
-    xyz = _mix(_XYZ_FROM_RGB, lin) / _WHITE.to(x).view(1, 3, 1, 1)
-    f = torch.where(xyz > 0.008856, xyz.clamp_min(0) ** (1 / 3), 7.787 * xyz + 16 / 116)
-    return torch.stack((116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])), 1)
-
-
-def lab_to_rgb_textbook(lab: torch.Tensor) -> torch.Tensor:
-    """:func:`lab_to_rgb` as the formula is written: the reference, as :func:`rgb_to_lab_textbook`."""
-    fy = (lab[:, 0] + 16) / 116
-    f = torch.stack((fy + lab[:, 1] / 500, fy, (fy - lab[:, 2] / 200).clamp_min(0)), 1)
-    xyz = torch.where(f > 0.2068966, f**3, (f - 16 / 116) / 7.787) * _WHITE.to(lab).view(1, 3, 1, 1)
-    lin = _mix(_RGB_FROM_XYZ, xyz).clamp(0, 1)
-    return torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin).clamp(0, 1)
+WHITE = np.array([0.95047, 1.0, 1.08883])
 
 
 @dataclass
@@ -124,12 +66,20 @@ class LabStats:
     ss: tuple = (0.0, 0.0, 0.0)
 
     def add_rgb(self, rgb: np.ndarray) -> LabStats:
-        """Add the tissue pixels of an (H, W, 3) uint8 RGB image."""
+        """Add the tissue pixels of an (H, W, 3) RGB image in [0, 255] (uint8, or float as resampled
+        windows are). In float64 with numpy, the formula of :func:`wsiseg.stain_transform.rgb_to_lab`:
+        the plan stage needs no torch for it; the same values to rounding (tested)."""
         if rgb.size == 0:
             return self
-        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].to(torch.float64) / 255
-        lab = rgb_to_lab(x)[0].reshape(3, -1)
-        px = lab[:, lab[0] < TISSUE_L]
+        x = rgb.reshape(-1, 3).astype(np.float64) / 255
+        lin = np.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+        xyz = lin @ XYZ_FROM_RGB.T
+        xyz /= WHITE
+        f = np.where(xyz > 0.008856, np.maximum(xyz, 0) ** (1 / 3), xyz * 7.787 + 16 / 116)
+        lightness = f[:, 1] * 116 - 16
+        tissue = lightness < TISSUE_L
+        f = f[tissue]
+        px = np.stack((lightness[tissue], (f[:, 0] - f[:, 1]) * 500, (f[:, 1] - f[:, 2]) * 200))
         self.n += int(px.shape[1])
         self.s = tuple(a + float(b) for a, b in zip(self.s, px.sum(1)))
         self.ss = tuple(a + float(b) for a, b in zip(self.ss, (px * px).sum(1)))
@@ -142,27 +92,6 @@ class LabStats:
         mean = [a / self.n for a in self.s]
         std = [math.sqrt(max(b / self.n - m * m, 0.0)) for b, m in zip(self.ss, mean)]
         return dict(mean=mean, std=std, pixels=self.n)
-
-
-class StainNormalised(nn.Module):
-    """``net`` with the slide's Reinhard transform in front (input N x 3 x H x W RGB in [0, 1]).
-
-    The transform runs in float32 outside autocast, on the input's device."""
-
-    def __init__(self, net: nn.Module, source: dict, reference: dict, max_scale: float = MAX_SCALE):
-        super().__init__()
-        self.net = net
-        scale = scales(source, reference, max_scale)
-        shift = [rm - sm * k for sm, rm, k in zip(source["mean"], reference["mean"], scale)]
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return lab_to_rgb(rgb_to_lab(x.float()).mul_(self.scale).add_(self.shift))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalise(x))
 
 
 def scales(source: dict, reference: dict, max_scale: float = math.inf) -> list:

@@ -16,7 +16,7 @@ def sample_rows(n_tiles: int, n_sample: int) -> np.ndarray:
 
 
 def sampled_windows(opener, geom, tiles, rows, log, who: str, write_region: bool = False):
-    """Yield the read windows (or only their write regions) of plan ``rows``, as uint8 RGB.
+    """Yield the read windows (or only their write regions) of plan ``rows``, as float32 RGB in [0, 255].
 
     A sampled tile that cannot be decoded is skipped and logged (``who`` says for what),
     and the slide reopened, as OpenSlide's handle stays in an error state.

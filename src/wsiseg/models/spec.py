@@ -91,7 +91,7 @@ class ModelSpec:
         """
         if self.stain is None:
             return {}
-        from ..stain import far_from_reference, measure_windows, scales  # torch: only with stain normalisation
+        from ..stain import far_from_reference, measure_windows, scales  # numpy: no torch in the plan stage
         from .sampling import sample_rows, sampled_windows
 
         rows = sample_rows(len(tiles), STAIN_SAMPLE_TILES)
@@ -127,7 +127,7 @@ class ModelSpec:
         """``module`` with this model's stain normalisation for tissue statistics ``source`` in front."""
         if self.stain is None or source is None:
             return module
-        from ..stain import StainNormalised
+        from ..stain_transform import StainNormalised
 
         if log is not None:
             log(f"stain normalisation ({self.stain['method']}) in front of the network")
