@@ -164,3 +164,29 @@ def test_sheet_mpp_overriding_different_metadata_is_flagged():
     info = inspect_slide(str(CMU), "cmu", mpp=0.25)
     assert info["mpp"] == 0.25 and info["mpp_source"] == "sheet" and "overrides" in info["warnings"][0]
     assert inspect_slide(str(CMU), "cmu", mpp=0.5)["warnings"] == []
+
+
+@needs_data
+@pytest.mark.parametrize("kind", ["good", "bad"])
+def test_inspect_job_imports_no_pandas(tmp_path, kind):
+    """The inspect stage runs once per slide, as a local job on the host that runs Snakemake:
+    in a process of its own it imports no pandas (0.35 s of its 0.65 here), for a good slide
+    (its description) and a bad one (the record that names the slide and the fix)."""
+    import json
+    import subprocess
+    import sys
+
+    path = CMU if kind == "good" else BAD["unopenable"]
+    code = (
+        "import json, logging, sys\n"
+        "from wsiseg import triage\n"
+        "triage.inspect(path=sys.argv[1], slide_id='s', mpp=None, out_json=sys.argv[2], log=logging.getLogger('t'))\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = tmp_path / "slide.json"
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["False"]
+    rec = json.loads(out.read_text())
+    assert rec["status"] == ("ok" if kind == "good" else "failed"), rec
+    assert (rec["width"], rec["height"]) == (2220, 2967) if kind == "good" else "Fix" in rec["error"]

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .content import fingerprint
 from .errors import SlideError
 from .failure import explain
 from .runner import add_run, write_json
 from .slide import inspect_slide
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ def inspect(*, path: str, slide_id: str, mpp, out_json: str, log) -> dict:
 
 def triage(*, slide_jsons: list, out_tsv: str, log=print) -> pd.DataFrame:
     """slides.tsv: slide_id, status ('ok' or 'failed'), error, path."""
+    import pandas as pd  # here, not at the top: inspect (one job per slide, on the submit host) needs none
+
     rows = []
     for p in slide_jsons:
         rec = SlideRecord.read(p)
