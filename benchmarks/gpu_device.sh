@@ -15,7 +15,8 @@
 #     byte-identical with the post-processing and reading in the loop's process or in workers,
 #     through the CUDA path of the network's loop (autocast, pinned copies, held batches);
 #   - the GPU-feed ceiling: the segment stage with the network replayed (zero network time)
-#     for 0, 1, 2, 4 and 8 post-processing workers on 16 cores, tiles/s and Mpx/s;
+#     for 0, 1, 2, 4 and 8 post-processing workers on 16 cores, tiles/s and Mpx/s; and held to
+#     1, 2, 4, 8 and 16 of the cores with as many post-processing workers (its scaling in CPUs);
 #   - the real network on the GPU through the stage (bf16 autocast, channels_last, cuDNN
 #     autotuning): tiles/s, Mpx/s, the share of the wall time in the network's calls and in
 #     waiting for windows (the GPU starved of data), the GPU's mean utilisation (NVML), for
@@ -57,10 +58,10 @@ run)
         WSISEG_DATA="$PWD/.bench-data" timeout 120 python3 -m pytest -q -p no:cacheprovider -rs \
             tests/test_postpool.py -k cuda || echo "THE CUDA TEST FAILED (above)"
         # 240 tiles (the slide's 30-tile grid, 8 times over); replay for 0-8 post-processing workers
-        # with 4 reading workers, then the real network on the GPU: auto (a 16-CPU job: batch 8,
+        # with 4 reading workers, and held to 1-16 CPUs with as many post-processing workers, then the real network on the GPU: auto (a 16-CPU job: batch 8,
         # 8 readers, 7 post-processing workers), and batch 16 / 8 / 7 and 8 / 4 / 4 beside it
         timeout 480 python3 benchmarks/gpu_feed.py "$SLIDE" --repeat 8 --read-workers 4 --batch 8 \
-            --post-workers 0 1 2 4 8 --real cuda --cpus "$(nproc)" --configs auto 16/8/7 8/4/4
+            --post-workers 0 1 2 4 8 --cores 1 2 4 8 16 --real cuda --cpus "$(nproc)" --configs auto 16/8/7 8/4/4
     } 2>&1 | tee "$OUT/gpu_feed.txt"
     ;;
 *)

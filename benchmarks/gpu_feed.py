@@ -29,6 +29,13 @@ with reading it in the loop after the hand-over, and with the helper thread divi
 stacking the windows with torch (which starts an OpenMP team in that thread): the real network,
 one process, the three alternating for ``--reps`` rounds.
 
+``--cores 1 2`` is the ceiling's scaling in CPUs: the same replay with the stage's processes
+(the loop, ``--read-workers`` reading workers, and as many post-processing workers as CPUs)
+held to the first 1, then 2, ... CPUs of the machine (CPU affinity, which the workers
+inherit), alternating for ``--reps`` rounds: what the issue's 1 -> 2 workers speed-up stands
+for on a machine with only 2 cores, where a second worker beside the reading worker and the
+loop has no core of its own.
+
 ``--real cuda`` runs the stage with the real network on the GPU over the repeated plan, tiling
 resolved for a job of ``--cpus`` CPUs (each ``--configs`` entry; ``auto``: the default config),
 after a warm-up: tiles/s, output Mpx/s, the share of the wall time in the network's calls, in
@@ -37,7 +44,7 @@ post-processing pool), and the GPU's mean utilisation (NVML). ``--real cpu`` run
 the CPU. ``benchmarks/gpu_device.sh`` runs it on the device machine.
 
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--read-ahead] [--real cuda] [--cpus N] [--tiles N] [--reps N]
+        [--efficiency] [--read-ahead] [--cores 1 2] [--real cuda] [--cpus N] [--tiles N] [--reps N]
         [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
@@ -344,6 +351,50 @@ def real(args, model, geom, spec, plan):
         )
 
 
+def cores_scaling(args, model, geom, spec, plan, outputs, order):
+    """The replay held to the first k CPUs with k post-processing workers, for each k of
+    ``--cores``, alternating (k ascending, then descending) for ``--reps`` rounds."""
+    everything = os.sched_getaffinity(0)
+    cpus = sorted(everything)
+    ks = [k for k in args.cores if k <= len(cpus)]
+    if ks != args.cores:  # said, not fatal: the rest of the run (e.g. --real cuda) still comes
+        print(f"--cores: this process may use {len(cpus)} CPUs; {sorted(set(args.cores) - set(ks))} left out")
+    out_mpx = plan.tw.mul(plan.th).sum() / 1e6
+    runs = {k: [] for k in ks}
+    for r in range(args.reps):
+        for k in ks if r % 2 == 0 else ks[::-1]:
+            os.sched_setaffinity(0, cpus[:k])  # the workers started by the stage inherit it
+            try:
+                dt, read_s, post_s, write_s, loop_s = run_stage(
+                    args.slide,
+                    geom,
+                    spec,
+                    plan,
+                    Replay(outputs, order),
+                    model.labeler(),
+                    k,
+                    args.read_workers,
+                    args.batch,
+                )
+            finally:
+                os.sched_setaffinity(0, everything)
+            runs[k].append((dt, (read_s + post_s + write_s + loop_s) / out_mpx))
+    print(
+        f"\nreplayed network, the stage held to k CPUs with k post-processing workers, "
+        f"{args.read_workers} reading worker(s), batch {args.batch}, {args.reps} round(s):"
+    )
+    print(f"{'CPUs':>4} {'post w':>6} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>6} {'range Mpx/s':>12} {'CPU s/Mpx':>9}")
+    med = {}
+    for k, rs in runs.items():
+        dts = [dt for dt, _ in rs]
+        med[k] = statistics.median(dts)
+        rng = f"{out_mpx / max(dts):.2f}-{out_mpx / min(dts):.2f}"
+        cpu = statistics.median(c for _, c in rs)
+        print(f"{k:>4} {k:>6} {med[k]:>8.1f} {len(plan) / med[k]:>8.2f} {out_mpx / med[k]:>6.2f} {rng:>12} {cpu:>9.3f}")
+    for a, b in zip(ks, ks[1:]):
+        print(f"speed-up from {a} to {b} CPUs (medians): {med[a] / med[b]:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("slide", nargs="?", default=CMU)
@@ -355,6 +406,7 @@ def main():
     ap.add_argument("--efficiency", action="store_true")
     ap.add_argument("--read-ahead", action="store_true", help="reading without workers: helper thread vs the loop")
     ap.add_argument("--real", metavar="DEVICE", help="the stage with the real network on DEVICE (cuda, cpu)")
+    ap.add_argument("--cores", type=int, nargs="+", help="the replay held to 1, 2, ... CPUs, as many post workers")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
     ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
     ap.add_argument("--reps", type=int, default=1, help="--efficiency: N rounds over the configs, the best of each")
@@ -381,13 +433,14 @@ def main():
         f"{plan.tw.mul(plan.th).sum() / 1e6:.1f} output Mpx; {args.read_workers} reading worker(s), "
         f"batch {args.batch}; {os.cpu_count()} CPUs"
     )
-    if args.post_workers:
+    if args.post_workers or args.cores:
         outputs = []
         with torch.inference_mode():
             for w in windows:  # the recorded outputs
                 x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
                 outputs.append(model.module(x)[0].float())
         out_mpx = plan.tw.mul(plan.th).sum() / 1e6
+    if args.post_workers:
         print("\nreplayed network (zero network time), CPU s per output Mpx:")
         print(
             f"{'post workers':>12} {'seconds':>8} {'tiles/s':>8} {'Mpx/s':>6} {'read':>6} {'post':>6} "
@@ -405,6 +458,8 @@ def main():
             )
         if 1 in rates and 2 in rates:
             print(f"speed-up from 1 to 2 post-processing workers: {rates[2] / rates[1]:.2f}x")
+    if args.cores:
+        cores_scaling(args, model, geom, spec, plan, outputs, order)
     if args.efficiency:
         efficiency(args, model, geom, spec, grid, windows)
     if args.read_ahead:
