@@ -160,8 +160,9 @@ def test_stain_normalised_stitched_equals_one_pass(tta, max_scale):
 
 def test_stain_transform_equals_the_textbook_formula_bit_for_bit():
     """The Lab conversions run in place (for speed); on a real CMU-1 window, in float32 in both
-    memory layouts and in float64 (the statistics), they equal the textbook formula exactly,
-    leave their input alone, and so does the whole per-slide transform."""
+    memory layouts and in float64 (what the plan's numpy statistics are checked against), they
+    equal the textbook formula exactly, leave their input alone, and so does the whole per-slide
+    transform."""
     from wsiseg.stain_transform import StainNormalised, lab_to_rgb, lab_to_rgb_textbook, rgb_to_lab, rgb_to_lab_textbook
 
     with open_slide(str(CMU)) as s:

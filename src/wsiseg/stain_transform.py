@@ -2,7 +2,7 @@
 
 The segment stage puts :class:`StainNormalised` in front of the network with the statistics
 the plan stage measured (:class:`wsiseg.stain.LabStats`, numpy: the plan stage needs no torch).
-The CIE-Lab conversions here run on N x 3 x H x W tensors, in place, in float32 (float64 in).
+The CIE-Lab conversions here run on N x 3 x H x W tensors in their own dtype (the transform: float32).
 """
 
 from __future__ import annotations
