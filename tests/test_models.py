@@ -323,25 +323,32 @@ def test_unet_code_key_is_the_hash_of_inspect_getsource(tmp_path):
 
 
 @needs_data
-@pytest.mark.parametrize("weights", ["shipped", "valid"])
-def test_plan_stage_of_a_checkpoint_imports_no_torch(tmp_path, monkeypatch, weights):
-    """The plan stage of a checkpoint, in a process of its own, imports neither torch nor
-    scikit-image (1.5 s and 0.3 s of every plan job) once the halo is in the cache, and
-    writes the plan that the full model gives, byte for byte but its elapsed time. The shipped
-    weights run with the shipped config's stain normalisation: the plan measures the slide's
-    stain (numpy), still without torch."""
+@pytest.mark.parametrize("weights", ["shipped", "valid", "torchscript"])
+def test_plan_stage_imports_no_torch_once_the_geometry_is_cached(tmp_path, monkeypatch, weights):
+    """The plan stage of a checkpoint or a TorchScript file, in a process of its own, imports
+    neither torch nor scikit-image (1.5-3 s and 0.3 s of every plan job) once the halo (and for
+    TorchScript the window sizes it probed) are in the cache, and writes the plan that the full
+    model gives, byte for byte but its elapsed time. The shipped weights run with the shipped
+    config's stain normalisation: the plan measures the slide's stain (numpy), still without
+    torch."""
     import subprocess
     import sys
 
     from wsiseg import models, plan
     from wsiseg.models import checkpoint
 
-    stain = {}
+    extra = {}  # the model block beyond name and weights
     if weights == "shipped":  # 'same', depth 4, its own post-processing settings, the shipped stain block
         path = REPO / "models" / "nuclei-unet.pt"
         shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["model"]
-        stain = {k: v for k, v in shipped.items() if k.startswith("stain_")}
-        assert stain["stain_normalise"] == "reinhard"
+        extra = {k: v for k, v in shipped.items() if k.startswith("stain_")}
+        assert extra["stain_normalise"] == "reinhard"
+    elif weights == "torchscript":  # any network saved by torch.jit: geometry by probing it, then cached
+        torch.manual_seed(0)
+        m = UNet(n_classes=3, depth=2, base_width=4, padding="same", batch_norm=False).eval()
+        path = tmp_path / "m.ts"
+        torch.jit.save(torch.jit.script(m), str(path))
+        extra = dict(format="torchscript", classes=["background", "nucleus", "boundary"], mpp=0.5, depth=2)
     else:  # 'valid', depth 2, the default post-processing settings
         torch.manual_seed(0)
         m = UNet(n_classes=3, depth=2, base_width=4, padding="valid", batch_norm=False)
@@ -354,7 +361,7 @@ def test_plan_stage_of_a_checkpoint_imports_no_torch(tmp_path, monkeypatch, weig
         slide_id="cmu",
         mpp=None,
         **all_tissue(tmp_path, CMU),
-        model_cfg=dict(name="m", weights=str(path), **stain),
+        model_cfg=dict(name="m", weights=str(path), **extra),
         tiling_cfg=dict(tile_size=512, margin="auto"),
     )
     # the full model first (as every plan job loaded it before): it measures the halo into the cache
@@ -378,7 +385,7 @@ def test_plan_stage_of_a_checkpoint_imports_no_torch(tmp_path, monkeypatch, weig
         for f in ("plan.json", "full.json")
     )
     assert light_json == full_json and json.loads(full_json)["n_tiles"] > 0
-    assert ("stain_source" in json.loads(full_json)) == bool(stain)
+    assert ("stain_source" in json.loads(full_json)) == (weights == "shipped")
 
 
 def test_weights_that_do_not_fit_their_architecture_are_refused_in_words(tmp_path):

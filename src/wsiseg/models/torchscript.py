@@ -8,35 +8,72 @@ classes and mpp come from the config (``model.classes``, ``model.mpp``); ``model
 Border and halo are measured once per weights file (by its sha256) and kept in
 ``$WSISEG_CACHE`` (default ``~/.cache/wsiseg``), so the plan stage of every further
 slide reads them instead of probing the network by gradients again (14 s on CPU for
-a depth-4 U-Net). A cache that cannot be written is only a cost, never an error.
+a depth-4 U-Net). So is the output side of each window size the tiler asks about: the
+plan stage of a further slide (``network=False``) then needs neither the network nor
+torch (3 s of every plan job on CPU); only a size not asked about before loads the file
+to probe it. A cache that cannot be written is only a cost, never an error.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
 from .checkpoint import sha256
-from .probe import cached, measure_border, measure_halo
+from .probe import cached, measure_border, measure_halo, probe
 from .spec import ModelSpec
+
+
+@dataclass
+class TorchScriptSpec(ModelSpec):
+    """A TorchScript model; with ``network=False`` its file is loaded only when a measurement
+    it needs is not in the cache yet."""
+
+    path: str = ""
+
+    def network(self):
+        """The TorchScript module (loaded here on the CPU, with torch, the first time it is needed)."""
+        if self.module is None:
+            import torch
+
+            self.module = torch.jit.load(self.path, map_location="cpu").eval()
+        return self.module
+
+    def output_size(self, n: int) -> int | None:
+        """Output side for input side ``n`` (None: not a legal input), probed once per file and size."""
+        out = cached(f"torchscript-{self.checksum}-input{n}", lambda: dict(out=probe(self.network(), n)), ("out",))
+        return out["out"] if out["out"] is not None and out["out"] == n - 2 * self.border else None
 
 
 def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True) -> ModelSpec:
     path = cfg["weights"]
     checksum = sha256(path)
-    module = torch.jit.load(path, map_location=device).eval()
     align = 2 ** int(cfg.get("depth", 4))
-    border = halo = None
-    if geometry:
-        border, halo = measured_geometry(module, checksum, align)
-    return ModelSpec(
-        module, list(cfg["classes"]), float(cfg["mpp"]), cfg["name"], checksum, "torchscript", align, border, halo
+    spec = TorchScriptSpec(
+        None,
+        list(cfg["classes"]),
+        float(cfg["mpp"]),
+        cfg["name"],
+        checksum,
+        "torchscript",
+        align,
+        None,
+        None,
+        path=path,
     )
+    if network:
+        import torch
+
+        spec.module = torch.jit.load(path, map_location=device).eval()
+    if geometry:
+        spec.border, spec.halo = measured_geometry(spec, checksum, align)
+    return spec
 
 
-def measured_geometry(module, checksum: str, align: int) -> tuple[int, int]:
+def measured_geometry(spec: TorchScriptSpec, checksum: str, align: int) -> tuple[int, int]:
     """(border, halo) of a TorchScript network: from the cache when this file was measured before."""
 
     def measure() -> dict:
+        module = spec.network()
         border = measure_border(module, align)
         return dict(sha256=checksum, align=align, border=border, halo=measure_halo(module, align, border))
 
