@@ -409,7 +409,7 @@ def main():
     ap.add_argument("--cores", type=int, nargs="+", help="the replay held to 1, 2, ... CPUs, as many post workers")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
     ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
-    ap.add_argument("--reps", type=int, default=1, help="--efficiency: N rounds over the configs, the best of each")
+    ap.add_argument("--reps", type=int, default=1, help="--efficiency, --read-ahead, --cores: N alternating rounds")
     ap.add_argument(
         "--configs",
         nargs="+",
