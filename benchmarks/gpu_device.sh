@@ -58,8 +58,9 @@ run)
         WSISEG_DATA="$PWD/.bench-data" timeout 120 python3 -m pytest -q -p no:cacheprovider -rs \
             tests/test_postpool.py -k cuda || echo "THE CUDA TEST FAILED (above)"
         # 240 tiles (the slide's 30-tile grid, 8 times over); replay for 0-8 post-processing workers
-        # with 4 reading workers, and held to 1-16 CPUs with as many post-processing workers, then the real network on the GPU: auto (a 16-CPU job: batch 8,
-        # 8 readers, 7 post-processing workers), and batch 16 / 8 / 7 and 8 / 4 / 4 beside it
+        # with 4 reading workers, and held to 1-16 CPUs with as many post-processing workers; then
+        # the real network on the GPU: auto (a 16-CPU job: batch 8, 8 readers, 7 post-processing
+        # workers), and batch 16 / 8 / 7 and 8 / 4 / 4 beside it
         timeout 480 python3 benchmarks/gpu_feed.py "$SLIDE" --repeat 8 --read-workers 4 --batch 8 \
             --post-workers 0 1 2 4 8 --cores 1 2 4 8 16 --real cuda --cpus "$(nproc)" --configs auto 16/8/7 8/4/4
     } 2>&1 | tee "$OUT/gpu_feed.txt"

@@ -30,18 +30,18 @@ class TorchScriptSpec(ModelSpec):
 
     path: str = ""
 
-    def network(self):
-        """The TorchScript module (loaded here on the CPU, with torch, the first time it is needed)."""
+    def network(self, device: str = "cpu"):
+        """The TorchScript module (loaded on ``device``, with torch, the first time it is needed)."""
         if self.module is None:
             import torch
 
-            self.module = torch.jit.load(self.path, map_location="cpu").eval()
+            self.module = torch.jit.load(self.path, map_location=device).eval()
         return self.module
 
     def output_size(self, n: int) -> int | None:
         """Output side for input side ``n`` (None: not a legal input), probed once per file and size."""
         out = cached(f"torchscript-{self.checksum}-input{n}", lambda: dict(out=probe(self.network(), n)), ("out",))
-        return out["out"] if out["out"] is not None and out["out"] == n - 2 * self.border else None
+        return out["out"] if out["out"] == n - 2 * self.border else None
 
 
 def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = True) -> ModelSpec:
@@ -61,16 +61,15 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = 
         path=path,
     )
     if network:
-        import torch
-
-        spec.module = torch.jit.load(path, map_location=device).eval()
+        spec.network(device)
     if geometry:
-        spec.border, spec.halo = measured_geometry(spec, checksum, align)
+        spec.border, spec.halo = measured_geometry(spec)
     return spec
 
 
-def measured_geometry(spec: TorchScriptSpec, checksum: str, align: int) -> tuple[int, int]:
+def measured_geometry(spec: TorchScriptSpec) -> tuple[int, int]:
     """(border, halo) of a TorchScript network: from the cache when this file was measured before."""
+    checksum, align = spec.checksum, spec.align
 
     def measure() -> dict:
         module = spec.network()
