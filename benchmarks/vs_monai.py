@@ -167,6 +167,7 @@ def main():
     runs = []
     ck = dict(name="nuclei-unet", weights=WEIGHTS, classes=spec.classes, mpp=spec.mpp)
     ts = dict(name="nuclei-ts", weights=ts_path, format="torchscript", classes=spec.classes, mpp=spec.mpp, depth=4)
+    ts["postprocess"] = dict(spec.postprocess)  # the thresholds the checkpoint stores: the same masks
     cache = os.path.join(wd, "cache")
     # the halo is measured once per machine and cached (a U-Net: per architecture; TorchScript: per
     # weights file): each weights file runs twice, a machine's first slide, then every next one

@@ -101,6 +101,15 @@ def test_models_package_and_unet_stay_apart():
     assert not any(n.split(".")[0] == "torch" for n in names)
 
 
+def test_schema_postprocess_keys_are_the_instance_params():
+    """model.postprocess in the schema allows exactly the post-processing's settings."""
+    from wsiseg.postparams import param_names
+
+    schema = yaml.safe_load(open(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    keys = schema["properties"]["model"]["properties"]["postprocess"]["properties"]
+    assert sorted(keys) == sorted(param_names())
+
+
 def test_schema_formats_are_the_known_formats():
     from wsiseg.models import FORMATS
 

@@ -233,6 +233,47 @@ def test_stain_normalise_needs_a_reference_and_a_network():
         )
 
 
+def test_postprocess_config_over_the_stored_thresholds_and_refused_in_words():
+    """model.postprocess: absent, a checkpoint's stored thresholds; a mapping overrides some of them;
+    none turns the separation off (boundary is then a mask class); on a model without a boundary
+    class, on the classical model, or with a bad key or value, refused with the fix, where Snakemake
+    starts (classes from the config or the checkpoint's metadata, no torch) and when loading."""
+    from wsiseg.models import check_postprocess, load_model
+
+    ck = {"name": "m", "weights": str(REPO / "models" / "nuclei-unet.pt")}
+    stored = load_model(ck, geometry=False, network=False).postprocess
+    assert stored == {"fg_threshold": 0.7, "seed_threshold": 0.8, "min_seed_um2": 2.0, "min_object_um2": 3.0}
+    spec = load_model(
+        {**ck, "postprocess": {"seed_threshold": 0.85, "min_object_um2": 4}}, geometry=False, network=False
+    )
+    assert spec.postprocess == {**stored, "seed_threshold": 0.85, "min_object_um2": 4.0}
+    assert spec.mask_classes == ["background", "nucleus"]
+    off = load_model({**ck, "postprocess": "none"}, geometry=False, network=False)
+    assert off.postprocess is None and off.mask_classes == ["background", "nucleus", "boundary"]
+    check_postprocess({**ck, "postprocess": {"fg_threshold": 0.5}})  # taken
+    fix = "Fix: set model.postprocess to none, or to a mapping of some of"
+    for bad, said in (
+        ({"fg_threshold": 1.0}, "fg_threshold must be a probability between 0 and 1"),
+        ({"seed_threshold": True}, "seed_threshold must be a probability"),
+        ({"min_object_um2": -1}, r"min_object_um2 must be an area in µm² \(>= 0\)"),
+        ({"thresh": 0.5}, r"unknown keys \['thresh'\]"),
+        ("off", "must be none or a mapping"),
+    ):
+        for check in (check_postprocess, lambda c: load_model(c, geometry=False, network=False)):
+            with pytest.raises(ConfigError, match=f"model.postprocess.*{said}.*{fix}"):
+                check({**ck, "postprocess": bad})
+    two = {"name": "t", "weights": "m.ts", "format": "torchscript", "classes": ["background", "tumour"], "mpp": 0.5}
+    with pytest.raises(ConfigError, match=r"classes are \['background', 'tumour'\]. Fix: remove model.postprocess"):
+        check_postprocess({**two, "postprocess": {"fg_threshold": 0.5}})
+    check_postprocess({**two, "postprocess": "none"})  # what it gets anyway
+    classical = {"name": "c", "format": "classical", "mpp": 0.5}
+    assert load_model(classical).postprocess is None
+    for value in ({"fg_threshold": 0.5}, "none"):
+        for check in (check_postprocess, load_model):
+            with pytest.raises(ConfigError, match="classical model has its own settings.*remove model.postprocess"):
+                check({**classical, "postprocess": value})
+
+
 def test_stain_max_scale_at_least_one():
     """model.stain_max_scale bounds each channel's stretch to [1/it, it]: 2 when absent, any number
     from 1 (a shift of the mean, no stretch) taken; below 1 (inverted), or not a number, refused

@@ -11,6 +11,7 @@ from scipy import ndimage as ndi
 
 from wsiseg.geometry import Geometry, read_target
 from wsiseg.models.checkpoint import UNetSpec, unet_same_halo
+from wsiseg.postparams import InstanceParams
 from wsiseg.segment import StoreMerger, run_segmentation
 from wsiseg.slide import open_slide
 from wsiseg.store import TileStore
@@ -352,6 +353,41 @@ def test_torchscript_model_is_seam_free_with_measured_halo(tmp_path):
     )
     ref = one_pass(spec, img, margin, -(-geom.width // 64) * 64, -(-geom.height // 64) * 64)
     assert np.abs(ref - logits).max() < 1e-4
+
+
+def test_shipped_model_as_torchscript_gives_the_checkpoints_masks(tmp_path):
+    """Our U-Net exported to TorchScript is an instance model too (classes [background, nucleus,
+    boundary]): with the checkpoint's thresholds in model.postprocess its label store equals the
+    checkpoint's byte for byte; without them it separates with the defaults; with none the boundary
+    is a class of the mask."""
+    from wsiseg.models import load_model
+
+    ck = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
+    path = tmp_path / "nuclei.ts"
+    torch.jit.save(torch.jit.script(ck.module), str(path))
+    ts_cfg = dict(name="nuclei", weights=str(path), classes=ck.classes, mpp=ck.mpp, depth=4)
+    ts = load_model({**ts_cfg, "postprocess": dict(ck.postprocess)}, geometry=False)
+    assert ts.kind == "torchscript" and ts.postprocess == ck.postprocess and ts.mask_classes == ck.mask_classes
+    assert load_model(ts_cfg, geometry=False, network=False).postprocess == InstanceParams().as_dict()
+    off = load_model({**ts_cfg, "postprocess": "none"}, geometry=False, network=False)
+    assert off.postprocess is None and off.mask_classes == ck.classes
+    ts.border, ts.halo = ck.border, ck.halo  # geometry=False: the halo probe of a depth-4 network takes 14 s
+
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, 0.5)
+    tiles = tile_spec_for(ck, 128, plan_margin(ck, "auto", False))
+    block = plan_tiles(geom, tiles, None, 1).query("row.between(6, 8) and col.between(6, 8)")
+    side, y0, x0 = 3 * 128, 6 * 128, 6 * 128
+    masks = {}
+    for name, spec in (("checkpoint", ck), ("torchscript", ts), ("torchscript none", off)):
+        spec.module = spec.module or ts.module
+        merger = StoreMerger(str(tmp_path / name), geom, tiles, labels=spec.labeler())
+        run_segmentation(str(CMU), "cmu", None, geom, tiles, block, spec.module, merger, torch.device("cpu"))
+        with TileStore(str(tmp_path / name)) as st:
+            masks[name] = st.read(x0, y0, side, side)
+    assert masks["checkpoint"].max() == 1 and masks["checkpoint"].sum() > 0.05 * side**2
+    np.testing.assert_array_equal(masks["torchscript"], masks["checkpoint"])
+    assert 2 in masks["torchscript none"]  # the boundary rims as a class
 
 
 def test_corrupt_tile_is_background_and_reported(tmp_path):

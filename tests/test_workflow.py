@@ -417,6 +417,12 @@ def test_rerun_only_what_must_change(archive, tmp_path):
     print("stain normalisation on:", jobs)
     assert jobs.get("plan") == len(OK) and "inspect" not in jobs and "tissue" not in jobs
     cfg["model"].update(stain_normalise="none")  # and off again: as if never set, nothing to redo
+    # instance post-processing asked of a model without a boundary class: refused before any job
+    cfg6 = tmp_path / "c6.yaml"
+    cfg6.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "postprocess": {"fg_threshold": 0.5}}}))
+    res = snakemake(wd, cfg6, "-n", check=False)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0 and f"this model's classes are {CLASSES}. Fix: remove model.postprocess" in said
     # outlines switched off: nothing to redo (the other outputs are all there)
     cfg["stats"] = {"outlines": False}
     cfg4 = tmp_path / "c4.yaml"

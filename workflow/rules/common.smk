@@ -11,7 +11,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from wsiseg.content import KeyCache  # noqa: E402  (no torch: cheap at DAG time)
 from wsiseg.errors import ConfigError  # noqa: E402
-from wsiseg.models import check_stain, check_weights, stain_settings, wants_gpu, weights_of  # noqa: E402
+from wsiseg.models import check_postprocess, check_stain, check_weights, stain_settings, wants_gpu, weights_of  # noqa: E402
 from wsiseg.sheet import SheetError, check_sheet, read_sheet, slides_from_dir  # noqa: E402
 
 MODEL = config["model"]["name"]
@@ -96,6 +96,11 @@ if workflow.is_main_process and not all(made_by(w) for w in weights_of(config["m
 if workflow.is_main_process:  # model.stain_normalise without a reference, or on the classical model
     try:  # check_stain looks at the weights file's format, which 'auto' cannot before `train` made it
         (check_stain if config["model"].get("format") == "classical" else stain_settings)(config["model"])
+    except ConfigError as exc:
+        raise WorkflowError(str(exc))
+if workflow.is_main_process:  # model.postprocess on a model without a boundary class, or not a network
+    try:
+        check_postprocess(config["model"])
     except ConfigError as exc:
         raise WorkflowError(str(exc))
 

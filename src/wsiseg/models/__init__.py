@@ -33,6 +33,7 @@ import zipfile
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..postparams import instance_settings
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,44 @@ def load_model(cfg: dict, device: str = "cpu", geometry: bool = True, network: b
     loader = importlib.import_module(f"{__name__}.{fmt.module}")
     spec = loader.load(cfg, device=device, geometry=geometry, network=network)
     spec.stain = stain
+    spec.postprocess = postprocess_settings(cfg, fmt, spec.classes, spec.postprocess)
     return spec
+
+
+def postprocess_settings(cfg: dict, fmt: Format, classes, stored: dict | None) -> dict | None:
+    """The loaded model's instance post-processing (:func:`wsiseg.postparams.instance_settings`):
+    what its file stores (``stored``), else the defaults for a ``[background, <object>, boundary]``
+    model of any format, with ``model.postprocess`` over it; refused for a model that is not a
+    network (the classical model's settings are ``model.classical``)."""
+    value = cfg.get("postprocess")
+    if value is not None and not fmt.gpu:
+        raise ConfigError(
+            f"model.postprocess is for network models; the {fmt.name} model has its own settings "
+            f"(model.{fmt.name}). Fix: remove model.postprocess"
+        )
+    return instance_settings(value, classes, stored)
+
+
+def check_postprocess(cfg: dict) -> None:
+    """``model.postprocess`` checked where Snakemake starts: its values, and against the model's
+    classes where they are known without loading it (the config's, or a checkpoint's metadata,
+    read without torch). The plan stage checks it again on the loaded model."""
+    value = cfg.get("postprocess")
+    if value is None:
+        return
+    name = _declared(cfg)
+    if name != "auto" and not FORMATS[name].gpu:
+        postprocess_settings(cfg, FORMATS[name], None, None)  # refused: not a network
+    classes = cfg.get("classes")
+    path = cfg.get("weights")
+    if not classes and name in ("auto", "checkpoint") and path and os.path.isfile(path):
+        from .weights import read_without_tensors
+
+        try:
+            classes = (read_without_tensors(path) or {}).get("classes")
+        except ConfigError:
+            classes = None  # a file check_weights refuses in its own words
+    instance_settings(value, list(classes) if classes else None)
 
 
 def stain_reference(cfg: dict) -> dict:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .. import unet_sizes
 from ..content import file_sha256 as sha256
 from ..errors import ConfigError
-from ..postparams import InstanceParams
+from ..postparams import InstanceParams, is_instance_model
 from .probe import cached, measure_halo
 from .spec import ModelSpec
 from .weights import (
@@ -194,6 +194,6 @@ def load(cfg: dict, device: str = "cpu", geometry: bool = True, network: bool = 
     border = unet_sizes.border(depth, padding)
     halo = border if padding == "valid" else (unet_same_halo(depth) if geometry else None)
     post = None
-    if len(classes) == 3 and classes[-1] == "boundary":  # background / object / boundary model
+    if is_instance_model(classes):  # background / object / boundary: the thresholds training chose
         post = (ckpt.get("extra") or {}).get("postprocess") or InstanceParams().as_dict()
     return UNetSpec(module, classes, mpp, cfg["name"], checksum, "unet", 2**depth, border, halo, post)
