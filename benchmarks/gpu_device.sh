@@ -20,7 +20,8 @@
 #   - the real network on the GPU through the stage (bf16 autocast, channels_last, cuDNN
 #     autotuning): tiles/s, Mpx/s, the share of the wall time in the network's calls and in
 #     waiting for windows (the GPU starved of data), the GPU's mean utilisation (NVML), for
-#     the default tiling (auto) and two explicit ones.
+#     the default tiling (auto) and two explicit ones; then the default tiling with tiles of 512
+#     and of 1024 px.
 # Copy the tables into benchmarks/README.md with the GPU's name (nvidia-smi's first lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,8 +62,15 @@ run)
         # with 4 reading workers, and held to 1-16 CPUs with as many post-processing workers; then
         # the real network on the GPU: auto (a 16-CPU job: batch 8, 8 readers, 7 post-processing
         # workers), and batch 16 / 8 / 7 and 8 / 4 / 4 beside it
-        timeout 480 python3 benchmarks/gpu_feed.py "$SLIDE" --repeat 8 --read-workers 4 --batch 8 \
+        timeout 400 python3 benchmarks/gpu_feed.py "$SLIDE" --repeat 8 --read-workers 4 --batch 8 \
             --post-workers 0 1 2 4 8 --cores 1 2 4 8 16 --real cuda --cpus "$(nproc)" --configs auto 16/8/7 8/4/4
+        # tile size on the GPU (the issue: choose the default per device by measurement): the real
+        # network, default tiling, tiles of 512 and 1024 px one after the other (this small slide's
+        # edge tiles hang over it more at 1024: compare tiles/s x window area too)
+        for t in 512 1024; do
+            timeout 60 python3 benchmarks/gpu_feed.py "$SLIDE" --tile "$t" --repeat 8 --post-workers \
+                --real cuda --cpus "$(nproc)" --configs auto || echo "tile $t: did not finish"
+        done
     } 2>&1 | tee "$OUT/gpu_feed.txt"
     ;;
 *)
