@@ -11,7 +11,14 @@ validate(config, schema="../schemas/config.schema.yaml")
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from wsiseg.content import KeyCache  # noqa: E402  (no torch: cheap at DAG time)
 from wsiseg.errors import ConfigError  # noqa: E402
-from wsiseg.models import check_postprocess, check_stain, check_weights, stain_settings, wants_gpu, weights_of  # noqa: E402
+from wsiseg.models import (
+    check_postprocess,
+    check_stain,
+    check_weights,
+    stain_settings,
+    wants_gpu,
+    weights_of,
+)  # noqa: E402
 from wsiseg.sheet import SheetError, check_sheet, read_sheet, slides_from_dir  # noqa: E402
 
 MODEL = config["model"]["name"]
