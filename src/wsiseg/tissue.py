@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
 METHODS = ("auto", "saturation", "brightness", "all")
 
@@ -51,6 +50,8 @@ def detect_tissue(
         raise ValueError(f"tissue.method must be one of {METHODS}, not {method!r}")
     if method == "all":
         return np.ones(rgb.shape[:2], bool), "all"
+    from scipy import ndimage as ndi  # here: plan, segment, stitch and stats read tissue masks without it
+
     mx8 = rgb.max(axis=-1)  # uint8 temporaries: the thumbnail may be large
     if method == "auto":
         method = "brightness" if float(np.median(mx8)) < 60 else "saturation"
