@@ -96,6 +96,46 @@ def test_torchscript_geometry_is_measured_once_per_weights_file(tmp_path, monkey
     assert len(calls) == 1
 
 
+class _GreedyAt96(torch.nn.Module):
+    """A 'same' network that takes sides that are multiples of 16 and, at 96 px, asks for more
+    memory than any machine has (64 TiB): a real allocation failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 16 != 0:
+            raise RuntimeError("input side must be a multiple of 16")  # the traceback quotes the next line too
+        if x.shape[-1] == 96:
+            return self.conv(x) + torch.empty(1 << 46, dtype=torch.uint8)[0]  # "can't allocate memory"
+        return self.conv(x)
+
+
+def test_torchscript_size_probe_out_of_memory_is_raised_not_cached(tmp_path, monkeypatch):
+    """The window sizes a TorchScript file takes are probed once and cached per file; a size it
+    refuses is cached as illegal. Running out of memory on a size is not the file refusing it: it
+    is raised as MemoryError (the slide's failure record says 'memory' and the fix) and nothing is
+    cached, so the size is probed again next time, not kept from the tiler for good."""
+    from wsiseg.failure import explain
+
+    monkeypatch.setenv("WSISEG_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "greedy.ts"
+    torch.jit.save(torch.jit.script(_GreedyAt96()), str(p))
+    spec = load_model(dict(name="ts", weights=str(p), classes=["bg", "fg"], mpp=0.5, depth=4))
+    assert spec.border == 0 and spec.halo == 1
+    assert spec.output_size(64) == 64 and spec.output_size(72) is None  # taken; refused by the file
+    with pytest.raises(MemoryError, match="ran out of memory on a 96 x 96 px test input") as err:
+        spec.output_size(96)
+    cached = {f.name for f in (tmp_path / "cache").iterdir()}
+    assert cached - {f"torchscript-{spec.checksum}-align16.json"} == {
+        f"torchscript-{spec.checksum}-input{n}.json" for n in (64, 72)
+    }
+    assert explain(err.value, slide="s1", stage="plan").kind == "memory"
+    with pytest.raises(MemoryError):  # probed again, not read from the cache
+        spec.output_size(96)
+
+
 def test_unet_halo_is_measured_once_per_depth_and_code(tmp_path, monkeypatch):
     """A checkpoint's 'same' U-Net halo comes from the architecture by a gradient probe that
     every plan job would repeat; it is measured once per depth and version of the U-Net code

@@ -17,8 +17,17 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+#: what torch says when an allocation fails (CPU: "DefaultCPUAllocator: can't allocate memory";
+#: CUDA: "CUDA out of memory"; TorchScript re-raises both as its own RuntimeError)
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
+
+
 def probe(module: nn.Module, n: int):
-    """Output side of ``module`` on a zero n x n input (None if it does not run)."""
+    """Output side of ``module`` on a zero n x n input (None if it does not run on that size).
+
+    Running out of memory says nothing about the size and is raised (as :class:`MemoryError`):
+    a size probed as illegal is cached for the weights file, and a machine short of memory once
+    would otherwise keep that size from the tiler on every machine after it."""
     import torch
 
     try:
@@ -26,8 +35,21 @@ def probe(module: nn.Module, n: int):
             dev = next(module.parameters()).device if any(True for _ in module.parameters()) else "cpu"
             out = module(torch.zeros(1, 3, n, n, device=dev))
         return int(out.shape[-1])
-    except Exception:
+    except Exception as exc:
+        if out_of_memory(exc):  # as MemoryError: the slide's failure record says "memory" and the fix
+            raise MemoryError(f"the network ran out of memory on a {n} x {n} px test input") from exc
         return None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failing. A TorchScript error's message holds the
+    interpreter's traceback, source lines included; its last line is the error itself."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return bool(lines) and any(m in lines[-1] for m in OUT_OF_MEMORY)
 
 
 def measure_border(module: nn.Module, align: int) -> int:
