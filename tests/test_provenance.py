@@ -224,3 +224,20 @@ def test_stain_normalisation_in_provenance(tmp_path):
         with open(plan, "w") as fh:
             json.dump({"slide_id": "s"}, fh)
     assert "stain_normalisation" not in provenance.build({"plan": plan})
+
+
+def test_instance_postprocess_in_provenance(tmp_path):
+    """The thresholds that separated an instance model's objects, as the plan applied them (a
+    checkpoint's, with model.postprocess over them), are in provenance.json; a model without
+    instance post-processing has none."""
+    post = {"fg_threshold": 0.7, "seed_threshold": 0.85, "min_seed_um2": 2.0, "min_object_um2": 3.0}
+    model = {"name": "m", "weights": "w.pt", "postprocess": {"seed_threshold": 0.85}}
+    plan = str(tmp_path / "plan.json")
+    with stage("plan", "s", None, record=plan, params={"model": model}):
+        with open(plan, "w") as fh:
+            json.dump({"slide_id": "s", "postprocess": post}, fh)
+    assert provenance.build({"plan": plan})["postprocess"] == post
+    with stage("plan", "s", None, record=plan, params={"model": {"name": "m"}}):
+        with open(plan, "w") as fh:
+            json.dump({"slide_id": "s", "postprocess": None}, fh)
+    assert "postprocess" not in provenance.build({"plan": plan})

@@ -248,6 +248,8 @@ def build(records: dict) -> dict:
             max_scale=plan.get("stain_max_scale"),  # the bound the plan applied
             scale=plan.get("stain_scale"),  # per Lab channel, as applied (clamped to the bound)
         )
+    if plan.get("postprocess"):  # an instance model: the thresholds that separated its objects, as applied
+        out["postprocess"] = plan["postprocess"]
     if seg.get("settings") and runs.get("segment"):  # how segment ran: settings that change no mask
         out["stages"]["segment"] = dict(runs["segment"], settings=seg["settings"])
     return out
