@@ -46,7 +46,7 @@ def out_of_memory(exc: BaseException) -> bool:
     interpreter's traceback, source lines included; its last line is the error itself."""
     import torch
 
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):  # = torch.OutOfMemoryError; also in torch 2.2
         return True
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     return bool(lines) and any(m in lines[-1] for m in OUT_OF_MEMORY)
