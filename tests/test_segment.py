@@ -390,6 +390,45 @@ def test_shipped_model_as_torchscript_gives_the_checkpoints_masks(tmp_path):
     assert 2 in masks["torchscript none"]  # the boundary rims as a class
 
 
+def test_batchnorm_folded_for_inference_gives_the_same_labels():
+    """The segment stage runs the network with its BatchNorms folded into its convolutions: a
+    copy (the caller's network keeps them), none left, the shipped model's logits on a real CMU
+    window the same to 1e-4 and its instance labels equal; nothing to fold (no BatchNorm, or a
+    TorchScript file) gives the network itself."""
+    from wsiseg.models import load_model
+    from wsiseg.unet import fold_batchnorm
+
+    spec = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
+    net = spec.module.eval()
+    folded = fold_batchnorm(net)
+    bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert folded is not net and len(bn) == 18
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with open_slide(str(CMU)) as s:
+        geom = Geometry.for_slide(s, spec.mpp)
+        window = read_target(s, geom, 900, 900, 736, 736)
+    x = torch.from_numpy(window.transpose(2, 0, 1).copy())[None] / 255.0
+    with torch.inference_mode():
+        a, b = net(x)[0], folded(x)[0]
+    assert float((a - b).abs().max()) < 1e-4
+    labels = spec.labeler()
+    keep = slice(112, 112 + 512)
+    assert (labels(a, keep, 512, 512) == labels(b, keep, 512, 512)).all()
+    assert labels(a, keep, 512, 512).sum() > 1000  # nuclei in the window
+    plain = UNet(n_classes=2, depth=2, base_width=4, batch_norm=False).eval()
+    assert fold_batchnorm(plain) is plain
+    # TorchScript, alone or behind an eager wrapper: frozen, which folds alike (to the bit here)
+    scripted = torch.jit.script(net)
+    for model in (scripted, torch.nn.Sequential(torch.nn.Identity(), scripted)):
+        frozen = fold_batchnorm(model)
+        assert frozen is not model and "batch_norm" not in str(
+            frozen.inlined_graph if model is scripted else frozen[1].graph
+        )
+        with torch.inference_mode():
+            assert torch.equal(frozen(x)[0], b)
+    assert "batch_norm" in str(scripted.inlined_graph)  # the file's module as it was
+
+
 def test_corrupt_tile_is_background_and_reported(tmp_path):
     from wsiseg.errors import SlideError
     from wsiseg.slide import inspect_slide
