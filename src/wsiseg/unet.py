@@ -135,12 +135,15 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     convolution, 10-17 % of the shipped U-Net's time on the CPU (benchmarks/net_layout.py), the logits
     the same to about 1e-5. An eager network (ours) is folded with
     ``torch.nn.utils.fusion.fuse_conv_bn_eval``; a TorchScript one (the whole model, or a part of
-    it, as in front of a stain transform) is frozen (``torch.jit.freeze``, which folds the same
-    way, to the bit on the shipped U-Net) on the device and in the memory layout it has, or kept
-    as it is where it cannot be frozen. Not for training: the copy has no BatchNorm left."""
+    it, as in front of a stain transform) on the CPU is frozen (``torch.jit.freeze``, which folds
+    the same way, to the bit on the shipped U-Net) in the memory layout it has, or kept as it is
+    where it cannot be frozen; on a GPU it is kept as it is (how a frozen graph runs under
+    autocast is not tested: no GPU here). Not for training: the copy has no BatchNorm left."""
     script = torch.jit.ScriptModule
 
     def freeze(m: nn.Module) -> nn.Module:
+        if any(p.device.type != "cpu" for p in m.parameters()):
+            return m  # on a GPU, under autocast: a frozen graph's precision is not checked there (no GPU lent)
         try:
             return torch.jit.freeze(m.eval())
         except Exception:  # e.g. a model with methods freezing cannot keep: run it unfrozen
