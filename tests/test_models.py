@@ -98,7 +98,8 @@ def test_torchscript_geometry_is_measured_once_per_weights_file(tmp_path, monkey
 
 class _GreedyAt96(torch.nn.Module):
     """A 'same' network that takes sides that are multiples of 16 and, at 96 px, asks for more
-    memory than any machine has (64 TiB): a real allocation failure."""
+    memory than any address space holds (4 EiB, refused whatever the kernel's overcommit
+    setting): a real allocation failure."""
 
     def __init__(self):
         super().__init__()
@@ -108,7 +109,7 @@ class _GreedyAt96(torch.nn.Module):
         if x.shape[-1] % 16 != 0:
             raise RuntimeError("input side must be a multiple of 16")  # the traceback quotes the next line too
         if x.shape[-1] == 96:
-            return self.conv(x) + torch.empty(1 << 46, dtype=torch.uint8)[0]  # "can't allocate memory"
+            return self.conv(x) + torch.empty(1 << 62, dtype=torch.uint8)[0]  # "can't allocate memory"
         return self.conv(x)
 
 

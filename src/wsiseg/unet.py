@@ -1,7 +1,8 @@
 """The project's U-Net (Ronneberger et al. 2015) and test-time augmentation.
 
 Loading and saving models (this U-Net's checkpoints, TorchScript, the classical
-model) is :mod:`wsiseg.models`; this module is the architecture alone.
+model) is :mod:`wsiseg.models`; this module is the architecture, test-time augmentation
+and :func:`fold_batchnorm`, which readies any loaded network for inference.
 
 Contract for every model the workflow runs (ours or a user's TorchScript):
 input float32 RGB in [0, 1], shape N x 3 x H x W; output per-class logits
