@@ -64,7 +64,7 @@ import torch  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_window  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, resolve_tiling, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, network_heap, resolve_tiling, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 from wsiseg.unet import fold_batchnorm  # noqa: E402
@@ -168,6 +168,7 @@ def efficiency(args, model, geom, spec, grid, windows):
     print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
     nhwc = torch.channels_last  # the model alone as the stage runs it (run_segmentation): folded, NHWC
     net = fold_batchnorm(model.module.eval()).to(memory_format=nhwc)
+    network_heap()  # its activations from the heap, as the stage's first run would set it for the rest
     inputs = [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]  # as the stage's
 
     def model_alone(threads):

@@ -14,11 +14,13 @@ For one slide (default CMU-1-Small-Region) and the shipped nuclei U-Net, in one 
   constant blending, with the network in contiguous NCHW (as MONAI's users run it) and, rows
   marked NHWC, in the channels_last layout our segment stage runs it in; in every in-process
   row (ours, MONAI's, the one-pass reference) the network is the one our segment stage runs,
-  its BatchNorms folded into its convolutions (``wsiseg.unet.fold_batchnorm``);
+  its BatchNorms folded into its convolutions (``wsiseg.unet.fold_batchnorm``), its
+  activations served from the heap (``wsiseg.segment.network_heap``);
 * **MONAI as a script**: what one slide costs a MONAI user end to end, for the whole-workflow
   table: a fresh Python process that imports torch and MONAI, loads the weights, reads the
   slide at the model's mpp, runs ``sliding_window_inference`` (roi 512, overlap 0.25, gaussian)
-  with the network as loaded (BatchNorms not folded: what a user's script does),
+  with the network as loaded (BatchNorms not folded, glibc's allocator as it comes: what a
+  user's script does),
   takes the argmax and writes it as a tiled, zlib-compressed TIFF (no tissue detection, no
   objects, statistics, pyramid or report, which the workflow's time includes);
 * **exactness**: the share of tissue pixels (the workflow's tissue mask) whose argmax differs
@@ -49,7 +51,7 @@ import yaml  # noqa: E402
 
 from wsiseg.geometry import read_target  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, resolve_tiling, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, network_heap, resolve_tiling, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.store import TileStore  # noqa: E402
 from wsiseg.tiling import Plan  # noqa: E402
@@ -200,8 +202,10 @@ def main():
         img = read_target(sl, geom, 0, 0, geom.width, geom.height)
         t_read = time.monotonic() - t0
     # every in-process row runs the network as our segment stage does, its BatchNorms folded into
-    # its convolutions: the rows compare tiling and blending, not arithmetic
+    # its convolutions and its activations from the heap: the rows compare tiling and blending,
+    # not arithmetic or memory allocation
     folded = fold_batchnorm(spec.module.eval())
+    network_heap()
     ref = one_pass(folded, img, tiles.margin, spec.align).argmax(0).numpy()
 
     def differs(labels):

@@ -53,9 +53,12 @@ def evaluate_set(
     Otsu's threshold of the image) and scored against its annotations as drawn.
     """
     from .models import load_model
+    from .segment import network_heap
 
     if overlay_dir:
         os.makedirs(overlay_dir, exist_ok=True)
+    if str(device) == "cpu":
+        network_heap()  # the network's activations from the heap, not fresh page-faulted mappings
     spec = load_model(model_cfg, device=device, geometry=False)
     log(spec.describe())
     rows = []

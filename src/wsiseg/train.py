@@ -45,7 +45,7 @@ from .errors import ConfigError
 from .models import is_torchscript, load_model
 from .models.checkpoint import save_checkpoint
 from .predict import predict_probs, resize_probs
-from .segment import pick_device
+from .segment import network_heap, pick_device
 from .unet import UNet
 
 
@@ -327,7 +327,10 @@ def run(cfg: TrainConfig | dict, resume: bool = False, log=print) -> dict:
                 if cfg.lr_schedule == "cosine":
                     for g in opt.param_groups:
                         g["lr"] = cosine_lr(cfg.lr, steps, total_steps)
-                losses.append(train_step(model, opt, next(batches), cfg, device))
+                batch = next(batches)  # the first forks the crop workers
+                if device.type == "cpu":  # then this process's heap (theirs keep glibc's defaults)
+                    network_heap()  # activations from the heap, not fresh page-faulted mappings
+                losses.append(train_step(model, opt, batch, cfg, device))
                 steps += 1
                 if steps >= last_step:
                     break
