@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from datetime import UTC, datetime
 
 import numpy as np
@@ -198,6 +199,51 @@ def test_rule_job_is_only_a_rule_scripts_snakemake_object(monkeypatch):
 
     monkeypatch.setattr(sys.modules["__main__"], "snakemake", package, raising=False)
     assert rule_job() is None
+
+
+RULE_SCRIPT = """
+import atexit, sys, threading, time
+folder, mode = sys.argv[1:3]
+from wsiseg.runner import stage
+
+
+class Job:  # what Snakemake puts into a rule script's globals, as much as runner.rule_job reads
+    output = {"json": f"{folder}/record.json"}
+    params = {"cfg": 1}
+    threads = 1
+
+
+snakemake = Job()
+atexit.register(lambda: open(f"{folder}/teardown", "w").close())
+if mode == "thread":  # work that is still running when the stage is done
+    late = threading.Thread(target=lambda: (time.sleep(0.5), open(f"{folder}/late", "w").write("done")))
+    late.start()
+with stage("demo", "s1", f"{folder}/demo.log") as log:
+    log.info("working")
+    print("inside the stage")  # stdout is a pipe: buffered
+print("after the stage")
+"""
+
+
+@pytest.mark.parametrize("mode", ["done", "thread"])
+def test_a_rule_script_leaves_without_teardown_once_its_stage_is_done(tmp_path, mode):
+    """A rule script's stage, once done, ends its process without Python's teardown
+    (runner.leave_now: torch's takes 0.4-0.7 s per segment job): exit status 0, the rule's log,
+    stdout and the run block written; nothing after the stage runs, atexit handlers included.
+    With a thread still working it does not: Python's exit waits for the thread, as before."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run(
+        [sys.executable, "-c", RULE_SCRIPT, str(tmp_path), mode], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "demo s1: done" in (tmp_path / "demo.log").read_text()
+    assert read_json(str(tmp_path / "record.json"))["run"]["params"] == {"cfg": 1}
+    assert "inside the stage" in res.stdout
+    if mode == "done":
+        assert "after the stage" not in res.stdout and not (tmp_path / "teardown").exists()
+    else:
+        assert (tmp_path / "late").read_text() == "done"
+        assert "after the stage" in res.stdout and (tmp_path / "teardown").exists()
 
 
 def test_stain_normalisation_in_provenance(tmp_path):
