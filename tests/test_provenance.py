@@ -246,6 +246,34 @@ def test_a_rule_script_leaves_without_teardown_once_its_stage_is_done(tmp_path, 
         assert "after the stage" in res.stdout and (tmp_path / "teardown").exists()
 
 
+def test_snakemakes_rescheduling_timer_is_cancelled_when_the_run_is_over():
+    """The installed Snakemake still ends a scheduling round with a non-daemon timer that
+    re-runs its scheduler a timespan later (its exit waited up to a second for the last one);
+    runner.end_rescheduling_timers, which the workflow's onsuccess and onerror call, cancels
+    exactly those timers before they fire."""
+    import threading
+    from types import SimpleNamespace
+
+    from snakemake.scheduling.job_scheduler import JobScheduler
+
+    from wsiseg.runner import end_rescheduling_timers
+
+    other = threading.Timer(60, lambda: None)
+    other.start()
+    fired = threading.Semaphore(0)
+    JobScheduler._schedule_reevalutation(SimpleNamespace(_open_jobs=fired), 60)  # as the scheduler calls it
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t is not other]
+    assert len(timers) == 1 and not timers[0].daemon
+    try:
+        assert end_rescheduling_timers() == 1
+        timers[0].join(10)
+        assert not timers[0].is_alive() and not fired.acquire(blocking=False)  # ended, never fired
+        assert other.is_alive()  # another timer is left alone
+    finally:
+        other.cancel()
+        timers[0].cancel()
+
+
 def test_stain_normalisation_in_provenance(tmp_path):
     """A plan made with model.stain_normalise: provenance.json says what the slide's tissue colour
     was (the plan's measurement), what it was moved to (the plan's params) and by what factors

@@ -1,5 +1,6 @@
 """Glue shared by the stage entry points: logging to the rule's log, timing, JSON, and
-the run block of each stage's record (:mod:`wsiseg.provenance`)."""
+the run block of each stage's record (:mod:`wsiseg.provenance`); and the end of a run
+(:func:`end_rescheduling_timers`)."""
 
 from __future__ import annotations
 
@@ -167,3 +168,27 @@ def write_json(path: str, data: dict) -> None:
 def read_json(path: str) -> dict:
     with open(path) as fh:
         return json.load(fh)
+
+
+def end_rescheduling_timers() -> int:
+    """Cancel Snakemake's pending scheduler re-runs once the run is over (the workflow's
+    onsuccess and onerror); how many.
+
+    Snakemake's job rate limiter (``--max-jobs-per-timespan``, 100/1s by default) ends every
+    scheduling round by starting a ``threading.Timer`` that re-runs the scheduler one timespan
+    later (``JobScheduler._schedule_reevalutation``). Its thread is not a daemon, so Python's exit
+    waits for the last one, and every ``snakemake`` run ended about a second after its last job.
+    A shorter timespan cannot be given: Snakemake 9 reads "100ms" as 100 minutes. Once the run is
+    over nothing is left to schedule. A timer of anything else is left alone, and so is every
+    timer if a later Snakemake renames the method (tests/test_provenance.py checks the installed
+    one).
+    """
+    import threading
+
+    ended = 0
+    for t in threading.enumerate():
+        what = getattr(getattr(t, "function", None), "__qualname__", "")
+        if isinstance(t, threading.Timer) and "_schedule_reevalutation" in what:
+            t.cancel()
+            ended += 1
+    return ended

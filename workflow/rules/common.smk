@@ -449,6 +449,9 @@ def summarise_failed_run():
 
 
 onsuccess:
+    from wsiseg.runner import end_rescheduling_timers
+
+    end_rescheduling_timers()  # Snakemake's last one kept the process a second longer
     if any(j.rule.name == "aggregate" for j in workflow.dag.finished_jobs):
         from wsiseg.aggregate import outcome
 
@@ -461,6 +464,9 @@ onsuccess:
 
 
 onerror:
+    from wsiseg.runner import end_rescheduling_timers
+
+    end_rescheduling_timers()
     if archive_in_run():
         try:
             summarise_failed_run()
