@@ -64,8 +64,12 @@ def trim_heap() -> None:
     7 MB per tile on a large slide (benchmarks/segment_memory.py). Trimming every
     :data:`TRIM_EVERY` windows keeps it flat (280-320 MB) for about 2 ms of system time per
     window; a fixed mmap threshold (``mallopt``) keeps it flat too, at about 9 ms per window.
+
+    Nothing in a process whose heap :func:`network_heap` keeps: a trim there gave the network's
+    activations back, and the next window faulted them in again (about 90,000 page faults per
+    trim, the network 2-11 % slower inside the stage than alone: benchmarks/README.md).
     """
-    if _LIBC is not None:
+    if _LIBC is not None and not (network_heap.cache_info().currsize and network_heap()):
         _LIBC.malloc_trim(0)
 
 
@@ -99,9 +103,10 @@ def network_heap() -> bool:
     accepts; older ones, 2.34 for one, refuse an ``M_MMAP_THRESHOLD`` above 32 MB) and keeps up to
     :data:`NETWORK_HEAP_KEEP` free at the heap's top, so each window reuses the pages the one
     before freed. The process keeps about the network's peak working set, which it reached
-    anyway, and :func:`trim_heap` still gives the free pages back every :data:`TRIM_EVERY`
-    tiles. The arithmetic is the same, and so is every output, bit for bit
-    (tests/test_segment.py).
+    anyway, and :func:`trim_heap` leaves that heap alone from then on (with no mapping left to
+    glibc, the windows read and post-processed in this process reuse it too: flat in tiles,
+    benchmarks/segment_memory.py). The arithmetic is the same, and so is every output, bit for
+    bit (tests/test_segment.py).
 
     Process-wide and for the rest of the process (glibc then stops moving its thresholds by
     itself; later calls only return the first one's answer), so called by the process that runs
