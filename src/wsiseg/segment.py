@@ -69,8 +69,15 @@ def trim_heap() -> None:
     activations back, and the next window faulted them in again (about 90,000 page faults per
     trim, the network 2-11 % slower inside the stage than alone: benchmarks/README.md).
     """
-    if _LIBC is not None and not (network_heap.cache_info().currsize and network_heap()):
+    if _LIBC is not None and not _heap_kept():
         _LIBC.malloc_trim(0)
+
+
+def _heap_kept() -> bool:
+    """Whether :func:`network_heap` has set this process's heap (its cached answer; False before
+    the first call, and where a caller has put another function in its place)."""
+    info = getattr(network_heap, "cache_info", None)
+    return bool(info is not None and info().currsize and network_heap())
 
 
 def _libc():
