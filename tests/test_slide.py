@@ -5,7 +5,7 @@ import tifffile
 from conftest import BAD, CMU, DICOM, KIDNEY, NDPI, TCGA, needs_data
 
 from wsiseg.errors import SlideError
-from wsiseg.slide import composite_on_white, inspect_slide, open_slide
+from wsiseg.slide import composite_on_white, inspect_slide, open_slide, pil_on_white
 
 pytestmark = needs_data  # reads ../shared/data
 
@@ -74,6 +74,23 @@ def test_rgba_composited_on_white():
     opaque[..., 3] = 255
     rgb = opaque[..., :3].astype(np.uint16)
     assert np.array_equal(composite_on_white(opaque), ((rgb * 255 + 127) // 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("path", [CMU, TCGA, NDPI, DICOM], ids=["svs", "svs-jp2k", "ndpi", "dicom"])
+def test_pil_rgb_equals_the_composite(path):
+    # what read_level returns for OpenSlide's regions: PIL's RGB where opaque, composited where
+    # not (a region over the slide's edge is transparent beyond it), the same values either way
+    handle = openslide.OpenSlide(str(path))
+    w, h = handle.dimensions
+    seen = set()
+    for x, y in [(w // 3, h // 3), (w - 700, h - 500), (-200, -100), (w - 300, 10)]:
+        img = handle.read_region((x, y), 0, (736, 736))
+        rgba = np.asarray(img)
+        seen.add(bool(rgba[..., 3].min() == 255))
+        got = pil_on_white(img)
+        assert got.dtype == np.uint8 and got.shape == (736, 736, 3)
+        assert np.array_equal(got, composite_on_white(rgba))
+    assert seen == {True, False}  # both paths taken
 
 
 def test_missing_mpp_names_slide_and_fix():
