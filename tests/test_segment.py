@@ -439,6 +439,15 @@ from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
 
 slide, weights, out = sys.argv[1:4]
 torch.set_num_threads(2)
+importers = []  # the thread that imports the post-processing (scipy, scikit-image)
+
+
+def audit(event, args):
+    if event == "import" and args[0] == "wsiseg.postprocess":
+        importers.append(__import__("threading").current_thread().name)
+
+
+sys.addaudithook(audit)
 spec = load_model(dict(name="nuclei", weights=weights))
 with open_slide(slide) as s:
     geom = Geometry.for_slide(s, spec.mpp)
@@ -473,7 +482,8 @@ with torch.inference_mode():
     r1 = resource.getrusage(resource.RUSAGE_SELF)
 called = segment.network_heap.cache_info().misses  # by the second stage; the first had it replaced
 faults = (r1.ru_minflt - r0.ru_minflt) / 2
-print(json.dumps(dict(default=default, heap=heap, called=called, set=segment.network_heap(), faults=faults)))
+got = dict(default=default, heap=heap, called=called, set=segment.network_heap(), faults=faults, importers=importers)
+print(json.dumps(got))
 """
 
 
@@ -483,7 +493,9 @@ def test_network_heap_gives_the_same_store_without_page_faulting_activations(tmp
     model's label store over two real CMU tiles is the same byte for byte as with glibc's
     defaults; the stage has switched the heap on, after which a forward pass over a 736-px window
     (activations of 69 MB, each a fresh mapping under glibc's defaults: 60,000-90,000 page faults
-    a call) faults in under 8 MB of pages, even after the stage's periodic heap trim."""
+    a call) faults in under 8 MB of pages, even after the stage's periodic heap trim. The
+    post-processing's imports were loaded once, by the stage's warm-up thread (beside the first
+    batch's network call), not by the first tile's hand-over."""
     import json
     import os
     import subprocess
@@ -502,6 +514,7 @@ def test_network_heap_gives_the_same_store_without_page_faulting_activations(tmp
     assert got["default"]["nuclei"] > 0.05 * 512 * 1024  # nuclei in the two tiles
     assert got["called"] == 1 and got["set"] is True
     assert got["faults"] < 2000, got["faults"]  # pages of 4 KiB
+    assert got["importers"] == ["wsiseg-warm-up"]
 
 
 def test_corrupt_tile_is_background_and_reported(tmp_path):

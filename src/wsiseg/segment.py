@@ -292,6 +292,14 @@ class StoreMerger:
             )
         )
 
+    def warm_up(self) -> None:
+        """Load what the first tile's post-processing in this process needs (the labeler's
+        imports); nothing when worker processes post-process. :func:`run_segmentation` calls it
+        in a thread beside the first batch's network call."""
+        warm = getattr(self.pool.writer.labeler, "warm_up", None)
+        if self.pool.workers == 0 and warm is not None:
+            warm()
+
     def finalize(self) -> TileStore:
         self.pool.drain()
         self.pool.close()
@@ -488,11 +496,34 @@ def _loop(
             )
             last = now
 
-    batches = ReadAhead(loader)
+    batches = ReadAhead(loader)  # the reading workers are forked here: no fork follows
+    warming = _warm_up(merger)
     try:
         _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, hand_over)
     finally:
         batches.close()
+        if warming is not None:
+            warming.join()
+
+
+def _warm_up(merger) -> threading.Thread | None:
+    """The merger's ``warm_up`` (its post-processing's imports), started in a thread now, to
+    run beside the first batch's read and network call rather than before the first tile's
+    hand-over; None when it has none. Started once every worker process is forked: a fork
+    while another thread imports can leave the child an import lock that nobody releases.
+    The first tile waits for the import if it is not done (Python's per-module import lock);
+    an import that fails here fails again there, with its error."""
+    warm = getattr(merger, "warm_up", None)
+    if warm is None:
+        return None
+
+    def run():
+        with contextlib.suppress(Exception):
+            warm()
+
+    thread = threading.Thread(target=run, name="wsiseg-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, hand_over):

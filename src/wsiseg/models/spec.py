@@ -48,6 +48,12 @@ class TileLabeler:
             return separated_labels(prob, self.mpp, InstanceParams(**self.postprocess), crop)
         return out[:, keep, keep].argmax(0).to(torch.uint8).cpu().numpy()[:th, :tw]
 
+    def warm_up(self) -> None:
+        """Import what a call needs beyond torch: scipy.ndimage and scikit-image for the
+        post-processing, 0.2-0.8 s that a segment job's first tile would otherwise wait for."""
+        if self.postprocess is not None:
+            from .. import postprocess  # noqa: F401
+
 
 @dataclass
 class ModelSpec:
