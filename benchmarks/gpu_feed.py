@@ -29,6 +29,10 @@ with reading it in the loop after the hand-over, and with the helper thread divi
 stacking the windows with torch (which starts an OpenMP team in that thread): the real network,
 one process, the three alternating for ``--reps`` rounds.
 
+``--first-runs N`` runs the CPU stage (default tiling) N times in one process after the model
+alone, timing each network call: what a segment job, which runs the stage once, pays over a
+later run (the post-processing's imports, memory touched for the first time).
+
 ``--cores 1 2`` is the ceiling's scaling in CPUs: the same replay with the stage's processes
 (the loop, ``--read-workers`` reading workers, and as many post-processing workers as CPUs)
 held to the first 1, then 2, ... CPUs of the machine (CPU affinity, which the workers
@@ -44,7 +48,7 @@ post-processing pool), and the GPU's mean utilisation (NVML). ``--real cpu`` run
 the CPU. ``benchmarks/gpu_device.sh`` runs it on the device machine.
 
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--read-ahead] [--cores 1 2] [--real cuda] [--cpus N] [--tiles N] [--reps N]
+        [--efficiency] [--read-ahead] [--first-runs N] [--cores 1 2] [--real cuda] [--cpus N] [--tiles N] [--reps N]
         [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
@@ -156,6 +160,14 @@ def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_worke
     return dt, timings.get("read_cpu_s", 0.0), post_s, write_s, loop_s
 
 
+def run_resolved(args, geom, spec, grid, model, c, timings=None):
+    """:func:`run_stage` of ``grid`` on the CPU with the real network and the tiling ``c`` as
+    :func:`wsiseg.segment.resolve_tiling` resolved it."""
+    labels = model.labeler()
+    workers = (c["postprocess_workers"], c["workers"], c["batch_size"])
+    return run_stage(args.slide, geom, spec, grid, model.module, labels, *workers, timings=timings)
+
+
 def efficiency(args, model, geom, spec, grid, windows):
     """The real network through the stage as a CPU-only job runs it, against the model alone:
     each stage run between two runs of the model alone, its ratio against their mean."""
@@ -198,17 +210,7 @@ def efficiency(args, model, geom, spec, grid, windows):
             load = os.getloadavg()[0]
             torch.set_num_threads(threads)
             c = used[cfg]
-            dt, *_ = run_stage(
-                args.slide,
-                geom,
-                spec,
-                grid,
-                model.module,
-                model.labeler(),
-                c["postprocess_workers"],
-                c["workers"],
-                c["batch_size"],
-            )
+            dt, *_ = run_resolved(args, geom, spec, grid, model, c)
             after = (threads, model_alone(threads))
             runs[cfg].append(((before[1] + after[1]) / 2, dt, load))
             print(
@@ -304,6 +306,74 @@ def read_ahead(args, model, geom, spec, grid):
             f"{ratio:>13.3f}x"
         )
     print("(vs in the loop: the loop's time over this row's, round by round, median)")
+
+
+def first_runs(args, model, geom, spec, grid, windows):
+    """The CPU stage (the default tiling of a job of ``--cpus`` CPUs) ``--first-runs`` times in one
+    process, after the model alone has run on the same windows: what a segment job's one run pays
+    over a later one (the post-processing's imports, memory its threads touch for the first time).
+    Per run: wall time, the network's calls (the first and the median of the rest), waiting for
+    windows, the reading and post-processing CPU, the rest of the loop and the modules imported."""
+    from wsiseg import segment
+
+    if args.tiles:
+        grid, windows = grid.iloc[: args.tiles], windows[: args.tiles]
+    cpus = args.cpus or os.cpu_count()
+    dev = torch.device("cpu")
+    c = resolve_tiling({"batch_size": "auto", "workers": "auto", "postprocess_workers": "auto"}, cpus, dev)
+    torch.set_num_threads(c["network_threads"])
+    net = inference_network(model.module, dev)
+    network_heap()
+    inputs = [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]
+    with torch.inference_mode():
+        for x in inputs[:3]:  # warm-up (oneDNN picks its kernels on a first call)
+            net(x)
+        alone = []
+        for x in inputs:
+            t0 = time.monotonic()
+            net(x)
+            alone.append(time.monotonic() - t0)
+    calls = []
+
+    class Timed(torch.nn.Module):  # the stage's network, each call timed
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            t0 = time.monotonic()
+            y = self.m(x)
+            calls.append(time.monotonic() - t0)
+            return y
+
+    saved = segment.inference_network
+    segment.inference_network = lambda m, d: Timed(saved(m, d))
+    grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
+    print(
+        f"\nthe CPU stage {args.first_runs} times in one process, a job of {cpus} CPUs (batch {c['batch_size']}, "
+        f"{c['workers']} reading, {c['postprocess_workers']} post-processing workers, {c['network_threads']} threads), "
+        f"{len(grid)} tiles ({grid_mpx:.1f} Mpx); the model alone before: {sum(alone):.2f} s, "
+        f"{1000 * statistics.median(alone):.0f} ms a call (median)"
+    )
+    print(
+        f"{'run':>3} {'seconds':>7} {'network s':>9} {'1st call ms':>11} {'others ms':>9} {'waiting s':>9} "
+        f"{'read CPU s':>10} {'post CPU s':>10} {'rest s':>6} {'modules':>7}"
+    )
+    try:
+        for r in range(args.first_runs):
+            calls.clear()
+            before = len(sys.modules)
+            t = {}
+            dt, read_s, post_s, _, _ = run_resolved(args, geom, spec, grid, model, c, t)
+            print(
+                f"{r + 1:>3} {dt:>7.2f} {t['network_s']:>9.2f} {1000 * calls[0]:>11.0f} "
+                f"{1000 * statistics.median(calls[1:]):>9.0f} {t['wait_s']:>9.2f} {read_s:>10.2f} {post_s:>10.2f} "
+                f"{dt - t['network_s'] - t['wait_s']:>6.2f} {len(sys.modules) - before:>7}",
+                flush=True,
+            )
+    finally:
+        segment.inference_network = saved
+    print("(rest: the loop's time outside the network's calls and the waits; modules: imported during the run)")
 
 
 def real(args, model, geom, spec, plan):
@@ -405,6 +475,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--efficiency", action="store_true")
     ap.add_argument("--read-ahead", action="store_true", help="reading without workers: helper thread vs the loop")
+    ap.add_argument("--first-runs", type=int, default=0, help="the CPU stage N times in one process: the first's costs")
     ap.add_argument("--real", metavar="DEVICE", help="the stage with the real network on DEVICE (cuda, cpu)")
     ap.add_argument("--cores", type=int, nargs="+", help="the replay held to 1, 2, ... CPUs, as many post workers")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
@@ -464,6 +535,8 @@ def main():
         efficiency(args, model, geom, spec, grid, windows)
     if args.read_ahead:
         read_ahead(args, model, geom, spec, grid)
+    if args.first_runs:
+        first_runs(args, model, geom, spec, grid, windows)
     if args.real:
         real(args, model, geom, spec, plan)
 
