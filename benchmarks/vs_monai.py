@@ -73,8 +73,9 @@ def _elapsed(wd):
     return 3600 * int(h) + 60 * int(m) + float(sec)
 
 
-def workflow(wd, slide, model_cfg, tiling, cores, cache, reuse=False):
-    """Run the whole workflow on one slide (``reuse``: read a finished run's figures); (wall s, {rule: s})."""
+def workflow(wd, slide, model_cfg, tiling, cores, cache, reuse=False, device="cpu"):
+    """Run the whole workflow on one slide on ``device`` (``reuse``: read a finished run's figures);
+    (wall s, {rule: s})."""
     bdir = os.path.join(wd, "results", model_cfg["name"], "slide", "benchmarks")  # in the slide's folder
     if reuse and os.path.exists(os.path.join(bdir, "stats.tsv")):
         return _elapsed(wd), {r: float(pd.read_csv(os.path.join(bdir, f"{r}.tsv"), sep="\t").s.iloc[0]) for r in RULES}
@@ -83,7 +84,7 @@ def workflow(wd, slide, model_cfg, tiling, cores, cache, reuse=False):
         cfg = yaml.safe_load(fh)
     cfg["model"] = model_cfg
     cfg["slides"] = os.path.join(wd, "slides.tsv")
-    cfg["device"] = "cpu"
+    cfg["device"] = device
     cfg["tiling"].update(tiling)
     with open(cfg["slides"], "w") as fh:
         fh.write(f"slide_id\tpath\tmpp\nslide\t{slide}\t\n")
