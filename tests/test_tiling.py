@@ -6,7 +6,7 @@ from conftest import CMU, needs_data
 
 from wsiseg.geometry import Geometry
 from wsiseg.slide import open_slide
-from wsiseg.tiling import Plan, TileSpec, plan_tiles
+from wsiseg.tiling import Plan, TileSpec, plan_rows, plan_tiles
 
 
 @needs_data
@@ -89,5 +89,9 @@ def test_plan_artefact_roundtrip(tmp_path):
     assert back.geometry == g and back.spec == spec and back.n_tiles == len(tiles) == 8
     assert back.calibration == {"classical_threshold": 0.06} and back.geometry.scale0 == 2.0
     assert back.tiles.equals(tiles)
+    rows = Plan.read(str(tmp_path / "p.tsv"), str(tmp_path / "p.json"), frame=False)  # no pandas: the segment job
+    assert rows.n_tiles == 8 and rows.tiles == tuple(tiles.itertuples(index=False))
+    assert all(type(v) is int for r in rows.tiles for v in r[:-1]) and type(rows.tiles[0].tissue_fraction) is float
+    assert plan_rows(rows.tiles) == plan_rows(tiles) == list(rows.tiles)
     only_meta = Plan.read_meta(str(tmp_path / "p.json"))
-    assert only_meta.n_tiles == 8 and only_meta.tiles.empty and only_meta.mask_classes == ["background", "nucleus"]
+    assert only_meta.n_tiles == 8 and only_meta.tiles == () and only_meta.mask_classes == ["background", "nucleus"]

@@ -29,14 +29,16 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from scipy import ndimage as ndi
 
 from .errors import ConfigError
-from .sheet import read_tsv
+
+if TYPE_CHECKING:  # pandas only for the sheets: the segment job's post-processing imports this module
+    import pandas as pd
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Sample:
 # ------------------------------------------------------------------ sheets
 def read_sheet(path: str) -> pd.DataFrame:
     """Read a labeled-set sheet; paths resolved against the sheet's folder."""
+    from .sheet import read_tsv
+
     if not os.path.exists(path):
         raise ConfigError(f"labeled-set sheet {path} does not exist")
     df = read_tsv(path, dtype=str).fillna("")
