@@ -14,6 +14,8 @@
 #   - the CUDA test (tests/test_postpool.py -k cuda, skipped where there is no GPU): the store
 #     byte-identical with the post-processing and reading in the loop's process or in workers,
 #     through the CUDA path of the network's loop (autocast, pinned copies, held batches);
+#   - a segment job's fixed cost on the GPU: the stage in 2 fresh processes as the rule runs it
+#     (benchmarks/segment_job.py), the process's time against the stage's;
 #   - the GPU-feed ceiling: the segment stage with the network replayed (zero network time)
 #     for 0, 1, 2, 4 and 8 post-processing workers on 16 cores, tiles/s and Mpx/s; and held to
 #     1, 2, 4, 8 and 16 of the cores with as many post-processing workers (its scaling in CPUs);
@@ -58,6 +60,10 @@ run)
         nproc
         WSISEG_DATA="$PWD/.bench-data" timeout 120 python3 -m pytest -q -p no:cacheprovider -rs \
             tests/test_postpool.py -k cuda || echo "THE CUDA TEST FAILED (above)"
+        # a segment job's fixed cost on the GPU (fresh process: torch, CUDA's start, weights, workers,
+        # cuDNN's autotuning) against the stage's own time, the slide's tissue tiles, 2 jobs
+        timeout 90 python3 benchmarks/segment_job.py "$SLIDE" --device cuda --jobs 2 --threads "$(nproc)" \
+            || echo "segment_job: did not finish"
         # 240 tiles (the slide's 30-tile grid, 8 times over); replay for 0-8 post-processing workers
         # with 4 reading workers, and held to 1-16 CPUs with as many post-processing workers; then
         # the real network on the GPU: auto (a 16-CPU job: batch 8, 8 readers, 7 post-processing
