@@ -408,8 +408,9 @@ def test_unet_code_key_is_the_hash_of_inspect_getsource(tmp_path):
 @pytest.mark.parametrize("weights", ["shipped", "valid", "torchscript"])
 def test_plan_stage_imports_no_torch_once_the_geometry_is_cached(tmp_path, monkeypatch, weights):
     """The plan stage of a checkpoint or a TorchScript file, in a process of its own, imports
-    neither torch, scikit-image nor SciPy (1.5-3 s, 0.3 s and 0.2-0.3 s of every plan job) once the halo (and for
-    TorchScript the window sizes it probed) are in the cache, and writes the plan that the full
+    neither torch, scikit-image, SciPy nor pandas (1.5-3 s, 0.3 s, 0.2-0.3 s and 0.3 s of every
+    plan job) once the halo (and for TorchScript the window sizes it probed) are in the cache,
+    and writes the plan that the full
     model gives, byte for byte but its elapsed time. The shipped weights run with the shipped
     config's stain normalisation: the plan measures the slide's stain (numpy), still without
     torch."""
@@ -455,7 +456,7 @@ def test_plan_stage_imports_no_torch_once_the_geometry_is_cached(tmp_path, monke
         "import json, sys\n"
         "from wsiseg import plan\n"
         "plan.run(**json.loads(sys.argv[1]), log=lambda s: None)\n"
-        "print(json.dumps([m for m in ('torch', 'skimage', 'scipy') if m in sys.modules]))\n"
+        "print(json.dumps([m for m in ('torch', 'skimage', 'scipy', 'pandas') if m in sys.modules]))\n"
     )
     light = dict(kw, out_tsv=str(tmp_path / "plan.tsv"), out_json=str(tmp_path / "plan.json"))
     res = subprocess.run([sys.executable, "-c", code, json.dumps(light)], capture_output=True, text=True)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ from conftest import CMU, needs_data
 
 from wsiseg.geometry import Geometry
 from wsiseg.slide import open_slide
-from wsiseg.tiling import Plan, TileSpec, plan_rows, plan_tiles
+from wsiseg.tiling import PLAN_COLUMNS, Plan, TileSpec, plan_rows, plan_tiles, tile_rows
 
 
 @needs_data
@@ -67,6 +68,17 @@ def test_plan_artefact_roundtrip(tmp_path):
         elapsed_s=1.5,
     )
     plan.write(str(tmp_path / "p.tsv"), str(tmp_path / "p.json"))
+    # the plan stage writes its rows without pandas: the same bytes as the DataFrame's to_csv
+    # (a speckled tissue mask: tissue fractions of every kind of float)
+    speckle = np.random.default_rng(0).random((32, 64)) > 0.6
+    rows = tile_rows(g, spec, speckle, 32.0)
+    frame = plan_tiles(g, spec, speckle, 32.0)
+    assert len(rows) == 8 and len({r.tissue_fraction for r in rows}) == 8 and list(frame.columns) == PLAN_COLUMNS
+    assert [tuple(r) for r in frame.itertuples(index=False)] == rows
+    for name, table in (("frame", frame), ("rows", rows)):
+        replace(plan, tiles=table).write(str(tmp_path / f"{name}.tsv"), str(tmp_path / f"{name}.json"))
+    assert (tmp_path / "rows.tsv").read_bytes() == (tmp_path / "frame.tsv").read_bytes()
+    assert (tmp_path / "rows.json").read_bytes() == (tmp_path / "frame.json").read_bytes()
     meta = json.load(open(tmp_path / "p.json"))
     assert list(meta) == [
         "geometry",

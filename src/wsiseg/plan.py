@@ -16,7 +16,7 @@ import time
 from .geometry import Geometry
 from .models import load_model
 from .slide import open_slide
-from .tiling import Plan, plan_margin, plan_tiles, tile_spec_for
+from .tiling import Plan, plan_margin, tile_rows, tile_spec_for
 from .tissue import TissueInfo, load_mask
 
 
@@ -42,7 +42,7 @@ def run(
     tissue_downsample = TissueInfo.read(tissue_json).downsample  # level-0 px per tissue-mask px
     with open_slide(slide_path, slide_id, mpp) as slide:
         geom = Geometry.for_slide(slide, model.mpp)
-        tiles = plan_tiles(geom, spec, load_mask(tissue_png), tissue_downsample)
+        tiles = tile_rows(geom, spec, load_mask(tissue_png), tissue_downsample)  # no pandas in the job
     calibration = model.calibrate(lambda: open_slide(slide_path, slide_id, mpp), geom, spec, tiles, log)
     rows, cols = -(-geom.height // spec.tile_size), -(-geom.width // spec.tile_size)
     log(

@@ -15,8 +15,8 @@ Here: the margin and window for a model (:func:`plan_margin`, :func:`legal_input
 (plan.tsv + plan.json) with its one typed reader, :class:`Plan`. The plan *stage*
 (the rule 'plan') is :mod:`wsiseg.plan`.
 
-pandas is imported only where a table is made or read as a DataFrame: the segment and stitch
-jobs read the plan without it (0.3 s of each job's start).
+pandas is imported only where a table is made or read as a DataFrame: the plan, segment and
+stitch jobs make and read the plan without it (0.3 s of each job's start).
 """
 
 from __future__ import annotations
@@ -77,7 +77,15 @@ def plan_rows(tiles) -> list:
 
 
 def plan_tiles(geom: Geometry, spec: TileSpec, tissue: np.ndarray | None, tissue_downsample: float) -> pd.DataFrame:
-    """Tile plan: one row per tile that touches tissue.
+    """:func:`tile_rows` as a DataFrame (columns :data:`PLAN_COLUMNS`)."""
+    import pandas as pd
+
+    return pd.DataFrame(tile_rows(geom, spec, tissue, tissue_downsample), columns=PLAN_COLUMNS)
+
+
+def tile_rows(geom: Geometry, spec: TileSpec, tissue: np.ndarray | None, tissue_downsample: float) -> list:
+    """Tile plan: one :data:`PlanRow` per tile that touches tissue (what the plan stage writes,
+    without pandas).
 
     ``tissue`` is a boolean mask where one pixel covers ``tissue_downsample`` level-0 px
     (None: every tile is kept). Columns: tile index (row, col), write region in
@@ -106,7 +114,7 @@ def plan_tiles(geom: Geometry, spec: TileSpec, tissue: np.ndarray | None, tissue
             if frac <= 0:
                 continue
             recs.append(
-                dict(
+                PlanRow(
                     row=r,
                     col=c,
                     tx=tx,
@@ -123,9 +131,7 @@ def plan_tiles(geom: Geometry, spec: TileSpec, tissue: np.ndarray | None, tissue
                     tissue_fraction=round(frac, 4),
                 )
             )
-    import pandas as pd
-
-    return pd.DataFrame(recs, columns=PLAN_COLUMNS)
+    return recs
 
 
 # ------------------------------------------------------------------ the plan artefact
@@ -138,7 +144,7 @@ class Plan:
     classical model's ``classical_threshold``); it is stored as top-level keys of plan.json.
     """
 
-    tiles: pd.DataFrame | tuple  # the table; its rows (read with frame=False); () from read_meta
+    tiles: pd.DataFrame | tuple | list  # the table; its rows (tile_rows, read with frame=False); () from read_meta
     geometry: Geometry
     spec: TileSpec
     slide_id: str
@@ -161,7 +167,12 @@ class Plan:
         assert self.n_tiles == len(self.tiles) or len(self.tiles) == 0, "plan.tsv and plan.json disagree"
 
     def write(self, path_tsv: str, path_json: str) -> None:
-        self.tiles.to_csv(path_tsv, sep="\t", index=False)
+        if hasattr(self.tiles, "to_csv"):
+            self.tiles.to_csv(path_tsv, sep="\t", index=False)
+        else:  # rows (tile_rows): the same bytes as pandas writes (ints, floats as str gives them)
+            with open(path_tsv, "w") as fh:
+                fh.write("\t".join(PLAN_COLUMNS) + "\n")
+                fh.writelines("\t".join(map(str, r)) + "\n" for r in self.tiles)
         meta = dict(
             geometry=self.geometry.to_dict(),
             tiles=asdict(self.spec),
