@@ -48,7 +48,8 @@ post-processing pool), and the GPU's mean utilisation (NVML). ``--real cpu`` run
 the CPU. ``benchmarks/gpu_device.sh`` runs it on the device machine.
 
     python benchmarks/gpu_feed.py [slide] [--tile 512] [--repeat 8] [--read-workers 1]
-        [--efficiency] [--read-ahead] [--first-runs N] [--cores 1 2] [--real cuda] [--cpus N] [--tiles N] [--reps N]
+        [--efficiency] [--read-ahead] [--first-runs N] [--cores 1 2] [--real cuda] [--cpus N]
+        [--tiles N] [--reps N]
         [--configs auto 1/0/0 4/2/0 ...]
     (default slide: CMU-1-Small-Region from ../shared/data)
 """
@@ -168,6 +169,25 @@ def run_resolved(args, geom, spec, grid, model, c, timings=None):
     return run_stage(args.slide, geom, spec, grid, model.module, labels, *workers, timings=timings)
 
 
+def model_alone_on(model, windows):
+    """(the network as the stage runs it on the CPU: folded, NHWC, its activations from the heap;
+    the windows as the stage's inputs)."""
+    net = inference_network(model.module, torch.device("cpu"))
+    network_heap()  # as the stage's first run sets it for the rest of the process
+    return net, [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]
+
+
+def call_times(net, inputs) -> list:
+    """Seconds of each call of the model alone on the windows in memory."""
+    times = []
+    with torch.inference_mode():
+        for x in inputs:
+            t0 = time.monotonic()
+            net(x)
+            times.append(time.monotonic() - t0)
+    return times
+
+
 def efficiency(args, model, geom, spec, grid, windows):
     """The real network through the stage as a CPU-only job runs it, against the model alone:
     each stage run between two runs of the model alone, its ratio against their mean."""
@@ -177,19 +197,11 @@ def efficiency(args, model, geom, spec, grid, windows):
     dev = torch.device("cpu")
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
     print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
-    net = inference_network(model.module, dev)  # the model alone as the stage runs it: folded, NHWC
-    network_heap()  # its activations from the heap, as the stage's first run would set it for the rest
-    inputs = [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]  # as the stage's
+    net, inputs = model_alone_on(model, windows)
 
     def model_alone(threads):
         torch.set_num_threads(threads)
-        t = 0.0
-        with torch.inference_mode():  # the model alone on the windows in memory
-            for x in inputs:
-                t0 = time.monotonic()
-                net(x)
-                t += time.monotonic() - t0
-        return t
+        return sum(call_times(net, inputs))
 
     keys = ("batch_size", "workers", "postprocess_workers")
     used = {}
@@ -322,17 +334,9 @@ def first_runs(args, model, geom, spec, grid, windows):
     dev = torch.device("cpu")
     c = resolve_tiling({"batch_size": "auto", "workers": "auto", "postprocess_workers": "auto"}, cpus, dev)
     torch.set_num_threads(c["network_threads"])
-    net = inference_network(model.module, dev)
-    network_heap()
-    inputs = [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]
-    with torch.inference_mode():
-        for x in inputs[:3]:  # warm-up (oneDNN picks its kernels on a first call)
-            net(x)
-        alone = []
-        for x in inputs:
-            t0 = time.monotonic()
-            net(x)
-            alone.append(time.monotonic() - t0)
+    net, inputs = model_alone_on(model, windows)
+    call_times(net, inputs[:3])  # warm-up (oneDNN picks its kernels on a first call)
+    alone = call_times(net, inputs)
     calls = []
 
     class Timed(torch.nn.Module):  # the stage's network, each call timed

@@ -68,11 +68,7 @@ def main():
     os.makedirs(wd, exist_ok=True)
     with open(os.path.join(REPO, "config", "config.yaml")) as fh:
         cfg = yaml.safe_load(fh)
-    model = dict(cfg["model"], weights=os.path.join(REPO, cfg["model"]["weights"]))
-    if (model.get("stain_normalise") or "none") == "none":
-        for key in ("stain_normalise", "stain_reference", "stain_max_scale"):
-            model.pop(key, None)
-    model.pop("tta", None)
+    model = dict(cfg["model"], weights=os.path.join(REPO, cfg["model"]["weights"]))  # the shipped block
     t = cfg["tissue"]
     f = {k: os.path.join(wd, v) for k, v in dict(png="tissue.png", thumb="overlay.png", tj="tissue.json").items()}
     slide = dict(slide_path=args.slide, slide_id="slide", mpp=None, log=lambda m: None)  # as the rules pass them
@@ -96,9 +92,7 @@ def main():
         out = os.path.join(wd, f"job{j}")
         os.makedirs(out, exist_ok=True)
         kwargs = dict(
-            slide_path=args.slide,
-            slide_id="slide",
-            mpp=None,
+            {k: v for k, v in slide.items() if k != "log"},
             plan_tsv=tsv,
             plan_json=pjson,
             tissue_png=f["png"],

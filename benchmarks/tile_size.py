@@ -4,11 +4,12 @@ Bigger tiles waste less margin per tile (512 + 2 x 112 px computes 2.07x the wri
 1024 + 2 x 112 1.49x), but the tile plan keeps only the tiles that touch tissue, so bigger
 tiles also compute more of the slide's background, and every tile size is a new window shape
 for the network's first call. This runs the whole workflow on one slide (``vs_monai.workflow``:
-Snakemake, the default config and shipped model block, ``device`` as given, the segment job given every core) with each
-``--tiles`` size in turn, the order reversed round after round (``--rounds``), and prints per
-size the medians of the whole workflow's wall time and of the segment job's (Snakemake's
-benchmark file), the tiles planned and the window Mpx the network computed; then how many px
-of the level-0 mask differ from the first size's, compared tile by tile of the mask OME-TIFF.
+Snakemake, the default config and shipped model block, ``device`` as given, the segment job
+given every core) with each ``--tiles`` size in turn, the order reversed round after round
+(``--rounds``), and prints per size the medians of the whole workflow's wall time and of the
+segment job's (Snakemake's benchmark file), the tiles planned and the window Mpx the network
+computed; then how many px of the level-0 mask differ from the first size's, compared tile by
+tile of the mask OME-TIFF.
 
     python benchmarks/tile_size.py [slide] [--tiles 512 1024] [--rounds 2] [--cores 2] [--device cpu]
         [--workdir DIR [--reuse]]
@@ -53,9 +54,8 @@ def main():
     with open(os.path.join(REPO, "config", "config.yaml")) as fh:
         model = dict(yaml.safe_load(fh)["model"], weights=WEIGHTS)  # the shipped model block as it is
     base = args.workdir or tempfile.mkdtemp(prefix="tile_size_")
-    cache = os.path.join(
-        base, "cache"
-    )  # the plan's halo cache: warm after the first run, as on a machine's later slides
+    # the plan's halo cache: warm after the first run, as on a machine's later slides
+    cache = os.path.join(base, "cache")
     runs = {t: [] for t in args.tiles}  # size -> [(wall s, segment job s)]
     plans = {}
     for r in range(args.rounds):

@@ -388,7 +388,8 @@ def run_segmentation(
     model = inference_network(model, device)
     if cuda:  # cuDNN picks its fastest kernels for the one window size
         torch.backends.cudnn.benchmark = True
-    ds = TileDataset(slide_path, slide_name, mpp, geom, plan)
+    rows = plan_rows(plan)  # a DataFrame (tests, benchmarks) or the job's rows, once
+    ds = TileDataset(slide_path, slide_name, mpp, geom, rows)
     loader = DataLoader(
         ds,
         batch_size=batch_size,
@@ -403,7 +404,6 @@ def run_segmentation(
     use_amp = amp and cuda
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     t0 = time.monotonic()
-    rows = plan_rows(plan)
     timings = {} if timings is None else timings
     timings.update(read_cpu_s=0.0, network_s=0.0, wait_s=0.0)
     try:
