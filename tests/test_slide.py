@@ -2,7 +2,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-from conftest import BAD, CMU, DICOM, KIDNEY, NDPI, TCGA, needs_data
+from conftest import BAD, CMU, DICOM, KIDNEY, NDPI, SMALL, TCGA, corrupt_slide, needs_data
 
 from wsiseg.errors import SlideError
 from wsiseg.slide import composite_on_white, inspect_slide, open_slide, pil_on_white
@@ -63,6 +63,99 @@ def test_tifffile_fallback_reads_tiled_pyramid(example_slide, tmp_path):
     with open_slide(str(p)) as s:
         assert s.backend == "tifffile" and s.mpp == pytest.approx(0.3)
         assert np.array_equal(s.read_level(0, 130, 250, 200, 140), img[250:390, 130:330])
+
+
+BOXES = CMU.parents[1] / "openslide-python-fixtures" / "boxes.tiff"  # generic tiled TIFF, deflate tiles
+
+
+def _openslide_region(path, level, x, y, w, h):
+    """What read_level gave before JPEG tiles were decoded without OpenSlide."""
+    o = openslide.OpenSlide(str(path))
+    ds = o.level_downsamples[level]
+    return pil_on_white(o.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h)))
+
+
+@pytest.mark.parametrize(
+    "path,direct",
+    [
+        (CMU, [0]),  # Aperio SVS: RGB JPEG tiles whose components are numbered 0, 1, 2
+        ("example", [0, 1, 2]),  # the bundled example: generic TIFF, YCbCr JPEG subsampled 2x2
+        (SMALL, [0]),
+        (TCGA, []),  # JPEG 2000 tiles
+        (BOXES, []),  # deflate tiles
+        (NDPI, []),
+        (DICOM, []),
+    ],
+    ids=["svs", "example-ycbcr", "svs-16px", "svs-jp2k", "generic-deflate", "ndpi", "dicom"],
+)
+def test_jpeg_tiles_decoded_without_openslide_give_its_pixels(path, direct, example_slide):
+    """The levels whose JPEG tiles wsiseg decodes itself (wsiseg.jpeg_tiles) give OpenSlide's
+    pixels to the last bit: regions inside a level, across its tiles' borders and at its right
+    and bottom edges (partial tiles), on every level. Other levels and formats stay OpenSlide's."""
+    path = example_slide if path == "example" else path
+    with open_slide(str(path), mpp=0.5) as s:
+        assert s.backend == "openslide" and s.direct_levels == direct
+        for level, (lw, lh) in enumerate(s.level_dimensions):
+            n = min(lw, lh, 738)
+            regions = [(0, 0, lw, lh)]  # a level of a few px: the whole of it
+            if n >= 16:
+                regions = [
+                    (0, 0, n, n),
+                    ((lw - n) // 2 + 1, (lh - n) // 3, n - 1, n - 3),
+                    (lw - n, lh - n, n, n),
+                    (lw - 7, lh - 5, 7, 5),
+                ]
+            for x, y, w, h in regions:
+                got = s.read_level(level, x, y, w, h)
+                assert np.array_equal(got, _openslide_region(path, level, x, y, w, h)), (level, (x, y, w, h))
+
+
+def test_a_damaged_jpeg_tile_is_openslides_to_fail(tmp_path):
+    """A damaged JPEG tile (libjpeg warns and would fill in the rest) is not decoded by wsiseg:
+    the read goes to OpenSlide, which fails it with the error a read gave before, naming the
+    slide and the region; the level's other reads stay wsiseg's."""
+    path = tmp_path / "damaged.tif"
+    corrupt_slide(path)
+    with open_slide(str(path), "damaged") as s, open_slide(str(path), "damaged") as before:
+        before._direct = None  # every read OpenSlide's, as before
+        assert s.direct_levels == [0, 1, 2]
+        lw, lh = s.level_dimensions[1]
+        with pytest.raises(SlideError) as old:
+            before.read_level(1, 0, 0, lw, lh)
+        with pytest.raises(SlideError) as new:
+            s.read_level(1, 0, 0, lw, lh)
+        assert str(new.value) == str(old.value)
+        assert "slide 'damaged'" in str(new.value) and "could not be decoded at level 1" in str(new.value)
+    with open_slide(str(path), "damaged") as s:  # OpenSlide's handle is left in an error state
+        assert s.direct_levels == [0, 1, 2]
+        assert np.array_equal(s.read_level(1, 0, 0, 200, 100), _openslide_region(path, 1, 0, 0, 200, 100))
+
+
+def test_jpeg_stream_keeps_what_it_decodes_and_refuses_the_rest(tmp_path):
+    """A JFIF JPEG (Pillow's, YCbCr 4:2:0) rewritten by jpeg_stream decodes to Pillow's own pixels;
+    a progressive one, which jpeg_stream cannot renumber scan by scan, is refused (its level
+    would be read by OpenSlide)."""
+    import io
+
+    import simplejpeg
+    from PIL import Image
+
+    from wsiseg.jpeg_tiles import jpeg_stream
+
+    with open_slide(str(CMU)) as s:
+        rgb = s.read_level(0, 600, 900, 320, 240)
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "JPEG", quality=80, progressive=progressive)
+        data = buf.getvalue()
+        if progressive:
+            with pytest.raises(ValueError, match="0xC2"):
+                jpeg_stream(None, data, ycbcr=True)
+            continue
+        stream = jpeg_stream(None, data, ycbcr=True)
+        assert b"JFIF" in data and b"JFIF" not in stream
+        got = simplejpeg.decode_jpeg(stream, "RGB", fastdct=False, fastupsample=False, strict=True)
+        assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 def test_rgba_composited_on_white():

@@ -37,6 +37,7 @@ PACKAGES = (
     "openslide-python",
     "openslide-bin",
     "imagecodecs",
+    "simplejpeg",  # decodes the JPEG tiles of SVS and generic TIFFs (wsiseg.jpeg_tiles)
     "scipy",
     "scikit-image",
     "pandas",

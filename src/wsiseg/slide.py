@@ -10,6 +10,10 @@ generic tiled TIFF, ...). For TIFFs OpenSlide refuses (plain strip TIFF,
 OME-TIFF) we fall back to tifffile, decoding only the strips/tiles a region
 touches, so memory stays bounded by the region (and one strip) size.
 
+The JPEG tiles of an SVS or generic tiled TIFF that OpenSlide opens are read and decoded
+without OpenSlide where that gives OpenSlide's pixels (:mod:`wsiseg.jpeg_tiles`: the same
+pixels, several times faster); a tile libjpeg warns about is OpenSlide's to decode or fail.
+
 Every failure is raised as :class:`SlideError`, naming the slide and the fix.
 """
 
@@ -97,6 +101,7 @@ class Slide:
     _handle: object = field(default=None, repr=False)
     _pages: list = field(default_factory=list, repr=False)
     _segment_cache: _SegmentCache = field(default=None, repr=False)
+    _direct: object = field(default=None, repr=False)  # wsiseg.jpeg_tiles.DirectLevels (OpenSlide backend)
     metadata_mpp: float | None = None  # what the file says, whatever the sheet says
     openslide_error: str | None = None  # why OpenSlide refused it (tifffile backend)
 
@@ -108,6 +113,11 @@ class Slide:
     @property
     def level_count(self) -> int:
         return len(self.level_dimensions)
+
+    @property
+    def direct_levels(self) -> list:
+        """The levels whose JPEG tiles are decoded without OpenSlide (:mod:`wsiseg.jpeg_tiles`)."""
+        return [] if self._direct is None else self._direct.levels
 
     def require_mpp(self) -> float:
         """The level-0 mpp, or a SlideError saying how to provide it."""
@@ -145,6 +155,11 @@ class Slide:
         )
         try:
             if self.backend == "openslide":
+                if self._direct is not None and level in self._direct.pages:
+                    try:
+                        return self._direct.read(level, x, y, w, h)
+                    except Exception:  # a tile libjpeg warns about: OpenSlide decodes or fails it, as before
+                        pass
                 ds = self.level_downsamples[level]
                 loc = (int(round(x * ds)), int(round(y * ds)))
                 return pil_on_white(self._handle.read_region(loc, level, (w, h)))
@@ -220,6 +235,9 @@ class Slide:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     def __enter__(self):
         return self
@@ -387,7 +405,14 @@ def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> 
     meta_mpp = info["mpp"]
     if mpp is not None and not (isinstance(mpp, float) and math.isnan(mpp)):
         info["mpp"], source = float(mpp), "sheet"
-    slide = Slide(name=name, path=path, mpp_source=source, _segment_cache=_SegmentCache(), **info)
+    if info["backend"] == "openslide":
+        from .jpeg_tiles import DIRECT_CACHE_BYTES, DirectLevels
+
+        cache = _SegmentCache(DIRECT_CACHE_BYTES)
+        info["_direct"] = DirectLevels.open(path, info, cache)
+    else:
+        cache = _SegmentCache()
+    slide = Slide(name=name, path=path, mpp_source=source, _segment_cache=cache, **info)
     slide.metadata_mpp = meta_mpp
     slide.openslide_error = os_error
     return slide
