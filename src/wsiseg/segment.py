@@ -578,20 +578,22 @@ def _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, han
 #: keep a GPU's kernels large and need a few hundred MB of activations and pinned batches)
 GPU_BATCH = 8
 #: tiling.workers 'auto' on the CPU: a job of this many CPUs or more gets one reading worker,
-#: one with fewer none. Reading costs about 0.12 CPU s per output Mpx, the network on the CPU
-#: about 5.6 (one thread), so read in the network's process it idles the job's other T - 1
-#: threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's
+#: one with fewer none. Reading costs about 0.12 CPU s per output Mpx through OpenSlide (0.06-0.07
+#: for the JPEG tiles of an SVS or generic TIFF, which wsiseg.jpeg_tiles decodes), the network on
+#: the CPU about 5.6 (one thread), so read in the network's process it idles the job's other
+#: T - 1 threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's
 #: speed-up on T threads (T at best; 0.6 T assumed, not measured: 2-core machines here),
-#: 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16. A reading worker with a CPU of its own costs
-#: the network 1 / T instead (12 % on 8, 6 % on 16); next to all T network threads it takes
+#: 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16 (about half that for an SVS). A reading worker
+#: with a CPU of its own costs the network 1 / T instead (12 % on 8, 6 % on 16); next to all T network threads it takes
 #: CPU from them at every one of their barriers (2 readers beside a 2-CPU job's network:
 #: efficiency 0.79-0.89 against 0.90-1.00 without, benchmarks/README.md). The two break even
-#: near 8 CPUs. One worker reads about 8 Mpx/s, far more than a CPU network segments, so
-#: 'auto' never gives more than one.
+#: near 8 CPUs (near 11 for an SVS's tiles, by the same arithmetic; kept at 8 for every format:
+#: not measured, 2-core machines here). One worker reads about 8 Mpx/s (15 an SVS), far more
+#: than a CPU network segments, so 'auto' never gives more than one.
 CPU_READER_FROM = 8
 #: tiling.workers 'auto' on a GPU: at most this many reading workers. The network's loop
 #: (about 0.03 CPU s per output Mpx, one process) bounds the stage near 30 Mpx/s, which about
-#: 4 readers keep up with (0.12 CPU s per Mpx each); more only add memory (a few hundred MB
+#: 4 readers keep up with (0.12 CPU s per Mpx each; 2-3 for an SVS); more only add memory (a few hundred MB
 #: of process and 2 pinned batches each). Projected from 2-core measurements, not measured on
 #: a GPU (benchmarks/README.md).
 GPU_READERS_MAX = 8
@@ -618,10 +620,10 @@ def reading_workers(tiling_cfg: dict, threads: int, device: torch.device | None 
     below :data:`CPU_READER_FROM` CPUs (the network's process reads, between its forward
     passes), one from there on (with a CPU of its own: :func:`network_threads`). On a GPU
     (or ``device`` None) half of the CPUs the network's loop leaves, rounded up: reading
-    (0.12 CPU s per output Mpx) and the post-processing workers that get the rest (0.13)
-    cost about the same, and reading cannot be skipped where a model has no instance
-    post-processing; at most :data:`GPU_READERS_MAX`. 16 CPUs: 8 reading, 7 post-processing
-    workers and the loop."""
+    (0.12 CPU s per output Mpx through OpenSlide, 0.06-0.07 for an SVS's JPEG tiles) and the
+    post-processing workers that get the rest (0.09-0.11) cost about the same, and reading
+    cannot be skipped where a model has no instance post-processing; at most
+    :data:`GPU_READERS_MAX`. 16 CPUs: 8 reading, 7 post-processing workers and the loop."""
     n = tiling_cfg.get("workers", "auto")
     if not _auto(n):
         return int(n)
