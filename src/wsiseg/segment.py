@@ -584,18 +584,18 @@ GPU_BATCH = 8
 #: T - 1 threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's
 #: speed-up on T threads (T at best; 0.6 T assumed, not measured: 2-core machines here),
 #: 2-4 % on 2 CPUs, 9-15 % on 8, 17-26 % on 16 (about half that for an SVS). A reading worker
-#: with a CPU of its own costs the network 1 / T instead (12 % on 8, 6 % on 16); next to all T network threads it takes
-#: CPU from them at every one of their barriers (2 readers beside a 2-CPU job's network:
-#: efficiency 0.79-0.89 against 0.90-1.00 without, benchmarks/README.md). The two break even
-#: near 8 CPUs (near 11 for an SVS's tiles, by the same arithmetic; kept at 8 for every format:
-#: not measured, 2-core machines here). One worker reads about 8 Mpx/s (15 an SVS), far more
-#: than a CPU network segments, so 'auto' never gives more than one.
+#: with a CPU of its own costs the network 1 / T instead (12 % on 8, 6 % on 16); next to all T
+#: network threads it takes CPU from them at every one of their barriers (2 readers beside a
+#: 2-CPU job's network: efficiency 0.79-0.89 against 0.90-1.00 without, benchmarks/README.md).
+#: The two break even near 8 CPUs (near 11 for an SVS's tiles, by the same arithmetic; kept at 8
+#: for every format: not measured, 2-core machines here). One worker reads about 8 Mpx/s (15 an
+#: SVS), far more than a CPU network segments, so 'auto' never gives more than one.
 CPU_READER_FROM = 8
 #: tiling.workers 'auto' on a GPU: at most this many reading workers. The network's loop
 #: (about 0.03 CPU s per output Mpx, one process) bounds the stage near 30 Mpx/s, which about
-#: 4 readers keep up with (0.12 CPU s per Mpx each; 2-3 for an SVS); more only add memory (a few hundred MB
-#: of process and 2 pinned batches each). Projected from 2-core measurements, not measured on
-#: a GPU (benchmarks/README.md).
+#: 4 readers keep up with (0.12 CPU s per Mpx each; 2-3 for an SVS); more only add memory (a few
+#: hundred MB of process and 2 pinned batches each). Projected from 2-core measurements, not
+#: measured on a GPU (benchmarks/README.md).
 GPU_READERS_MAX = 8
 
 
