@@ -27,13 +27,12 @@ Only levels where that holds are read here (:meth:`DirectLevels.open`); the rest
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-#: decoded tiles kept per slide handle: neighbouring windows share tiles (a 736-px window of
-#: 240-px tiles shares one or two tile columns with the next); 64 MB holds about 370 such
-#: tiles, a row of windows across a 20x slide about 22,000 px wide
+#: decoded tiles kept per slide handle (the slide's segment cache, which puts a region together
+#: from them): neighbouring windows share tiles (a 736-px window of 240-px tiles shares one or
+#: two tile columns with the next); 64 MB holds about 370 such tiles, a row of windows across a
+#: 20x slide about 22,000 px wide
 DIRECT_CACHE_BYTES = 64 << 20
 
 _SOI, _EOI, _SOS = b"\xff\xd8", b"\xff\xd9", b"\xff\xda"
@@ -91,14 +90,15 @@ def jpeg_stream(tables: bytes | None, data: bytes, ycbcr: bool) -> bytes:
 
 class DirectLevels:
     """The pyramid levels of a slide OpenSlide opened whose JPEG tiles are read and decoded here
-    (module docstring); :meth:`open` says which. ``read`` raises on any problem (a tile libjpeg
-    warns about, an unreadable file): the caller then reads the region with OpenSlide."""
+    (module docstring); :meth:`open` says which (``pages``: level -> its TIFF page). :meth:`tile`
+    decodes one tile and raises on any problem (a tile libjpeg warns about, an unreadable file):
+    the slide (:meth:`wsiseg.slide.Slide.read_level`) then reads the region with OpenSlide."""
 
-    def __init__(self, tiff, pages: dict, cache):
-        self.tiff, self.pages, self.cache = tiff, pages, cache
+    def __init__(self, tiff, pages: dict):
+        self.tiff, self.pages = tiff, pages
 
     @classmethod
-    def open(cls, path: str, info: dict, cache) -> DirectLevels | None:
+    def open(cls, path: str, info: dict) -> DirectLevels | None:
         """For a slide OpenSlide opened (``info``: vendor, level sizes and downsamples): the levels
         read here, or None. An Aperio SVS or a generic tiled TIFF whose pyramid tifffile sees with
         OpenSlide's level sizes; a level qualifies when its tiles are 8-bit JPEG in RGB or YCbCr
@@ -138,42 +138,25 @@ class DirectLevels:
         if not direct:
             tiff.close()
             return None
-        return cls(tiff, direct, cache)
+        return cls(tiff, direct)
 
     @property
     def levels(self) -> list:
         return sorted(self.pages)
 
-    def _tile(self, level: int, page, index: int) -> np.ndarray:
-        seg = self.cache.get((level, index))
-        if seg is None:
-            import simplejpeg
-            import tifffile
+    def tile(self, page, index: int) -> np.ndarray:
+        """Tile ``index`` of ``page`` (one of :attr:`pages`), RGB uint8 (tile length, width, 3)."""
+        import simplejpeg
+        import tifffile
 
-            fh = self.tiff.filehandle
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-            stream = jpeg_stream(page.jpegtables, data, page.photometric == tifffile.PHOTOMETRIC.YCBCR)
-            seg = simplejpeg.decode_jpeg(stream, "RGB", fastdct=False, fastupsample=False, strict=True)
-            if seg.shape != (page.tilelength, page.tilewidth, 3):
-                raise ValueError(f"tile {index} decoded to {seg.shape}, not {(page.tilelength, page.tilewidth, 3)}")
-            self.cache.put((level, index), seg)
+        fh = self.tiff.filehandle
+        fh.seek(page.dataoffsets[index])
+        data = fh.read(page.databytecounts[index])
+        stream = jpeg_stream(page.jpegtables, data, page.photometric == tifffile.PHOTOMETRIC.YCBCR)
+        seg = simplejpeg.decode_jpeg(stream, "RGB", fastdct=False, fastupsample=False, strict=True)
+        if seg.shape != (page.tilelength, page.tilewidth, 3):
+            raise ValueError(f"tile {index} decoded to {seg.shape}, not {(page.tilelength, page.tilewidth, 3)}")
         return seg
-
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of level px [x, x+w) x [y, y+h), inside the level."""
-        page = self.pages[level]
-        th, tw = page.tilelength, page.tilewidth
-        across = math.ceil(page.imagewidth / tw)
-        out = np.empty((h, w, 3), np.uint8)
-        for ty in range(y // th, (y + h - 1) // th + 1):
-            for tx in range(x // tw, (x + w - 1) // tw + 1):
-                seg = self._tile(level, page, ty * across + tx)
-                y0, x0 = ty * th, tx * tw
-                iy0, iy1 = max(y, y0), min(y + h, y0 + th)
-                ix0, ix1 = max(x, x0), min(x + w, x0 + tw)
-                out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = seg[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
-        return out
 
     def close(self) -> None:
         self.tiff.close()

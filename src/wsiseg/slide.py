@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -155,9 +156,11 @@ class Slide:
         )
         try:
             if self.backend == "openslide":
-                if self._direct is not None and level in self._direct.pages:
+                page = None if self._direct is None else self._direct.pages.get(level)
+                if page is not None:
                     try:
-                        return self._direct.read(level, x, y, w, h)
+                        decode = partial(self._direct.tile, page)
+                        return self._segments_read(level, page, decode, x, y, w, h)
                     except Exception:  # a tile libjpeg warns about: OpenSlide decodes or fails it, as before
                         pass
                 ds = self.level_downsamples[level]
@@ -178,26 +181,34 @@ class Slide:
 
     def _tiff_read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         page = self._pages[level]
-        tiff = self._handle
+        return self._segments_read(level, page, lambda index: self._tiff_segment(page, index), x, y, w, h)
+
+    def _tiff_segment(self, page, index: int) -> np.ndarray:
+        """Strip or tile ``index`` of ``page``, decoded by tifffile and composited on white."""
+        fh = self._handle.filehandle
+        fh.seek(page.dataoffsets[index])
+        data = fh.read(page.databytecounts[index])
+        seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        seg = seg[0]  # (length, width, samples)
+        if seg.ndim == 2:
+            seg = seg[..., None]
+        return composite_on_white(seg[..., :4] if seg.shape[-1] >= 4 else seg[..., :3])
+
+    def _segments_read(self, level: int, page, decode, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region (x, y, w, h) of ``level`` put together from the strips or tiles of its TIFF
+        ``page`` that it touches: ``decode(index)`` gives one (RGB), kept in the slide's cache."""
         if page.is_tiled:
             seg_h, seg_w = page.tilelength, page.tilewidth
         else:
             seg_h, seg_w = page.rowsperstrip or page.imagelength, page.imagewidth
         n_x = math.ceil(page.imagewidth / seg_w)
         out = np.empty((h, w, 3), np.uint8)
-        fh = tiff.filehandle
         for sy in range(y // seg_h, (y + h - 1) // seg_h + 1):
             for sx in range(x // seg_w, (x + w - 1) // seg_w + 1):
                 index = sy * n_x + sx
                 seg = self._segment_cache.get((level, index))
                 if seg is None:
-                    fh.seek(page.dataoffsets[index])
-                    data = fh.read(page.databytecounts[index])
-                    seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                    seg = seg[0]  # (length, width, samples)
-                    if seg.ndim == 2:
-                        seg = seg[..., None]
-                    seg = composite_on_white(seg[..., :4] if seg.shape[-1] >= 4 else seg[..., :3])
+                    seg = decode(index)
                     self._segment_cache.put((level, index), seg)
                 y0, x0 = sy * seg_h, sx * seg_w
                 # intersection of the segment with the requested region, in level px
@@ -409,7 +420,7 @@ def open_slide(path: str, name: str | None = None, mpp: float | None = None) -> 
         from .jpeg_tiles import DIRECT_CACHE_BYTES, DirectLevels
 
         cache = _SegmentCache(DIRECT_CACHE_BYTES)
-        info["_direct"] = DirectLevels.open(path, info, cache)
+        info["_direct"] = DirectLevels.open(path, info)
     else:
         cache = _SegmentCache()
     slide = Slide(name=name, path=path, mpp_source=source, _segment_cache=cache, **info)
