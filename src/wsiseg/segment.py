@@ -320,9 +320,33 @@ def device_facts(device: torch.device) -> dict:
 
 
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
-    """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning."""
+    """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning.
+
+    A job that sees several GPUs (a multi-GPU workstation; a cluster job sees the one it was
+    given) takes one that no other job holds (:func:`wsiseg.gpus.claim`), and makes it the
+    process's current device."""
     if requested in ("auto", "cuda", "gpu") and torch.cuda.is_available():
-        return torch.device("cuda")
+        n = torch.cuda.device_count()
+        if n < 2:
+            return torch.device("cuda")
+        from . import gpus
+
+        try:
+            i, alone = gpus.claim(gpus.device_keys(torch))
+        except OSError as e:  # the lock folder cannot be written: run as a job that sees one GPU does
+            log_fn(f"WARNING: {n} GPUs visible, but none could be claimed ({e}); running on cuda:0")
+            return torch.device("cuda")
+        torch.cuda.set_device(i)
+        log_fn(
+            f"{n} GPUs visible: running on cuda:{i}, "
+            + (
+                "which no other wsiseg job holds"
+                if alone
+                else f"shared: all {n} are held by other wsiseg jobs of this user (device: cuda with "
+                f"--resources gpu={n} runs one job per GPU)"
+            )
+        )
+        return torch.device("cuda", i)
     # a scheduler that gave this job a GPU says so (SLURM sets CUDA_VISIBLE_DEVICES for --gpus)
     granted = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     granted = f" (the job was given GPU {granted})" if granted not in ("", "-1", "NoDevFiles") else ""
