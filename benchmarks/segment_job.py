@@ -55,6 +55,52 @@ leave_now()  # as the rule's script ends: no interpreter teardown
 """
 
 
+def shipped_config() -> tuple[dict, dict]:
+    """(config/config.yaml, its model block with the weights' path made absolute)."""
+    with open(os.path.join(REPO, "config", "config.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    return cfg, dict(cfg["model"], weights=os.path.join(REPO, cfg["model"]["weights"]))
+
+
+def prepare(slide_path: str, mpp, cfg: dict, model: dict, wd: str):
+    """The slide's tissue mask and tile plan in ``wd`` (as the tissue and plan rules make them);
+    returns ``kwargs(out, **changes)``: the keyword arguments of a segment job writing into the
+    folder ``out`` (made), with ``changes`` (device, threads, tiling_cfg, ...) over the config's."""
+    os.makedirs(wd, exist_ok=True)
+    t = cfg["tissue"]
+    f = {k: os.path.join(wd, v) for k, v in dict(png="tissue.png", thumb="overlay.png", tj="tissue.json").items()}
+    slide = dict(slide_path=slide_path, slide_id="slide", mpp=mpp)  # as the rules pass them
+    quiet = dict(log=lambda m: None)
+    tissue_out = dict(out_png=f["png"], out_thumb=f["thumb"], out_json=f["tj"])
+    tissue.run(**slide, **quiet, **tissue_out, method=t["method"], tissue_mpp=t["mpp"], min_area_um2=t["min_area_um2"])
+    tsv, pjson = os.path.join(wd, "plan.tsv"), os.path.join(wd, "plan.json")
+    tissue_in = dict(tissue_png=f["png"], tissue_json=f["tj"])
+    plan.run(**slide, **quiet, **tissue_in, model_cfg=model, tiling_cfg=cfg["tiling"], out_tsv=tsv, out_json=pjson)
+    base = dict(slide, plan_tsv=tsv, plan_json=pjson, tissue_png=f["png"], model_cfg=model, tiling_cfg=cfg["tiling"],
+                device="cpu", clip_to_tissue=bool(t.get("clip_mask", True)), threads=os.cpu_count())  # fmt: skip
+
+    def kwargs(out: str, **changes) -> dict:
+        os.makedirs(out, exist_ok=True)
+        return dict(base, out_store=os.path.join(out, "labels.store"), out_json=os.path.join(out, "segment.json"),
+                    **changes)  # fmt: skip
+
+    return kwargs
+
+
+def run_job(kwargs: dict) -> tuple[float, dict, dict]:
+    """One segment job in a fresh process: (its wall seconds, its imports_s and run_s, its segment.json)."""
+    path = os.path.join(os.path.dirname(kwargs["out_json"]), "kwargs.json")
+    with open(path, "w") as fh:
+        json.dump(kwargs, fh)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", JOB, SRC, path], capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if res.returncode:
+        sys.exit(f"the segment job in {os.path.dirname(path)} failed:\n{res.stderr[-3000:]}")
+    with open(kwargs["out_json"]) as fh:
+        return wall, json.loads(res.stdout.splitlines()[-1]), json.load(fh)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("slide", nargs="?", default=CMU)
@@ -65,19 +111,9 @@ def main():
     args = ap.parse_args()
     print(f"command: python {' '.join(sys.argv)}")
     wd = args.workdir or tempfile.mkdtemp(prefix="segment_job_")
-    os.makedirs(wd, exist_ok=True)
-    with open(os.path.join(REPO, "config", "config.yaml")) as fh:
-        cfg = yaml.safe_load(fh)
-    model = dict(cfg["model"], weights=os.path.join(REPO, cfg["model"]["weights"]))  # the shipped block
-    t = cfg["tissue"]
-    f = {k: os.path.join(wd, v) for k, v in dict(png="tissue.png", thumb="overlay.png", tj="tissue.json").items()}
-    slide = dict(slide_path=args.slide, slide_id="slide", mpp=None, log=lambda m: None)  # as the rules pass them
-    tissue_out = dict(out_png=f["png"], out_thumb=f["thumb"], out_json=f["tj"])
-    tissue.run(**slide, **tissue_out, method=t["method"], tissue_mpp=t["mpp"], min_area_um2=t["min_area_um2"])
-    tsv, pjson = os.path.join(wd, "plan.tsv"), os.path.join(wd, "plan.json")
-    tissue_in = dict(tissue_png=f["png"], tissue_json=f["tj"])
-    plan.run(**slide, **tissue_in, model_cfg=model, tiling_cfg=cfg["tiling"], out_tsv=tsv, out_json=pjson)
-    tiles = Plan.read(tsv, pjson).tiles
+    cfg, model = shipped_config()
+    job_kwargs = prepare(args.slide, None, cfg, model, wd)
+    tiles = Plan.read(os.path.join(wd, "plan.tsv"), os.path.join(wd, "plan.json")).tiles
     mpx = float((tiles.tw * tiles.th).sum()) / 1e6
     print(
         f"slide {os.path.basename(args.slide)}: {len(tiles)} tissue tiles, {mpx:.1f} output Mpx; device {args.device}, "
@@ -89,33 +125,7 @@ def main():
     )
     rows = []
     for j in range(args.jobs):
-        out = os.path.join(wd, f"job{j}")
-        os.makedirs(out, exist_ok=True)
-        kwargs = dict(
-            {k: v for k, v in slide.items() if k != "log"},
-            plan_tsv=tsv,
-            plan_json=pjson,
-            tissue_png=f["png"],
-            model_cfg=model,
-            tiling_cfg=cfg["tiling"],
-            device=args.device,
-            clip_to_tissue=bool(cfg["tissue"].get("clip_mask", True)),
-            out_store=os.path.join(out, "labels.store"),
-            out_json=os.path.join(out, "segment.json"),
-            threads=args.threads,
-        )
-        with open(os.path.join(out, "kwargs.json"), "w") as fh:
-            json.dump(kwargs, fh)
-        t0 = time.monotonic()
-        res = subprocess.run(
-            [sys.executable, "-c", JOB, SRC, os.path.join(out, "kwargs.json")], capture_output=True, text=True
-        )
-        wall = time.monotonic() - t0
-        if res.returncode:
-            sys.exit(f"job {j + 1} failed:\n{res.stderr[-3000:]}")
-        got = json.loads(res.stdout.splitlines()[-1])
-        with open(kwargs["out_json"]) as fh:
-            info = json.load(fh)
+        wall, got, info = run_job(job_kwargs(os.path.join(wd, f"job{j}"), device=args.device, threads=args.threads))
         loop = info["loop"]
         rows.append((wall, info["elapsed_s"]))
         print(

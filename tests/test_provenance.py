@@ -92,6 +92,8 @@ def test_software_of_this_process():
     assert device_facts(torch.device("cpu")) == dict(device_name=provenance.cpu_name(), cuda_version=None)
     assert provenance.cpu_name()  # /proc/cpuinfo's model name on Linux
     assert provenance.device_label({"device": "cpu"}) == "cpu"
+    assert provenance.device_label({"device": "cpu", "settings": {"cpu_bf16": False}}) == "cpu"
+    assert provenance.device_label({"device": "cpu", "settings": {"cpu_bf16": True}}) == "cpu, bfloat16"
     gpu = {"device": "cuda", "device_name": "NVIDIA H100", "cuda_version": "12.8"}
     assert provenance.device_label(gpu) == "cuda: NVIDIA H100, CUDA 12.8"
 

@@ -151,13 +151,14 @@ def cpu_name() -> str:
 
 
 def device_label(segment_info: dict) -> str:
-    """One line for a table: 'cpu', or 'cuda: <GPU name>, CUDA <version>'."""
+    """One line for a table: 'cpu' ('cpu, bfloat16' with tiling.cpu_bf16 in effect), or
+    'cuda: <GPU name>, CUDA <version>'."""
     dev = str(segment_info.get("device", ""))
     if dev.startswith("cuda"):
         name = segment_info.get("device_name") or "GPU"
         cuda = segment_info.get("cuda_version")
         return f"cuda: {name}" + (f", CUDA {cuda}" if cuda else "")
-    return dev
+    return dev + (", bfloat16" if (segment_info.get("settings") or {}).get("cpu_bf16") else "")
 
 
 def file_facts(path) -> dict:

@@ -319,6 +319,21 @@ def device_facts(device: torch.device) -> dict:
     return dict(device_name=cpu_name(), cuda_version=None)
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16: AMD Zen 4 and
+    later, Intel Cooper Lake, Sapphire Rapids and later), where oneDNN's bf16 convolutions run
+    the shipped U-Net about twice as fast as float32 (benchmarks/cpu_bf16.py); elsewhere they
+    are emulated and slower. From Linux's /proc/cpuinfo; False where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
     """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning.
 
@@ -380,6 +395,7 @@ def run_segmentation(
     batch_size: int = 8,
     workers: int = 0,
     amp: bool = True,
+    cpu_bf16: bool = False,
     log_fn=log.info,
     log_every_s: float = 10.0,
     max_unreadable_fraction: float = 0.0,
@@ -392,6 +408,11 @@ def run_segmentation(
     With ``tta`` each window goes through the model in its 8 flips/rotations and the
     merger gets the log of the averaged probabilities (argmax and softmax as for
     logits), 8 times the work for smoother, more accurate masks.
+
+    ``amp``: on CUDA the network runs under autocast (bfloat16 where the GPU has it, else
+    float16); ``cpu_bf16``: on the CPU under bfloat16 autocast (:func:`cpu_bf16_native` says
+    where that pays). Either way each output px is computed as in one pass of the network over
+    the whole mirror-padded image under the same autocast (tests/test_segment.py).
 
     A tile whose pixels cannot be decoded is left as background (0), logged and
     appended to ``unreadable`` as (row, col, message); if more than
@@ -425,8 +446,8 @@ def run_segmentation(
         prefetch_factor=2 if workers else None,
     )
     keep = spec.keep
-    use_amp = amp and cuda
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = amp if cuda else cpu_bf16
+    amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     t0 = time.monotonic()
     timings = {} if timings is None else timings
     timings.update(read_cpu_s=0.0, network_s=0.0, wait_s=0.0)
@@ -765,11 +786,19 @@ def run(
     if model.postprocess:
         log(f"instance post-processing per tile: {model.postprocess} (mask classes {model.mask_classes})")
     tta = bool(model_cfg.get("tta", False)) and model.supports_tta
+    amp = bool(tiling_cfg.get("amp", True)) and dev.type == "cuda"
+    cpu_bf16 = bool(tiling_cfg.get("cpu_bf16", False)) and dev.type == "cpu" and model.wants_gpu
+    if cpu_bf16 and not cpu_bf16_native():
+        log(
+            "tiling.cpu_bf16 is set, but this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), "
+            "where bf16 would be slower than float32: the network runs in float32"
+        )
+        cpu_bf16 = False
     log(
         f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
         f"(batch {used['batch_size']}, {used['workers']} reading workers, {post_workers} post-processing "
-        f"workers, {torch.get_num_threads()} network threads, amp={dev.type == 'cuda'}, "
-        f"tta={'8 flips/rotations' if tta else 'off'})"
+        f"workers, {torch.get_num_threads()} network threads, amp={amp}"
+        f"{', bfloat16 on the CPU' if cpu_bf16 else ''}, tta={'8 flips/rotations' if tta else 'off'})"
     )
     unreadable, timings = [], {}
     with _sigterm_as_exit():  # SIGTERM (scancel, a killed job) ends the workers too
@@ -785,7 +814,8 @@ def run(
             dev,
             batch_size=used["batch_size"],
             workers=used["workers"],
-            amp=bool(tiling_cfg.get("amp", True)),
+            amp=amp,
+            cpu_bf16=cpu_bf16,
             log_fn=log,
             max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
             unreadable=unreadable,
@@ -825,7 +855,8 @@ def run(
             workers=used["workers"],
             postprocess_workers=post_workers,
             network_threads=torch.get_num_threads(),
-            amp=bool(tiling_cfg.get("amp", True)) and dev.type == "cuda",
+            amp=amp,
+            cpu_bf16=cpu_bf16,
         ),
         tta=tta,
         n_tiles=len(tiles),

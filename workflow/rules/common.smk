@@ -156,7 +156,7 @@ def weights_sha256(wildcards=None):
 
 
 #: settings that change a stage's outputs: its params (a change reruns it and what follows).
-#: The others (batch size, workers, amp, device, max_unreadable_fraction) are read by the
+#: The others (batch size, workers, amp, cpu_bf16, device, max_unreadable_fraction) are read by the
 #: scripts from the config and rerun nothing (config/README.md says which is which).
 TISSUE_KEYS = ("method", "mpp", "min_area_um2")
 PLAN_TILING_KEYS = ("tile_size", "margin", "allow_small_margin")
