@@ -14,6 +14,9 @@
 #   - the CUDA test (tests/test_postpool.py -k cuda, skipped where there is no GPU): the store
 #     byte-identical with the post-processing and reading in the loop's process or in workers,
 #     through the CUDA path of the network's loop (autocast, pinned copies, held batches);
+#   - exactness on the GPU (benchmarks/exactness.py): the stitched tile logits against one pass over
+#     the whole mirror-padded slide, and across batch sizes, runs and cudnn.deterministic, in
+#     float32 and under autocast (never checked on a GPU: cuDNN picks its algorithms per shape);
 #   - a segment job's fixed cost on the GPU: the stage in 2 fresh processes as the rule runs it
 #     (benchmarks/segment_job.py), the process's time against the stage's;
 #   - the GPU-feed ceiling: the segment stage with the network replayed (zero network time)
@@ -60,6 +63,7 @@ run)
         nproc
         WSISEG_DATA="$PWD/.bench-data" timeout 120 python3 -m pytest -q -p no:cacheprovider -rs \
             tests/test_postpool.py -k cuda || echo "THE CUDA TEST FAILED (above)"
+        timeout 120 python3 benchmarks/exactness.py "$SLIDE" --device cuda || echo "exactness: did not finish"
         # a segment job's fixed cost on the GPU (fresh process: torch, CUDA's start, weights, workers,
         # cuDNN's autotuning) against the stage's own time, the slide's tissue tiles, 2 jobs
         timeout 90 python3 benchmarks/segment_job.py "$SLIDE" --device cuda --jobs 2 --threads "$(nproc)" \
