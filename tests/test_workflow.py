@@ -62,10 +62,11 @@ def test_readme_example_with_shipped_config(tmp_path):
     with tifffile.TiffFile(res / "example" / "mask.ome.tif") as tif:
         assert tif.series[0].levels[0].shape == (round(h0 * 0.25 / 0.5), round(w0 * 0.25 / 0.5))
     # tiling 'auto' (the shipped defaults) as the stage resolved it: a CPU job of 2 CPUs (--cores 2)
-    # runs batch 1 with no workers and gives the network both CPUs
+    # runs batch 1 with no workers and gives the network both CPUs, in float32 (tiling.cpu_bf16 is off)
     seg = json.load(open(res / "example" / "work" / "segment.json"))
     settings = seg["settings"]
-    assert settings == dict(batch_size=1, workers=0, postprocess_workers=0, network_threads=2, amp=False)
+    want = dict(batch_size=1, workers=0, postprocess_workers=0, network_threads=2, amp=False, cpu_bf16=False)
+    assert settings == want
     # where the stage's time went: the network's calls, waiting for windows (read in-process here), the rest
     loop = seg["loop"]
     assert set(loop) == {"network_s", "wait_s", "other_s"} and min(loop.values()) >= 0 and loop["wait_s"] > 0
