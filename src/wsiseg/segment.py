@@ -411,8 +411,9 @@ def run_segmentation(
 
     ``amp``: on CUDA the network runs under autocast (bfloat16 where the GPU has it, else
     float16); ``cpu_bf16``: on the CPU under bfloat16 autocast (:func:`cpu_bf16_native` says
-    where that pays). Either way each output px is computed as in one pass of the network over
-    the whole mirror-padded image under the same autocast (tests/test_segment.py).
+    where that pays). On the CPU, in either precision, each output px is the one of a single
+    pass of the network over the whole mirror-padded image in that precision, bit for bit
+    (tests/test_segment.py); on a GPU that is measured by benchmarks/exactness.py, not tested.
 
     A tile whose pixels cannot be decoded is left as background (0), logged and
     appended to ``unreadable`` as (row, col, message); if more than
