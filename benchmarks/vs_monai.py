@@ -26,10 +26,14 @@ For one slide (default CMU-1-Small-Region) and the shipped nuclei U-Net, in one 
 * **exactness**: the share of tissue pixels (the workflow's tissue mask) whose argmax differs
   from one pass of the network over the whole mirror-padded slide (ours: 0 by construction).
 
+With ``--cpu-bf16`` every side runs the network in bfloat16 on the CPU: ours with
+``tiling.cpu_bf16: true``, MONAI's script, its in-process rows and the one-pass reference under
+``torch.autocast("cpu", bfloat16)`` (a CPU with bf16 instructions: benchmarks/cpu_bf16.py).
+
 MONAI is not a dependency of the workflow; install it for this benchmark only:
 
     .venv/bin/pip install --no-deps monai
-    python benchmarks/vs_monai.py [slide] [--cores 2] [--tiling batch_size=1 workers=0]
+    python benchmarks/vs_monai.py [slide] [--cores 2] [--tiling batch_size=1 workers=0] [--cpu-bf16]
 """
 
 import argparse
@@ -112,26 +116,28 @@ from wsiseg.geometry import Geometry, read_target
 from wsiseg.models import load_model
 from wsiseg.slide import open_slide
 torch.set_num_threads(int(sys.argv[5]))
+bf16 = sys.argv[6] == "bf16"
 spec = load_model(dict(name="nuclei", weights=sys.argv[2]))
 with open_slide(sys.argv[3]) as sl:
     geom = Geometry.for_slide(sl, spec.mpp)
     img = read_target(sl, geom, 0, 0, geom.width, geom.height)
 x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None] / 255.0
-with torch.inference_mode():
+with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
     out = sliding_window_inference(x, (512, 512), 1, spec.module, overlap=0.25, mode="gaussian", progress=False)
 mask = out[0].argmax(0).numpy().astype(np.uint8)
 tifffile.imwrite(sys.argv[4], mask, tile=(512, 512), compression="zlib")
 """
 
 
-def monai_script(wd, slide, cores):
-    """Wall time of :data:`MONAI_SCRIPT` in a fresh process: one slide to a mask file, as a MONAI user runs it."""
+def monai_script(wd, slide, cores, bf16=False):
+    """Wall time of :data:`MONAI_SCRIPT` in a fresh process: one slide to a mask file, as a MONAI user runs it
+    (``bf16``: under bfloat16 autocast)."""
     path = os.path.join(wd, "monai_script.py")
     with open(path, "w") as fh:
         fh.write(MONAI_SCRIPT)
     t0 = time.monotonic()
     cmd = [sys.executable, path, os.path.join(REPO, "src"), WEIGHTS, slide, os.path.join(wd, "monai_mask.tif")]
-    subprocess.run(cmd + [str(cores)], check=True)
+    subprocess.run(cmd + [str(cores), "bf16" if bf16 else "fp32"], check=True)
     return time.monotonic() - t0
 
 
@@ -153,6 +159,7 @@ def main():
     ap.add_argument("--sw-batch", type=int, default=1, help="MONAI's sw_batch_size")
     ap.add_argument("--workdir")
     ap.add_argument("--reuse", action="store_true", help="take the workflow runs already in --workdir")
+    ap.add_argument("--cpu-bf16", action="store_true", help="every side in bfloat16 on the CPU")
     args = ap.parse_args()
     try:
         from monai.inferers import sliding_window_inference
@@ -161,7 +168,11 @@ def main():
             "this benchmark compares against MONAI, which the workflow does not need: "
             ".venv/bin/pip install --no-deps monai"
         )
-    tiling = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in args.tiling)}
+    words = {"true": True, "false": False}
+    tiling = {k: int(v) if v.isdigit() else words.get(v, v) for k, v in (kv.split("=", 1) for kv in args.tiling)}
+    if args.cpu_bf16:
+        tiling["cpu_bf16"] = True
+    bf16 = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.cpu_bf16)  # the in-process rows' autocast
     wd = args.workdir or tempfile.mkdtemp(prefix="wsiseg-vs-monai-")
     torch.set_num_threads(args.cores)
     spec = load_model(dict(name="nuclei", weights=WEIGHTS))
@@ -186,7 +197,9 @@ def main():
     ):
         wall, rules = workflow(os.path.join(wd, sub), args.slide, model_cfg, tiling, args.cores, cache, args.reuse)
         runs.append((f"ours, {name}", wall, rules))
-    scripted = [monai_script(wd, args.slide, args.cores) for _ in range(2)]  # the second with a warm page cache
+    scripted = [
+        monai_script(wd, args.slide, args.cores, args.cpu_bf16) for _ in range(2)
+    ]  # the second with a warm page cache
 
     res = os.path.join(wd, "ck", "results", "nuclei-unet", "slide")
     plan = Plan.read(os.path.join(res, "plan.tsv"), os.path.join(res, "plan.json"))
@@ -207,7 +220,9 @@ def main():
     # not arithmetic or memory allocation
     folded = fold_batchnorm(spec.module.eval())
     network_heap()
-    ref = one_pass(folded, img, tiles.margin, spec.align).argmax(0).numpy()
+    with torch.autocast(**bf16):  # in channels_last, as the segment stage runs it: in bfloat16 the two
+        # layouts' convolutions round differently (0.02 % of CMU's tissue px change class)
+        ref = one_pass(folded.to(memory_format=torch.channels_last), img, tiles.margin, spec.align).argmax(0).numpy()
 
     def differs(labels):
         return 100.0 * float((labels != ref)[on_tissue].mean())
@@ -229,6 +244,7 @@ def main():
         torch.device("cpu"),
         batch_size=used["batch_size"],
         workers=used["workers"],
+        cpu_bf16=args.cpu_bf16,
         log_fn=lambda m: None,
     )
     t_ours = time.monotonic() - t0
@@ -248,7 +264,7 @@ def main():
         for roi in (512, 256):
             for mode in ("gaussian", "constant"):
                 t0 = time.monotonic()
-                with torch.inference_mode():
+                with torch.inference_mode(), torch.autocast(**bf16):
                     out = sliding_window_inference(
                         x, (roi, roi), args.sw_batch, net, overlap=0.25, mode=mode, progress=False
                     )
@@ -260,7 +276,8 @@ def main():
         f"{100 * on_tissue.mean():.0f}% tissue; {len(plan.tiles)} tissue tiles of {tiles.tile_size} "
         f"(window {tiles.window}); {args.cores} cores, torch threads {torch.get_num_threads()}; "
         f"our tiling {tiling or 'as config/config.yaml'} (segment stage alone: batch {used['batch_size']}, "
-        f"{used['workers']} reading workers); MONAI sw_batch_size {args.sw_batch}"
+        f"{used['workers']} reading workers); MONAI sw_batch_size {args.sw_batch}; the network in "
+        f"{'bfloat16 on every side' if args.cpu_bf16 else 'float32'}"
     )
     print(f"\n{'whole workflow':<32} {'wall s':>7} " + " ".join(f"{r:>8}" for r in RULES))
     for name, wall, rules in runs:
