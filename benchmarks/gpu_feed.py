@@ -124,7 +124,20 @@ class GpuSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_workers, batch, device=CPU, timings=None):
+def run_stage(
+    slide,
+    geom,
+    spec,
+    plan,
+    module,
+    labeler,
+    post_workers,
+    read_workers,
+    batch,
+    device=CPU,
+    timings=None,
+    cpu_bf16=False,
+):
     """(seconds, read CPU s, post CPU s, write CPU s, loop CPU s) of one segment stage run on
     ``device``; ``timings`` (a dict) also gets the stage's own (network, waiting for windows)
     and, on CUDA, ``gpu_util``, the GPU's mean utilisation during the run (None without NVML)."""
@@ -147,6 +160,7 @@ def run_stage(slide, geom, spec, plan, module, labeler, post_workers, read_worke
             device,
             batch_size=batch,
             workers=read_workers,
+            cpu_bf16=cpu_bf16,
             log_fn=lambda m: None,
             timings=timings,
         )
@@ -166,7 +180,9 @@ def run_resolved(args, geom, spec, grid, model, c, timings=None):
     :func:`wsiseg.segment.resolve_tiling` resolved it."""
     labels = model.labeler()
     workers = (c["postprocess_workers"], c["workers"], c["batch_size"])
-    return run_stage(args.slide, geom, spec, grid, model.module, labels, *workers, timings=timings)
+    return run_stage(
+        args.slide, geom, spec, grid, model.module, labels, *workers, timings=timings, cpu_bf16=args.cpu_bf16
+    )
 
 
 def model_alone_on(model, windows):
@@ -177,10 +193,11 @@ def model_alone_on(model, windows):
     return net, [(torch.from_numpy(w) / 255.0).unsqueeze(0).permute(0, 3, 1, 2) for w in windows]
 
 
-def call_times(net, inputs) -> list:
-    """Seconds of each call of the model alone on the windows in memory."""
+def call_times(net, inputs, bf16=False) -> list:
+    """Seconds of each call of the model alone on the windows in memory (``bf16``: under bfloat16
+    autocast, as the stage runs it with tiling.cpu_bf16)."""
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for x in inputs:
             t0 = time.monotonic()
             net(x)
@@ -196,12 +213,15 @@ def efficiency(args, model, geom, spec, grid, windows):
     cpus = args.cpus or os.cpu_count()
     dev = torch.device("cpu")
     grid_mpx = grid.tw.mul(grid.th).sum() / 1e6
-    print(f"\nreal network on the CPU, a job of {cpus} CPUs, {len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):")
+    print(
+        f"\nreal network on the CPU{' in bfloat16 (tiling.cpu_bf16)' if args.cpu_bf16 else ''}, a job of {cpus} CPUs, "
+        f"{len(grid)} tiles of the grid ({grid_mpx:.1f} Mpx):"
+    )
     net, inputs = model_alone_on(model, windows)
 
     def model_alone(threads):
         torch.set_num_threads(threads)
-        return sum(call_times(net, inputs))
+        return sum(call_times(net, inputs, args.cpu_bf16))
 
     keys = ("batch_size", "workers", "postprocess_workers")
     used = {}
@@ -484,6 +504,9 @@ def main():
     ap.add_argument("--cores", type=int, nargs="+", help="the replay held to 1, 2, ... CPUs, as many post workers")
     ap.add_argument("--cpus", type=int, default=0, help="the job's CPUs for --efficiency (default: all)")
     ap.add_argument("--tiles", type=int, default=0, help="--efficiency on the grid's first N tiles (default: all)")
+    ap.add_argument(
+        "--cpu-bf16", action="store_true", help="--efficiency with tiling.cpu_bf16 (model alone in bf16 too)"
+    )
     ap.add_argument("--reps", type=int, default=1, help="--efficiency, --read-ahead, --cores: N alternating rounds")
     ap.add_argument(
         "--configs",
