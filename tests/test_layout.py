@@ -116,3 +116,26 @@ def test_schema_formats_are_the_known_formats():
     schema = yaml.safe_load(open(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     enum = schema["properties"]["model"]["properties"]["format"]["enum"]
     assert set(enum) == {"auto", *FORMATS}
+
+
+def test_command_line_booleans_follow_the_schema():
+    """`--config tiling='{cpu_bf16: true}'` arrives as text: where the workflow's schema wants a
+    boolean (any block, any depth) 'true'/'FALSE' become booleans; other text and other keys
+    are left as they came, for the schema to judge."""
+    import yaml
+
+    from wsiseg.config_values import command_line_booleans
+
+    schema = yaml.safe_load(open(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    cfg = dict(
+        tiling=dict(cpu_bf16="true", amp="FALSE", tile_size="512", margin="auto"),
+        model=dict(tta="True", name="true"),
+        stats=dict(outlines="maybe"),
+        device="cpu",
+    )
+    assert command_line_booleans(cfg, schema) == dict(
+        tiling=dict(cpu_bf16=True, amp=False, tile_size="512", margin="auto"),
+        model=dict(tta=True, name="true"),  # a name is text, whatever it says
+        stats=dict(outlines="maybe"),  # refused later by the schema, with its own message
+        device="cpu",
+    )

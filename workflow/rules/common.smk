@@ -7,23 +7,13 @@ import pandas as pd
 import yaml
 from snakemake.utils import validate
 
-
-def command_line_booleans(cfg, schema):
-    """`--config tiling='{cpu_bf16: true}'`: Snakemake hands a nested value over as the string
-    'true'; where the schema wants a boolean, 'true'/'false' (any case) are taken as one."""
-    for key, sub in (schema.get("properties") or {}).items():
-        value = cfg.get(key) if isinstance(cfg, dict) else None
-        if sub.get("type") == "boolean" and isinstance(value, str) and value.lower() in ("true", "false"):
-            cfg[key] = value.lower() == "true"
-        elif isinstance(value, dict):
-            command_line_booleans(value, sub)
-
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from wsiseg.config_values import command_line_booleans  # noqa: E402
 
 with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as fh:
-    command_line_booleans(config, yaml.safe_load(fh))
+    command_line_booleans(config, yaml.safe_load(fh))  # --config block='{key: true}'
 validate(config, schema="../schemas/config.schema.yaml")
 
-sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from wsiseg.content import KeyCache  # noqa: E402  (no torch: cheap at DAG time)
 from wsiseg.errors import ConfigError  # noqa: E402
 from wsiseg.models import (
