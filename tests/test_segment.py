@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CMU, REPO, corrupt_slide, needs_data
-from helpers import ArrayMerger
+from helpers import ArrayMerger, one_pass
 from scipy import ndimage as ndi
 
 from wsiseg.geometry import Geometry, read_target
@@ -15,7 +15,7 @@ from wsiseg.postparams import InstanceParams
 from wsiseg.segment import StoreMerger, run_segmentation
 from wsiseg.slide import open_slide
 from wsiseg.store import TileStore
-from wsiseg.tiling import legal_input, plan_margin, plan_tiles, tile_spec_for
+from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
 from wsiseg.unet import UNet
 
 pytestmark = needs_data  # reads ../shared/data
@@ -33,23 +33,6 @@ def _model(padding, depth=2):
     border = 0 if padding == "same" else (first - m.output_size(first)) // 2
     halo = unet_same_halo(depth) if padding == "same" else border
     return UNetSpec(m, ["bg", "a", "b"], 1.0, f"t-{padding}", "", "unet", 2**depth, border, halo)
-
-
-def one_pass(spec, img, margin, grid_w, grid_h, tta=False, module=None):
-    """The network (or ``module``) once over the whole image, mirror-padded like the tiles:
-    logits, or with ``tta`` the probabilities averaged over the 8 flips/rotations."""
-    from wsiseg.unet import softmax_tta
-
-    h, w = img.shape[:2]
-    right = legal_input(spec, grid_w + 2 * margin) - grid_w - margin
-    bottom = legal_input(spec, grid_h + 2 * margin) - grid_h - margin
-    padded = np.pad(img, ((margin, bottom + grid_h - h), (margin, right + grid_w - w), (0, 0)), mode="reflect")
-    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0
-    with torch.inference_mode():
-        module = spec.module if module is None else module
-        out = (softmax_tta(module, x) if tta else module(x))[0].float().numpy()
-    o = margin - spec.border
-    return out[:, o : o + h, o : o + w]
 
 
 def cmu_plan(spec, target_mpp, tile=64):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import tempfile
 
 #: (index, whether this process holds the GPU alone, the open lock file) of this process's claim:
 #: a second call returns the same GPU, and the file stays open (the lock held) until the process ends
@@ -30,8 +29,7 @@ _CLAIM: tuple[int, bool, object] | None = None
 def lock_dir() -> str:
     """The folder of the lock files: this user's, on this machine (GPUs are per machine). In /tmp,
     not ``$TMPDIR``, which may differ from job to job (Snakemake's ``tmpdir`` resource)."""
-    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
-    return os.path.join(base, f"wsiseg-gpus-{os.getuid()}")
+    return f"/tmp/wsiseg-gpus-{os.getuid()}"
 
 
 def _file_name(key: str) -> str:

@@ -138,16 +138,21 @@ def software() -> dict:
     )
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+def cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (Linux); None where there is none."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.partition(":")[2].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def device_label(segment_info: dict) -> str:

@@ -324,14 +324,9 @@ def cpu_bf16_native() -> bool:
     later, Intel Cooper Lake, Sapphire Rapids and later), where oneDNN's bf16 convolutions run
     the shipped U-Net about twice as fast as float32 (benchmarks/cpu_bf16.py); elsewhere they
     are emulated and slower. From Linux's /proc/cpuinfo; False where it cannot tell."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
+    from .provenance import cpuinfo
+
+    return bool({"avx512_bf16", "amx_bf16"} & set((cpuinfo("flags") or "").split()))
 
 
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
