@@ -94,8 +94,16 @@ def test_software_of_this_process():
     assert provenance.device_label({"device": "cpu"}) == "cpu"
     assert provenance.device_label({"device": "cpu", "settings": {"cpu_bf16": False}}) == "cpu"
     assert provenance.device_label({"device": "cpu", "settings": {"cpu_bf16": True}}) == "cpu, bfloat16"
+    assert provenance.device_label({"device": "cpu", "precision": "bfloat16"}) == "cpu, bfloat16"
+    assert provenance.device_label({"device": "cpu", "precision": "float32"}) == "cpu"
     gpu = {"device": "cuda", "device_name": "NVIDIA H100", "cuda_version": "12.8"}
-    assert provenance.device_label(gpu) == "cuda: NVIDIA H100, CUDA 12.8"
+    assert provenance.device_label(gpu) == "cuda: NVIDIA H100, CUDA 12.8"  # before precision was recorded
+    assert provenance.device_label(dict(gpu, precision="bfloat16")) == "cuda: NVIDIA H100, CUDA 12.8, bfloat16"
+    assert provenance.device_label(dict(gpu, precision="float32")) == "cuda: NVIDIA H100, CUDA 12.8, float32"
+    from wsiseg.segment import network_precision
+
+    cpu = torch.device("cpu")
+    assert network_precision(cpu, True, False) == "float32" and network_precision(cpu, False, True) == "bfloat16"
 
 
 def _iso(s):

@@ -97,6 +97,37 @@ def test_bf16_on_the_cpu_stitched_equals_one_pass_in_bf16():
     assert 0 < differ < 0.001 * labels[False].size
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine (benchmarks/gpu_device.sh)")
+def test_on_cuda_float32_stitched_labels_equal_one_pass():
+    """A GPU with tiling.amp false: the shipped U-Net in IEEE float32 (the stage turns cuDNN's TF32
+    off, which PyTorch allows by default: with it 78 of CMU's 6.6 M px changed class on an
+    H200). The stitched labels are those of one pass over the whole mirror-padded image, px for
+    px, the logits to 1e-4 (cuDNN's kernels differ with the input's shape); under bf16/fp16
+    autocast, fewer than 1 px in 1,000 differs (on an H200, 0.012 %: as many as between batch
+    sizes of the one pass)."""
+    from wsiseg.models import load_model
+    from wsiseg.segment import inference_network
+
+    cuda = torch.device("cuda")
+    model = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
+    geom, img, margin, tiles, plan = cmu_plan(model, 0.5, tile=512)
+    grid_w, grid_h = -(-geom.width // 512) * 512, -(-geom.height // 512) * 512
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    for amp in (False, True):
+        logits = run_segmentation(str(CMU), "cmu", None, geom, tiles, plan, model.module, ArrayMerger(geom, 3),
+                                  cuda, batch_size=8, amp=amp)  # fmt: skip
+        assert not np.isnan(logits).any()
+        assert not torch.backends.cudnn.allow_tf32  # the stage turned it off: the reference runs so too
+        net = inference_network(model.module, cuda)
+        with torch.autocast("cuda", dtype=half, enabled=amp):
+            ref = one_pass(model, img, margin, grid_w, grid_h, module=net, device=cuda)
+        differ = int((ref.argmax(0) != logits.argmax(0)).sum())
+        if amp:
+            assert differ < 0.001 * ref[0].size, differ
+        else:
+            assert np.abs(ref - logits).max() < 1e-4 and differ == 0, (np.abs(ref - logits).max(), differ)
+
+
 @pytest.mark.parametrize("padding", ["valid", "same"])
 def test_tta_stitched_equals_tta_over_the_whole_image(padding):
     """model.tta: every tile averaged over its 8 flips/rotations is still seam-free: the
@@ -599,6 +630,7 @@ def test_segment_and_stitch_jobs_read_the_plan_without_pandas(tmp_path, monkeypa
     info = json.load(open(bf16 / "segment.json"))
     assert info["settings"]["cpu_bf16"] is segment.cpu_bf16_native()
     assert info["settings"]["amp"] is False  # amp is CUDA's
+    assert info["precision"] == ("bfloat16" if segment.cpu_bf16_native() else "float32")
     with TileStore(str(ref / "labels.store")) as a, TileStore(str(bf16 / "labels.store")) as b:
         a, b = a.read(512, 1024, 1024, 512), b.read(512, 1024, 1024, 512)
     if segment.cpu_bf16_native():

@@ -81,7 +81,7 @@ def test_readme_example_with_shipped_config(tmp_path):
     seg = json.load(open(res / "example" / "work" / "segment.json"))
     settings = seg["settings"]
     want = dict(batch_size=1, workers=0, postprocess_workers=0, network_threads=2, amp=False, cpu_bf16=False)
-    assert settings == want
+    assert settings == want and seg["precision"] == "float32"
     # where the stage's time went: the network's calls, waiting for windows (read in-process here), the rest
     loop = seg["loop"]
     assert set(loop) == {"network_s", "wait_s", "other_s"} and min(loop.values()) >= 0 and loop["wait_s"] > 0
@@ -549,7 +549,9 @@ def test_provenance_of_every_slide(archive):
             p["torch"] == torch.__version__ and p["numpy"] == np.__version__ and p["tifffile"] == tifffile.__version__
         )
         assert p["openslide-python"] == openslide.__version__ and p["openslide"] == openslide.__library_version__
-        assert prov["device"] == dict(used="cpu", name=provenance.cpu_name(), cuda_version=None, asked="cuda")
+        assert prov["device"] == dict(
+            used="cpu", name=provenance.cpu_name(), cuda_version=None, precision="float32", asked="cuda"
+        )
         stages = prov["stages"]
         assert list(stages) == list(provenance.STAGES)
         seg = stages["segment"]

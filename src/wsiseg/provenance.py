@@ -157,13 +157,17 @@ def cpu_name() -> str:
 
 def device_label(segment_info: dict) -> str:
     """One line for a table: 'cpu' ('cpu, bfloat16' with tiling.cpu_bf16 in effect), or
-    'cuda: <GPU name>, CUDA <version>'."""
+    'cuda: <GPU name>, CUDA <version>, <precision>' ('bfloat16' or 'float16' under autocast,
+    'float32'); a segment.json written before ``precision`` was recorded gives none on a GPU."""
     dev = str(segment_info.get("device", ""))
+    precision = segment_info.get("precision")
     if dev.startswith("cuda"):
         name = segment_info.get("device_name") or "GPU"
         cuda = segment_info.get("cuda_version")
-        return f"cuda: {name}" + (f", CUDA {cuda}" if cuda else "")
-    return dev + (", bfloat16" if (segment_info.get("settings") or {}).get("cpu_bf16") else "")
+        return f"cuda: {name}" + (f", CUDA {cuda}" if cuda else "") + (f", {precision}" if precision else "")
+    if precision is None:  # written before precision was recorded
+        precision = "bfloat16" if (segment_info.get("settings") or {}).get("cpu_bf16") else "float32"
+    return dev + (f", {precision}" if precision != "float32" else "")
 
 
 def file_facts(path) -> dict:
@@ -237,6 +241,7 @@ def build(records: dict) -> dict:
             used=seg.get("device"),
             name=seg.get("device_name"),
             cuda_version=seg.get("cuda_version"),
+            precision=seg.get("precision"),
             asked=seg.get("device_asked", ((runs.get("segment") or {}).get("params") or {}).get("device")),
         )
         if seg

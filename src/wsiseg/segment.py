@@ -8,7 +8,8 @@ A pipeline in which the network's loop does nothing but feed the network:
                             batch while the loop hands the last one over (:class:`ReadAhead`)
     this process            the network, its BatchNorms folded into its convolutions, on the job's
                             device in channels_last (CUDA: bf16/fp16 autocast, cuDNN autotuning,
-                            pinned memory, non-blocking copies)
+                            pinned memory, non-blocking copies; without autocast IEEE float32, no
+                            TF32)
     post-processing workers the model's per-tile labels (e.g. the instance watershed), tissue
                             clipping and the store write (:mod:`wsiseg.postpool`), fed through a
                             bounded queue
@@ -329,6 +330,14 @@ def cpu_bf16_native() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set((cpuinfo("flags") or "").split()))
 
 
+def network_precision(device: torch.device, amp: bool, cpu_bf16: bool) -> str:
+    """The network's arithmetic in :func:`run_segmentation` with these settings: 'float32' (on a
+    GPU IEEE float32: no TF32), or the autocast dtype, 'bfloat16' or 'float16' (a GPU without bf16)."""
+    if device.type == "cuda":
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if amp else "float32"
+    return "bfloat16" if cpu_bf16 else "float32"
+
+
 def pick_device(requested: str, log_fn=log.info) -> torch.device:
     """'auto' -> CUDA when available; 'cuda' without CUDA falls back to CPU with a warning.
 
@@ -408,7 +417,12 @@ def run_segmentation(
     float16); ``cpu_bf16``: on the CPU under bfloat16 autocast (:func:`cpu_bf16_native` says
     where that pays). On the CPU, in either precision, each output px is the one of a single
     pass of the network over the whole mirror-padded image in that precision, bit for bit
-    (tests/test_segment.py); on a GPU that is measured by benchmarks/exactness.py, not tested.
+    (tests/test_segment.py). On a GPU without ``amp`` the convolutions run in IEEE float32 (this
+    turns off cuDNN's TF32, which PyTorch allows by default and which rounds their inputs to
+    10 bits of mantissa): the labels are then those of one pass, px for px, the logits to about
+    1e-5 (cuDNN's kernels differ with the input's shape); under autocast a few px in 10,000 at
+    class boundaries differ, as much as between batch sizes of one pass (benchmarks/exactness.py
+    on an H200; tests/test_segment.py on a GPU machine).
 
     A tile whose pixels cannot be decoded is left as background (0), logged and
     appended to ``unreadable`` as (row, col, message); if more than
@@ -427,8 +441,9 @@ def run_segmentation(
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
     model = inference_network(model, device)
-    if cuda:  # cuDNN picks its fastest kernels for the one window size
+    if cuda:  # cuDNN picks its fastest kernels for the one window size; float32 is float32
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False  # autocast's bf16/fp16 convolutions are not affected
     rows = plan_rows(plan)  # a DataFrame (tests, benchmarks) or the job's rows, once
     ds = TileDataset(slide_path, slide_name, mpp, geom, rows)
     loader = DataLoader(
@@ -443,7 +458,7 @@ def run_segmentation(
     )
     keep = spec.keep
     use_amp = amp if cuda else cpu_bf16
-    amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = getattr(torch, network_precision(device, True, True))  # the autocast dtype, when used
     t0 = time.monotonic()
     timings = {} if timings is None else timings
     timings.update(read_cpu_s=0.0, network_s=0.0, wait_s=0.0)
@@ -635,8 +650,8 @@ CPU_READER_FROM = 8
 #: tiling.workers 'auto' on a GPU: at most this many reading workers. The network's loop
 #: (about 0.03 CPU s per output Mpx, one process) bounds the stage near 30 Mpx/s, which about
 #: 4 readers keep up with (0.12 CPU s per Mpx each; 2-3 for an SVS); more only add memory (a few
-#: hundred MB of process and 2 pinned batches each). Projected from 2-core measurements, not
-#: measured on a GPU (benchmarks/README.md).
+#: hundred MB of process and 2 pinned batches each). On an H200 with 16 CPUs, 8 readers and 7
+#: post-processing workers made 27 Mpx/s, 4 and 4 18 Mpx/s (benchmarks/README.md, "On a GPU").
 GPU_READERS_MAX = 8
 
 
@@ -854,6 +869,7 @@ def run(
             amp=amp,
             cpu_bf16=cpu_bf16,
         ),
+        precision=network_precision(dev, amp, cpu_bf16),  # what the network's arithmetic was
         tta=tta,
         n_tiles=len(tiles),
         elapsed_s=elapsed,
