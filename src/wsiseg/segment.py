@@ -631,7 +631,9 @@ def _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, han
 
 
 #: tiling.batch_size 'auto' on a GPU: windows per forward pass (8 windows of 736 px in bf16
-#: keep a GPU's kernels large and need a few hundred MB of activations and pinned batches)
+#: keep a GPU's kernels large and need a few hundred MB of activations and pinned batches; on an
+#: H200 with 16 CPUs batches of 2, 4 and 8 made 26.7-28.8 Mpx/s, within one run's spread, and 16
+#: 19 Mpx/s: benchmarks/README.md, "On a GPU")
 GPU_BATCH = 8
 #: tiling.workers 'auto' on the CPU: a job of this many CPUs or more gets one reading worker,
 #: one with fewer none. Reading costs about 0.12 CPU s per output Mpx through OpenSlide (0.06-0.07
