@@ -75,13 +75,16 @@ def test_stitched_equals_one_pass(padding, target_mpp, tmp_path):
 def test_bf16_on_the_cpu_stitched_equals_one_pass_in_bf16():
     """tiling.cpu_bf16: the shipped U-Net under bfloat16 autocast on the CPU. The stitched tile
     outputs equal one pass of the same network over the whole mirror-padded image under the same
-    autocast, bit for bit (CMU-1 at 1 µm/px, 9 tiles of 512 px, edge tiles partial); the labels
-    differ from float32's in a few px."""
+    autocast, bit for bit (CMU-1 at 2 µm/px, 4 tiles of 512 px, edge tiles partial); the labels
+    differ from float32's in a few px (230 of 0.4 M here). On a CPU without bf16 instructions
+    autocast emulates it, about 10 times float32's time: 2 µm/px keeps that near 45 s (1 µm/px
+    took 110 s)."""
     from wsiseg.models import load_model
     from wsiseg.segment import inference_network
 
     model = load_model(dict(name="nuclei", weights=str(REPO / "models" / "nuclei-unet.pt")))
-    geom, img, margin, tiles, plan = cmu_plan(model, 0.998, tile=512)
+    geom, img, margin, tiles, plan = cmu_plan(model, 0.499 * 4, tile=512)
+    assert len(plan) == 4 and geom.width % 512 and geom.height % 512
     grid_w, grid_h = -(-geom.width // 512) * 512, -(-geom.height // 512) * 512
     net = inference_network(model.module, torch.device("cpu"))  # folded, as the stage runs it
     labels = {}
@@ -94,7 +97,7 @@ def test_bf16_on_the_cpu_stitched_equals_one_pass_in_bf16():
         assert np.array_equal(ref, logits), bf16
         labels[bf16] = logits.argmax(0)
     differ = (labels[False] != labels[True]).sum()
-    assert 0 < differ < 0.001 * labels[False].size
+    assert 0 < differ < 0.002 * labels[False].size
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine (benchmarks/gpu_device.sh)")
