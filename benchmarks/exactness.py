@@ -37,7 +37,7 @@ from helpers import ArrayMerger, one_pass  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_target  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import cpu_bf16_native, inference_network, run_segmentation  # noqa: E402
+from wsiseg.segment import cpu_bf16_native, inference_network, network_precision, run_segmentation  # noqa: E402
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
@@ -58,9 +58,6 @@ def main():
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--tf32", action="store_true", help="the reference with cuDNN's TF32 (PyTorch's default)")
     args = ap.parse_args()
-    # float32 as the segment stage runs it on a GPU: IEEE, no TF32 (which the stage turns off; with
-    # --tf32 the reference alone has it, which is what the stage gave before it turned TF32 off)
-    torch.backends.cudnn.allow_tf32 = args.tf32
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model = load_model(dict(name="nuclei", weights=os.path.join(REPO, "models", "nuclei-unet.pt")))
@@ -76,7 +73,7 @@ def main():
         f"{len(plan)} tiles of {args.tile} (window {spec.window}); device {device} ({name}), "
         f"torch {torch.__version__}; float32 reference {'with' if args.tf32 else 'without'} cuDNN's TF32"
     )
-    half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    half = getattr(torch, network_precision(device, True, True))  # the stage's autocast dtype on the device
     precisions = [("float32", False)]
     if cuda or cpu_bf16_native():
         precisions.append((str(half).replace("torch.", ""), True))
@@ -88,7 +85,9 @@ def main():
     for prec, amp in precisions:
         net = inference_network(model.module, device)
         grid_w, grid_h = -(-geom.width // args.tile) * args.tile, -(-geom.height // args.tile) * args.tile
-        torch.backends.cudnn.allow_tf32 = args.tf32  # the stage below turns it off
+        # float32 as the segment stage runs it on a GPU: IEEE, no TF32 (the stage below turns it off
+        # again); with --tf32 the reference alone has it, as PyTorch's default gave it before
+        torch.backends.cudnn.allow_tf32 = args.tf32
         with torch.autocast(device_type=device.type, dtype=half, enabled=amp):
             ref = one_pass(model, img, spec.margin, grid_w, grid_h, module=net, device=device)
         first = None

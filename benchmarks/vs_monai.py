@@ -70,6 +70,7 @@ from wsiseg.segment import (  # noqa: E402
     StoreMerger,
     inference_network,
     network_heap,
+    network_precision,
     resolve_tiling,
     run_segmentation,
 )
@@ -226,7 +227,7 @@ def main():
     cuda = device.type == "cuda"
     if cuda and not args.stage_only:
         sys.exit("--device cuda runs the in-process rows only: add --stage-only")
-    half = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    half = getattr(torch, network_precision(device, True, True))  # the stage's autocast dtype on the device
     # the in-process rows' autocast: as our stage runs the network on the device (tiling.amp on a
     # GPU, tiling.cpu_bf16 on the CPU)
     autocast = dict(device_type=device.type, dtype=half, enabled=(cuda and not args.fp32) or args.cpu_bf16)
@@ -248,14 +249,13 @@ def main():
     cache = os.path.join(wd, "cache")
     # the halo is measured once per machine and cached (a U-Net: per architecture; TorchScript: per
     # weights file): each weights file runs twice, a machine's first slide, then every next one
-    for name, model_cfg, sub in (
+    workflow_runs = (
         ("checkpoint, first slide", ck, "ck"),
         ("checkpoint, next slides", ck, "ck2"),
         ("TorchScript, first slide", ts, "ts1"),
         ("TorchScript, next slides", ts, "ts2"),
-    ):
-        if args.stage_only:
-            break
+    )
+    for name, model_cfg, sub in () if args.stage_only else workflow_runs:
         wall, rules = workflow(os.path.join(wd, sub), args.slide, model_cfg, tiling, args.cores, cache, args.reuse)
         runs.append((f"ours, {name}", wall, rules))
     if args.stage_only:
