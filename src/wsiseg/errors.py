@@ -10,6 +10,9 @@ class SlideError(Exception):
         self.fix = fix
         super().__init__(f"slide '{slide}': {problem}. Fix: {fix}")
 
+    def __reduce__(self):  # pickled with its three parts (from a network stream to the stage)
+        return (type(self), (self.slide, self.problem, self.fix))
+
 
 class ConfigError(Exception):
     """A configuration that cannot work (for example a margin below the model's halo)."""
