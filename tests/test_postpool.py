@@ -230,36 +230,52 @@ def shm_files(pid):
         return {line.split(None, 5)[5].strip() for line in fh if "/dev/shm/" in line and "(deleted)" not in line}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_no_worker_outlives_the_stage(tmp_path, sig):
-    """Workers end with the stage, whatever ends it; the outputs they are handed live in an
-    anonymous shared mapping, so no /dev/shm segment can be left behind either."""
-    code = STAGE.format(tests=str(REPO / "tests"), src=str(REPO / "src"), store=str(tmp_path / "s"))
-    # Ctrl-C as a terminal delivers it: to a process whose SIGINT is not ignored (a shell starting
-    # pytest in the background, `cmd &`, makes it ignored, and Python then has no KeyboardInterrupt)
-    proc = subprocess.Popen(
+def start_stage(code):
+    """A Python process running ``code``, which gets Ctrl-C as a terminal delivers it: to a
+    process whose SIGINT is not ignored (a shell starting pytest in the background, `cmd &`,
+    makes it ignored, and Python then has no KeyboardInterrupt)."""
+    return subprocess.Popen(
         [sys.executable, "-c", code],
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def started_children(proc, n):
+    """The stage's ``n`` child processes, once all have started (polled: no timing assumption)."""
+    pids = []
+    for _ in range(600):
+        pids = [p for p in children(proc.pid) if alive(p)]
+        if len(pids) >= n and all(children(p) == [] for p in pids):
+            break
+        time.sleep(0.1)
+    assert len(pids) >= n, proc.stderr.read() if proc.poll() is not None else pids
+    return pids
+
+
+def end_and_check(proc, sig, pids, what):
+    """Send ``sig`` to the stage ``proc``: it ends without waiting for its processes ``pids``
+    (which sleep 30 s a tile), and they end with it."""
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    for _ in range(300):
+        if not any(alive(p) for p in pids):
+            break
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), f"orphaned {what}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_no_worker_outlives_the_stage(tmp_path, sig):
+    """Workers end with the stage, whatever ends it; the outputs they are handed live in an
+    anonymous shared mapping, so no /dev/shm segment can be left behind either."""
+    proc = start_stage(STAGE.format(tests=str(REPO / "tests"), src=str(REPO / "src"), store=str(tmp_path / "s")))
     try:
-        workers = []
-        for _ in range(600):  # until both workers have started (no timing assumption: polled)
-            workers = [p for p in children(proc.pid) if alive(p)]
-            if len(workers) >= 2 and all(children(p) == [] for p in workers):
-                break
-            time.sleep(0.1)
-        assert len(workers) >= 2, proc.stderr.read() if proc.poll() is not None else workers
+        workers = started_children(proc, 2)
         time.sleep(1.0)  # let them pick up tiles
         assert not shm_files(proc.pid) and not any(shm_files(p) for p in workers)
-        proc.send_signal(sig)
-        proc.wait(timeout=120)  # they sleep 30 s a tile: the stage must not wait for them
-        for _ in range(300):
-            if not any(alive(p) for p in workers):
-                break
-            time.sleep(0.1)
-        assert not any(alive(p) for p in workers), "orphaned post-processing workers"
+        end_and_check(proc, sig, workers, "post-processing workers")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -291,6 +307,7 @@ def test_a_jobs_cpus_are_split_between_the_network_and_the_workers():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto, fixed = dict(workers=2, postprocess_workers="auto"), dict(workers=2, postprocess_workers=4)
+    # (workers set: one process, no network streams, as tests/test_streams.py checks)
     assert postprocess_workers(auto, 16, cuda) == 13 and postprocess_workers(auto, 2, cuda) == 0
     assert postprocess_workers(auto, 16, cpu) == 0 and postprocess_workers(fixed, 16, cpu) == 4
     assert network_threads(auto, 16, cpu) == 16 and network_threads(fixed, 16, cpu) == 16
@@ -303,11 +320,12 @@ def test_auto_tiling_follows_the_device_and_the_jobs_cpus():
     """tiling.batch_size/workers 'auto': on the CPU batch 1 and no reading worker below 8 CPUs
     (the network takes them all), one with a CPU of its own from 8 up; on a GPU batch 8 and
     half the CPUs the loop leaves to reading (at most 8), the rest to post-processing. Numbers
-    in the config are used as they are."""
+    in the config are used as they are. On the CPU in one process (tiling.streams: 1; 'auto'
+    runs one network stream per CPU: tests/test_streams.py)."""
     from wsiseg.segment import resolve_tiling
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = dict(batch_size="auto", workers="auto", postprocess_workers="auto")
+    auto = dict(batch_size="auto", workers="auto", postprocess_workers="auto", streams=1)
 
     def used(cfg, threads, dev):
         r = resolve_tiling(cfg, threads, dev)
@@ -316,7 +334,7 @@ def test_auto_tiling_follows_the_device_and_the_jobs_cpus():
     assert used(auto, 1, cpu) == (1, 0, 0, 1)
     assert used(auto, 2, cpu) == (1, 0, 0, 2) and used(auto, 7, cpu) == (1, 0, 0, 7)
     assert used(auto, 8, cpu) == (1, 1, 0, 7) and used(auto, 16, cpu) == (1, 1, 0, 15)
-    assert used({}, 2, cpu) == (1, 0, 0, 2)  # absent keys are 'auto' (configs from before)
+    assert used(dict(streams=1), 2, cpu) == (1, 0, 0, 2)  # absent keys are 'auto' (configs from before)
     assert used(auto, 1, cuda) == (8, 0, 0, 1) and used(auto, 2, cuda) == (8, 1, 0, 1)
     assert used(auto, 8, cuda) == (8, 4, 3, 1) and used(auto, 16, cuda) == (8, 8, 7, 1)
     assert used(auto, 40, cuda) == (8, 8, 31, 1)

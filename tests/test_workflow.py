@@ -77,16 +77,19 @@ def test_readme_example_with_shipped_config(tmp_path):
     with tifffile.TiffFile(res / "example" / "mask.ome.tif") as tif:
         assert tif.series[0].levels[0].shape == (round(h0 * 0.25 / 0.5), round(w0 * 0.25 / 0.5))
     # tiling 'auto' (the shipped defaults) as the stage resolved it: a CPU job of 2 CPUs (--cores 2)
-    # runs batch 1 with no workers and gives the network both CPUs, in float32 (tiling.cpu_bf16 is off)
+    # runs 2 network streams of one thread each, batch 1, with no workers, in float32 (tiling.cpu_bf16 is off)
     seg = json.load(open(res / "example" / "work" / "segment.json"))
     settings = seg["settings"]
-    want = dict(batch_size=1, workers=0, postprocess_workers=0, network_threads=2, amp=False, cpu_bf16=False)
+    want = dict(batch_size=1, streams=2, workers=0, postprocess_workers=0, network_threads=1, amp=False, cpu_bf16=False)
     assert settings == want and seg["precision"] == "float32"
-    # where the stage's time went: the network's calls, waiting for windows (read in-process here), the rest
+    # where the stage's time went (a stream's, the mean of the 2): the network's calls, waiting for
+    # windows (each stream reads its own), the rest
     loop = seg["loop"]
     assert set(loop) == {"network_s", "wait_s", "other_s"} and min(loop.values()) >= 0 and loop["wait_s"] > 0
     assert loop["network_s"] > loop["wait_s"] and sum(loop.values()) <= seg["elapsed_s"] + 0.01
-    assert "the network's loop: network " in (res / "example" / "logs" / "segment.log").read_text()
+    log = (res / "example" / "logs" / "segment.log").read_text()
+    assert "2 network streams of 1 thread each" in log
+    assert "the network's loop (the mean of 2 streams): network " in log
     # ... after asking for 8 CPUs (common.smk, SEGMENT_AUTO_CPUS), which --cores lowers
     for cores, want in (("16", 8), ("2", 2)):
         dry = snakemake(tmp_path, cfgfile, "-n", "-R", "segment", cores=cores).stdout

@@ -14,6 +14,12 @@ A pipeline in which the network's loop does nothing but feed the network:
                             clipping and the store write (:mod:`wsiseg.postpool`), fed through a
                             bounded queue
 
+On the CPU the stage runs as network streams by default (:func:`run_streams`,
+:mod:`wsiseg.streams`): one process per CPU of the job, each taking the plan's next tile,
+reading it, running the network on one thread and post-processing and writing it, so that one
+stream's reading and post-processing overlap the others' networks. ``tiling.streams: 1`` runs
+the pipeline above in one process on the CPU too.
+
 Splitter/merger split as in MONAI: :class:`TileDataset` yields (window, tile index); a
 merger has ``aggregate(tile, output, keep)`` and ``finalize()``, where ``output`` is the
 network's output over the whole read window and ``keep`` the slice of it that is the
@@ -406,6 +412,7 @@ def run_segmentation(
     unreadable: list | None = None,
     tta: bool = False,
     timings: dict | None = None,
+    stream=None,
 ):
     """Run ``model`` over every tile of ``plan``; hand each tile's kept output to ``merger``.
 
@@ -437,6 +444,11 @@ def run_segmentation(
 
     The merger gets each batch's tiles after the next batch has gone to the network (on the
     last batch, at the end), in plan order; a merger keeps what it needs of ``output``.
+
+    ``stream``: (:class:`wsiseg.streams.SharedTiles`, :class:`wsiseg.streams.Tally`, i) when this
+    process is network stream i of several (:func:`run_streams`): it takes its tiles of ``plan``
+    from the shared counter, counts its unreadable tiles into the slide's (the limit is the
+    slide's) and its progress into the tally, and logs no progress of its own.
     """
     unreadable = [] if unreadable is None else unreadable
     cuda = device.type == "cuda"
@@ -452,6 +464,7 @@ def run_segmentation(
         collate_fn=collate_windows,
         num_workers=workers,
         shuffle=False,
+        sampler=None if stream is None else stream[0],
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if workers else None,
@@ -481,12 +494,102 @@ def run_segmentation(
             log_every_s,
             t0,
             timings,
+            stream,
         )
     except BaseException:
         abort = getattr(merger, "abort", None)
         if abort is not None:
             abort()
         raise
+    return merger.finalize()
+
+
+def run_streams(
+    streams: int,
+    threads: int,
+    slide_path: str,
+    slide_name: str,
+    mpp: float | None,
+    geom: Geometry,
+    spec: TileSpec,
+    plan,
+    model: torch.nn.Module,
+    merger: StoreMerger,
+    batch_size: int = 1,
+    cpu_bf16: bool = False,
+    log_fn=log.info,
+    log_every_s: float = 10.0,
+    max_unreadable_fraction: float = 0.0,
+    unreadable: list | None = None,
+    tta: bool = False,
+    timings: dict | None = None,
+):
+    """:func:`run_segmentation` on the CPU as ``streams`` network streams (:mod:`wsiseg.streams`):
+    forked processes of ``threads`` torch threads each, every one reading, running the network
+    on, post-processing and writing the tiles of ``plan`` it takes from a shared counter, into
+    ``merger``'s store (a :class:`StoreMerger` without post-processing workers: each stream
+    post-processes its own tiles). The store is the one :func:`run_segmentation` writes with the
+    network on ``threads`` threads, byte for byte, whatever the number of streams.
+
+    Fork-safe only if this process has run torch on one thread alone so far (see
+    :mod:`wsiseg.streams`). ``unreadable`` gets the slide's unreadable tiles in plan order;
+    ``timings`` the reading CPU seconds of all streams and, for ``network_s`` and ``wait_s``,
+    their mean over the streams (each stream's share of the wall time is what they say)."""
+    from .streams import SharedTiles, Tally, run_forked
+
+    assert merger.pool.workers == 0, "each network stream post-processes its own tiles"
+    merger.warm_up()  # the post-processing's imports once, here, not in every stream
+    rows = plan_rows(plan)
+    tiles, tally = SharedTiles(len(rows)), Tally(streams)
+    t0 = time.monotonic()
+
+    def work(i):
+        torch.set_num_threads(threads)
+        got, bad = {}, []
+        run_segmentation(
+            slide_path,
+            slide_name,
+            mpp,
+            geom,
+            spec,
+            rows,
+            model,
+            merger,
+            torch.device("cpu"),
+            batch_size=batch_size,
+            workers=0,
+            cpu_bf16=cpu_bf16,
+            log_fn=log_fn,
+            max_unreadable_fraction=max_unreadable_fraction,
+            unreadable=bad,
+            tta=tta,
+            timings=got,
+            stream=(tiles, tally, i),
+        )
+        return dict(timings=got, unreadable=bad, post_cpu_s=merger.pool.post_cpu_s, write_cpu_s=merger.pool.write_cpu_s)
+
+    def progress():
+        done, dt = tally.total_done(), time.monotonic() - t0
+        rate = done / max(dt, 1e-9)
+        log_fn(
+            f"{slide_name}: {done}/{len(rows)} tiles ({100 * done / max(len(rows), 1):.0f}%), {rate:.2f} tiles/s, "
+            f"eta {math.ceil((len(rows) - done) / max(rate, 1e-9))} s ({streams} network streams)"
+        )
+
+    results = run_forked(streams, work, slide_name, tick=progress, tick_s=log_every_s, log_fn=log_fn)
+    progress()
+    order = {(int(r.row), int(r.col)): k for k, r in enumerate(rows)}
+    bad = sorted((b for r in results for b in r["unreadable"]), key=lambda b: order[(b[0], b[1])])
+    if unreadable is not None:
+        unreadable.extend(bad)
+    if timings is not None:
+        timings.update(
+            read_cpu_s=sum(r["timings"]["read_cpu_s"] for r in results),
+            network_s=sum(r["timings"]["network_s"] for r in results) / streams,
+            wait_s=sum(r["timings"]["wait_s"] for r in results) / streams,
+        )
+    merger.pool.post_cpu_s += sum(r["post_cpu_s"] for r in results)
+    merger.pool.write_cpu_s += sum(r["write_cpu_s"] for r in results)
     return merger.finalize()
 
 
@@ -508,8 +611,10 @@ def _loop(
     log_every_s,
     t0,
     timings,
+    stream=None,
 ):
     last, done = t0, 0
+    tally = None if stream is None else stream[1]
 
     def hand_over(out, ready, idx, errors):
         """The per-tile work of one batch the network is done with: to the merger (its
@@ -528,10 +633,11 @@ def _loop(
                     f"WARNING {slide_name}: tile row {tile.row} col {tile.col} (level-0 x={tile.x0} "
                     f"y={tile.y0}) could not be read and is left as background: {errors[j]}"
                 )
-                if len(unreadable) > max_unreadable_fraction * n_tiles:
+                bad = len(unreadable) if tally is None else tally.add_unreadable()  # the slide's so far
+                if bad > max_unreadable_fraction * n_tiles:
                     raise SlideError(
                         slide_name,
-                        f"{len(unreadable)} of {n_tiles} tiles could not be decoded, more than "
+                        f"{bad} of {n_tiles} tiles could not be decoded, more than "
                         f"tiling.max_unreadable_fraction={max_unreadable_fraction:g} allows (first: tile row "
                         f"{unreadable[0][0]} col {unreadable[0][1]}: {unreadable[0][2]})",
                         "the file is damaged: re-export or re-scan it, or raise tiling.max_unreadable_fraction "
@@ -542,6 +648,9 @@ def _loop(
         if done // TRIM_EVERY != (done + len(idx)) // TRIM_EVERY:
             trim_heap()  # the batches and outputs of the network's process: as the reading workers
         done += len(idx)
+        if tally is not None:  # the stage's process logs the slide's progress
+            tally.done[stream[2]] = done
+            return
         now = time.monotonic()
         if now - last >= log_every_s or done == n_tiles:
             rate = done / max(now - t0, 1e-9)
@@ -635,9 +744,10 @@ def _batches(batches, model, device, keep, use_amp, amp_dtype, tta, timings, han
 #: H200 with 16 CPUs batches of 2, 4 and 8 made 26.7-28.8 Mpx/s, within one run's spread, and 16
 #: 19 Mpx/s: benchmarks/README.md, "On a GPU")
 GPU_BATCH = 8
-#: tiling.workers 'auto' on the CPU: a job of this many CPUs or more gets one reading worker,
-#: one with fewer none. Reading costs about 0.12 CPU s per output Mpx through OpenSlide (0.06-0.07
-#: for the JPEG tiles of an SVS or generic TIFF, which wsiseg.jpeg_tiles decodes), the network on
+#: tiling.workers 'auto' on the CPU in one process (tiling.streams: 1; network streams read for
+#: themselves): a job of this many CPUs or more gets one reading worker, one with fewer none.
+#: Reading costs about 0.12 CPU s per output Mpx through OpenSlide (0.06-0.07 for the JPEG tiles
+#: of an SVS or generic TIFF, which wsiseg.jpeg_tiles decodes), the network on
 #: the CPU about 5.6 (one thread), so read in the network's process it idles the job's other
 #: T - 1 threads for 0.12 s per Mpx: a loss of 0.12 / (5.6 / S + 0.12) with S the network's
 #: speed-up on T threads (T at best; 0.6 T assumed, not measured: 2-core machines here),
@@ -672,6 +782,25 @@ def batch_size(tiling_cfg: dict, device: torch.device) -> int:
     return int(b)
 
 
+def network_streams(tiling_cfg: dict, threads: int, device: torch.device | None = None) -> int:
+    """Network streams of a segment job (:func:`run_streams`, :mod:`wsiseg.streams`): processes
+    that each read, run the network on, post-process and write tiles of the plan.
+    ``tiling.streams``, or for 'auto' on the CPU one per CPU of the job (each network on one
+    thread: on a 2-CPU job the stage made 1.1x the output of one process running the network on
+    both, 0.92-0.93 of the network's own speed against 0.86-0.89: benchmarks/README.md, "Network
+    streams"), where the reading and post-processing workers are 'auto' too
+    (a config that sets either keeps one process, as before streams). Always 1 on a GPU (or
+    ``device`` None), where one process feeds the device and the workers do the CPU's share."""
+    if device is None or device.type != "cpu":
+        return 1
+    n = tiling_cfg.get("streams", "auto")
+    if not _auto(n):
+        return max(1, int(n))
+    if _auto(tiling_cfg.get("workers", "auto")) and _auto(tiling_cfg.get("postprocess_workers", "auto")):
+        return max(1, int(threads))
+    return 1
+
+
 def reading_workers(tiling_cfg: dict, threads: int, device: torch.device | None = None) -> int:
     """DataLoader worker processes reading the windows: ``tiling.workers``, or for 'auto' from
     the device and the job's CPUs (Snakemake threads, SLURM cpus_per_task). On the CPU none
@@ -681,7 +810,10 @@ def reading_workers(tiling_cfg: dict, threads: int, device: torch.device | None 
     (0.12 CPU s per output Mpx through OpenSlide, 0.06-0.07 for an SVS's JPEG tiles) and the
     post-processing workers that get the rest (0.09-0.11) cost about the same, and reading
     cannot be skipped where a model has no instance post-processing; at most
-    :data:`GPU_READERS_MAX`. 16 CPUs: 8 reading, 7 post-processing workers and the loop."""
+    :data:`GPU_READERS_MAX`. 16 CPUs: 8 reading, 7 post-processing workers and the loop. None
+    with several network streams (:func:`network_streams`)."""
+    if network_streams(tiling_cfg, threads, device) > 1:
+        return 0  # each network stream reads its own windows
     n = tiling_cfg.get("workers", "auto")
     if not _auto(n):
         return int(n)
@@ -696,7 +828,9 @@ def postprocess_workers(tiling_cfg: dict, threads: int, device: torch.device | N
     'auto' the job's CPUs (Snakemake threads, SLURM cpus_per_task) less one for the network's
     loop and one per reading worker; 0 runs the post-processing in the network's process, as
     'auto' does on the CPU, where the network needs the cores (post-processing is about a
-    tenth of its time there: benchmarks/README.md)."""
+    tenth of its time there: benchmarks/README.md). None with several network streams."""
+    if network_streams(tiling_cfg, threads, device) > 1:
+        return 0  # each network stream post-processes its own tiles
     n = tiling_cfg.get("postprocess_workers", "auto")
     if _auto(n):
         if device is not None and device.type == "cpu":
@@ -711,7 +845,12 @@ def network_threads(tiling_cfg: dict, threads: int, device: torch.device) -> int
     workers do not take, so that none of them competes for a core. On the CPU the network
     is most of the work and keeps them all (as before the pipeline existed), less the one
     reading worker that ``tiling.workers: auto`` gives a job of :data:`CPU_READER_FROM` CPUs
-    or more (a number of workers set in the config shares the network's CPUs, as before)."""
+    or more (a number of workers set in the config shares the network's CPUs, as before).
+    With several network streams (:func:`network_streams`): each stream's, the job's CPUs
+    shared out between them (1 with 'auto')."""
+    streams = network_streams(tiling_cfg, threads, device)
+    if streams > 1:
+        return max(1, int(threads) // streams)
     if device.type == "cpu":
         readers = reading_workers(tiling_cfg, threads, device) if _auto(tiling_cfg.get("workers", "auto")) else 0
         return max(1, int(threads) - readers)
@@ -720,11 +859,12 @@ def network_threads(tiling_cfg: dict, threads: int, device: torch.device) -> int
 
 
 def resolve_tiling(tiling_cfg: dict, threads: int, device: torch.device) -> dict:
-    """How a segment job of ``threads`` CPUs on ``device`` runs: batch size, reading and
-    post-processing workers and the network's torch threads, 'auto' resolved to integers
-    (what segment.json's ``settings`` records)."""
+    """How a segment job of ``threads`` CPUs on ``device`` runs: batch size, network streams,
+    reading and post-processing workers and the network's torch threads (a stream's), 'auto'
+    resolved to integers (what segment.json's ``settings`` records)."""
     return dict(
         batch_size=batch_size(tiling_cfg, device),
+        streams=network_streams(tiling_cfg, threads, device),
         workers=reading_workers(tiling_cfg, threads, device),
         postprocess_workers=postprocess_workers(tiling_cfg, threads, device),
         network_threads=network_threads(tiling_cfg, threads, device),
@@ -773,15 +913,20 @@ def run(
     from .tissue import load_mask
 
     t0 = time.monotonic()
-    torch.set_num_threads(max(1, int(threads)))
+    # one thread until the network streams are forked (if any): a fork after torch has started an
+    # OpenMP team leaves the child a runtime that hangs (wsiseg.streams)
+    torch.set_num_threads(1)
     model = load_model(model_cfg, device="cpu", geometry=False)  # geometry comes from the plan
     dev = pick_device(device, log) if model.wants_gpu else torch.device("cpu")
-    used = resolve_tiling(tiling_cfg, threads, dev)  # 'auto' follows the device and the job's CPUs
-    torch.set_num_threads(used["network_threads"])
     plan = Plan.read(plan_tsv, plan_json, frame=False)  # rows: no pandas in the job (0.3 s of its start)
     if plan.model_checksum != model.checksum:
         raise RuntimeError("the tile plan was made for other model weights; rerun the plan rule")
     tiles = plan_rows(plan.tiles) if model.apply_calibration(plan.calibration, log) else []
+    used = resolve_tiling(tiling_cfg, threads, dev)  # 'auto' follows the device and the job's CPUs
+    # no more streams than tiles; each keeps its threads (with 'auto' one: the same masks on any job)
+    used["streams"] = streams = min(used["streams"], max(1, len(tiles)))
+    if streams == 1:
+        torch.set_num_threads(used["network_threads"])
     tissue = load_mask(tissue_png) if clip_to_tissue else None
     geom, spec = plan.geometry, plan.spec
     post_workers = used["postprocess_workers"]
@@ -807,42 +952,46 @@ def run(
             "where bf16 would be slower than float32: the network runs in float32"
         )
         cpu_bf16 = False
+    how = (
+        f"{streams} network streams of {used['network_threads']} thread{'s' if used['network_threads'] > 1 else ''} "
+        f"each, each reading and post-processing its own tiles"
+        if streams > 1
+        else f"{used['workers']} reading workers, {post_workers} post-processing workers, "
+        f"{used['network_threads']} network threads"
+    )
     log(
-        f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} "
-        f"(batch {used['batch_size']}, {used['workers']} reading workers, {post_workers} post-processing "
-        f"workers, {torch.get_num_threads()} network threads, amp={amp}"
-        f"{', bfloat16 on the CPU' if cpu_bf16 else ''}, tta={'8 flips/rotations' if tta else 'off'})"
+        f"{slide_id}: {len(tiles)} tiles of {spec.window} px on {dev} (batch {used['batch_size']}, {how}, "
+        f"amp={amp}{', bfloat16 on the CPU' if cpu_bf16 else ''}, tta={'8 flips/rotations' if tta else 'off'})"
     )
     unreadable, timings = [], {}
-    with _sigterm_as_exit():  # SIGTERM (scancel, a killed job) ends the workers too
-        run_segmentation(
-            slide_path,
-            slide_id,
-            mpp,
-            geom,
-            spec,
-            tiles,
-            model.module,
-            merger,
-            dev,
-            batch_size=used["batch_size"],
-            workers=used["workers"],
-            amp=amp,
-            cpu_bf16=cpu_bf16,
-            log_fn=log,
-            max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
-            unreadable=unreadable,
-            tta=tta,
-            timings=timings,
-        )
+    common = dict(
+        batch_size=used["batch_size"],
+        cpu_bf16=cpu_bf16,
+        log_fn=log,
+        max_unreadable_fraction=float(tiling_cfg.get("max_unreadable_fraction", 0.01)),
+        unreadable=unreadable,
+        tta=tta,
+        timings=timings,
+    )
+    args = (slide_path, slide_id, mpp, geom, spec, tiles, model.module, merger)
+    with _sigterm_as_exit():  # SIGTERM (scancel, a killed job) ends the workers and streams too
+        if streams > 1:
+            run_streams(streams, used["network_threads"], *args, **common)
+        else:
+            run_segmentation(*args, dev, workers=used["workers"], amp=amp, **common)
     merger.store.close()
     elapsed = time.monotonic() - t0
     mpx = sum(t.tw * t.th for t in tiles) / 1e6
+    where = (
+        f"in the {streams} streams"
+        if streams > 1
+        else f"{post_workers or 'no'} post-processing worker{'s' if post_workers != 1 else ''}"
+    )
     log(
         f"{mpx:.1f} output Mpx; CPU s per Mpx: reading {timings['read_cpu_s'] / max(mpx, 1e-9):.3f}, "
         f"post-processing {merger.pool.post_cpu_s / max(mpx, 1e-9):.3f}, "
         f"writes {merger.pool.write_cpu_s / max(mpx, 1e-9):.4f} "
-        f"({post_workers or 'no'} post-processing worker{'s' if post_workers != 1 else ''}); "
+        f"({where}); "
         f"network {timings['network_s']:.1f} s"
     )
     loop = dict(
@@ -852,7 +1001,8 @@ def run(
     )
     if elapsed > 0:
         log(
-            f"the network's loop: network {100 * loop['network_s'] / elapsed:.0f} %, waiting for windows "
+            f"the network's loop{f' (the mean of {streams} streams)' if streams > 1 else ''}: network "
+            f"{100 * loop['network_s'] / elapsed:.0f} %, waiting for windows "
             f"{100 * loop['wait_s'] / elapsed:.0f} %, the rest (start-up, per-tile hand-over"
             f"{', post-processing' if not post_workers else ''}, the end) {100 * loop['other_s'] / elapsed:.0f} % "
             f"of {elapsed:.1f} s"
@@ -865,9 +1015,10 @@ def run(
         # how the stage ran (the config's tiling settings that change no mask, as used: 'auto' resolved)
         settings=dict(
             batch_size=used["batch_size"],
+            streams=streams,
             workers=used["workers"],
             postprocess_workers=post_workers,
-            network_threads=torch.get_num_threads(),
+            network_threads=used["network_threads"],  # a stream's
             amp=amp,
             cpu_bf16=cpu_bf16,
         ),

@@ -269,6 +269,21 @@ def _n_tiles(wildcards):
         return int(_slide_mpx(wildcards, config["model"]["mpp"]) * 1e6 / config["tiling"]["tile_size"] ** 2) + 1
 
 
+#: segment: MB per CPU of a segment job. On the CPU each CPU runs a network stream (a process with
+#: its own activations: about 330 MB over a 736-px window for the shipped U-Net, beside the
+#: torch it shares with the others, plus a window's reads and post-processing); on a GPU each
+#: runs a reading or post-processing worker (less). Scaled by the window's area.
+SEGMENT_MB_PER_CPU = 500
+
+
+def segment_mem_mb(wildcards, threads, attempt):
+    """8 GB, or more for a job of many CPUs or large tiles (an estimate: the window as the
+    shipped model's margin, 112 px a side, makes it)."""
+    window = int(config["tiling"]["tile_size"]) + 2 * 112
+    per_cpu = SEGMENT_MB_PER_CPU * max(1.0, (window / 736) ** 2)
+    return int(max(8000, 2000 + threads * per_cpu)) * attempt
+
+
 def tissue_mem_mb(wildcards, attempt):
     # the thumbnail at tissue.mpp and its float working copies
     return int(2000 + 40 * _slide_mpx(wildcards, config["tissue"]["mpp"])) * attempt

@@ -18,8 +18,8 @@ rule segment:
     threads: segment_threads()
     resources:
         gpu=segment_resources_gpu,  # 1 for a U-Net on a cluster (device auto/cuda), 0 for device cpu or the classical model
-        cpus_per_task=lambda wildcards, threads: threads,  # segment_threads(): reading + the network + post-processing
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        cpus_per_task=lambda wildcards, threads: threads,  # segment_threads(): network streams, or reading + the network + post-processing
+        mem_mb=segment_mem_mb,  # grows with the job's CPUs (a network stream each on the CPU) and the tile size
         runtime=segment_runtime,  # minutes, from the slide's tile count
     params:  # what changes the mask; batch size, workers, amp, device come from the config (rerun nothing)
         path=get_slide_path,
