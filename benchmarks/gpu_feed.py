@@ -13,10 +13,13 @@ gets one torch thread, as on a GPU node. The plan is the slide's whole grid, rep
 
 ``--efficiency`` runs the real network as a CPU-only user runs the stage: the job's CPUs
 (``--cpus``, default all) split by the stage's own rules (wsiseg.segment.resolve_tiling)
-for each ``--configs`` entry batch/reading workers/post-processing workers (each a number
-or ``auto``; ``auto`` alone: all three, the default config), against the model alone on the
-same windows in memory with as many torch threads and in the same memory layout
-(channels_last, as the stage runs it) (segment Mpx/s / model Mpx/s). Each stage run sits
+for each ``--configs`` entry batch/reading workers/post-processing workers[/streams] (each a
+number or ``auto``; ``auto`` alone: all four, the default config; without streams: 1, the stage
+in one process), against the model alone on the same windows in memory with as many torch
+threads and in the same memory layout (channels_last, as the stage runs it) (segment Mpx/s /
+model Mpx/s). With network streams (wsiseg.segment.run_streams) the model alone runs in one
+process on all the job's CPUs (what the stage in one process gives it), and also in the
+stage's own layout: a forked process per stream, side by side ("in streams"). Each stage run sits
 between two runs of the model alone (with its threads) and is compared with their mean;
 ``--reps N`` runs every config N times, in the given order and then reversed, round after
 round (the first configuration of a round used to score lower than the second), and the
@@ -69,7 +72,14 @@ import torch  # noqa: E402
 
 from wsiseg.geometry import Geometry, read_window  # noqa: E402
 from wsiseg.models import load_model  # noqa: E402
-from wsiseg.segment import StoreMerger, inference_network, network_heap, resolve_tiling, run_segmentation  # noqa: E402
+from wsiseg.segment import (  # noqa: E402
+    StoreMerger,
+    inference_network,
+    network_heap,
+    resolve_tiling,
+    run_segmentation,
+    run_streams,
+)
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for  # noqa: E402
 
@@ -179,8 +189,32 @@ def run_stage(
 
 def run_resolved(args, geom, spec, grid, model, c, timings=None):
     """:func:`run_stage` of ``grid`` on the CPU with the real network and the tiling ``c`` as
-    :func:`wsiseg.segment.resolve_tiling` resolved it."""
+    :func:`wsiseg.segment.resolve_tiling` resolved it (several network streams: :func:`run_streams`,
+    its seconds alone)."""
     labels = model.labeler()
+    if c.get("streams", 1) > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            merger = StoreMerger(os.path.join(tmp, "s"), geom, spec, labels=labels, slide_name="bench", channels=3)
+            t0 = time.monotonic()
+            run_streams(
+                c["streams"],
+                c["network_threads"],
+                args.slide,
+                "bench",
+                None,
+                geom,
+                spec,
+                grid,
+                model.module,
+                merger,
+                batch_size=c["batch_size"],
+                cpu_bf16=args.cpu_bf16,
+                log_fn=lambda m: None,
+                timings=timings,
+            )
+            dt = time.monotonic() - t0
+            merger.store.close()
+        return (dt,)
     workers = (c["postprocess_workers"], c["workers"], c["batch_size"])
     return run_stage(
         args.slide, geom, spec, grid, model.module, labels, *workers, timings=timings, cpu_bf16=args.cpu_bf16
@@ -207,6 +241,28 @@ def call_times(net, inputs, bf16=False) -> list:
     return times
 
 
+def model_alone_streams(net, inputs, streams, threads, bf16=False) -> float:
+    """Seconds of the model alone on the windows in memory as ``streams`` forked processes of
+    ``threads`` torch threads each, side by side, each over every streams-th window (the
+    network's own speed in the layout of :func:`wsiseg.segment.run_streams`): from a common
+    start, after one untimed call in each, to the last one's end."""
+    import multiprocessing as mp
+
+    from wsiseg.streams import run_forked
+
+    start = mp.get_context("fork").Barrier(streams)
+
+    def work(i):
+        torch.set_num_threads(threads)
+        call_times(net, inputs[i : i + 1], bf16)  # oneDNN picks its kernels for this thread count
+        start.wait()
+        t0 = time.monotonic()
+        call_times(net, inputs[i::streams], bf16)
+        return time.monotonic() - t0
+
+    return max(run_forked(streams, work, "bench"))
+
+
 def efficiency(args, model, geom, spec, grid, windows):
     """The real network through the stage as a CPU-only job runs it, against the model alone:
     each stage run between two runs of the model alone, its ratio against their mean."""
@@ -225,20 +281,24 @@ def efficiency(args, model, geom, spec, grid, windows):
         torch.set_num_threads(threads)
         return sum(call_times(net, inputs, args.cpu_bf16))
 
-    keys = ("batch_size", "workers", "postprocess_workers")
+    keys = ("batch_size", "workers", "postprocess_workers", "streams")
     used = {}
     for cfg in args.configs:
-        parts = ["auto"] * 3 if cfg == "auto" else cfg.split("/")
+        parts = ["auto"] * 4 if cfg == "auto" else cfg.split("/")
+        parts += ["1"] * (4 - len(parts))  # batch/read/post alone: one process, as before streams
         used[cfg] = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
-    model_alone(used[args.configs[0]]["network_threads"])  # warm-up (oneDNN picks its kernels on a first call)
+    model_alone(cpus)  # warm-up (oneDNN picks its kernels on a first call)
     runs = {cfg: [] for cfg in args.configs}  # cfg -> [(model s, stage s, load)]
+    alone_streams = {}  # cfg -> [seconds of the model alone in the stage's streams]
     for r in range(args.reps):
         # the configs in turn, reversed every other round (the first run of a round scored lower
         # than the second: benchmarks/README.md), each stage run between two of the model alone
         order = args.configs if r % 2 == 0 else args.configs[::-1]
         before = None  # (threads, model s) of the run just before
         for cfg in order:
-            threads = used[cfg]["network_threads"]
+            # the model alone in one process on all of the job's CPUs (what a stage of one process
+            # runs it on); with streams also in the stage's streams, after the stage run
+            threads = cpus if used[cfg]["streams"] > 1 else used[cfg]["network_threads"]
             if before is None or before[0] != threads:
                 before = (threads, model_alone(threads))
             load = os.getloadavg()[0]
@@ -247,15 +307,21 @@ def efficiency(args, model, geom, spec, grid, windows):
             dt, *_ = run_resolved(args, geom, spec, grid, model, c)
             after = (threads, model_alone(threads))
             runs[cfg].append(((before[1] + after[1]) / 2, dt, load))
-            print(
+            line = (
                 f"  round {r + 1} {cfg:>7}: model alone {before[1]:.1f} s, stage {dt:.1f} s, model alone "
-                f"{after[1]:.1f} s: {(before[1] + after[1]) / 2 / dt:.2f}",
-                flush=True,
+                f"{after[1]:.1f} s: {(before[1] + after[1]) / 2 / dt:.2f}"
             )
+            if used[cfg]["streams"] > 1:
+                c = used[cfg]
+                s = model_alone_streams(net, inputs, c["streams"], c["network_threads"], args.cpu_bf16)
+                alone_streams.setdefault(cfg, []).append(s)
+                line += f"; model alone in {c['streams']} streams {s:.1f} s: {s / dt:.2f}"
+            print(line, flush=True)
             before = after
     print(
-        f"{'config':>11} {'batch':>5} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
-        f"{'model Mpx/s':>11} {'efficiency':>10} {'range':>9} {'runs':>4} {'load (1 min)':>12}"
+        f"{'config':>11} {'batch':>5} {'streams':>7} {'read w':>6} {'post w':>6} {'threads':>7} {'stage Mpx/s':>11} "
+        f"{'model Mpx/s':>11} {'efficiency':>10} {'range':>9} {'in streams':>10} {'range':>9} {'runs':>4} "
+        f"{'load (1 min)':>12}"
     )
     for cfg, rows in runs.items():
         c = used[cfg]
@@ -263,12 +329,19 @@ def efficiency(args, model, geom, spec, grid, windows):
         loads = [ld for *_, ld in rows]
         s_rate = grid_mpx / statistics.median(s for _, s, _ in rows)
         m_rate = grid_mpx / statistics.median(m for m, _, _ in rows)
+        own = sorted(a / s for a, (_, s, _) in zip(alone_streams.get(cfg, []), rows))
+        own_cols = f"{statistics.median(own):>10.2f} {f'{own[0]:.2f}-{own[-1]:.2f}':>9}" if own else f"{'':>10} {'':>9}"
         print(
-            f"{cfg:>11} {c['batch_size']:>5} {c['workers']:>6} {c['postprocess_workers']:>6} "
+            f"{cfg:>11} {c['batch_size']:>5} {c['streams']:>7} {c['workers']:>6} {c['postprocess_workers']:>6} "
             f"{c['network_threads']:>7} {s_rate:>11.3f} {m_rate:>11.3f} {statistics.median(ratios):>10.2f} "
-            f"{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>9} {len(rows):>4} {f'{min(loads):.1f}-{max(loads):.1f}':>12}"
+            f"{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>9} {own_cols} {len(rows):>4} "
+            f"{f'{min(loads):.1f}-{max(loads):.1f}':>12}"
         )
-    print("(medians over the runs; efficiency: each stage run against the mean of the model-alone runs either side)")
+    print(
+        "(medians over the runs; efficiency: each stage run against the mean of the model-alone runs either side, "
+        f"in one process on all {cpus} CPUs; in streams: against the model alone in the stage's streams "
+        "(a process per stream, side by side), run after it; threads: a stream's)"
+    )
 
 
 def read_ahead(args, model, geom, spec, grid):
@@ -354,7 +427,10 @@ def first_runs(args, model, geom, spec, grid, windows):
         grid, windows = grid.iloc[: args.tiles], windows[: args.tiles]
     cpus = args.cpus or os.cpu_count()
     dev = torch.device("cpu")
-    c = resolve_tiling({"batch_size": "auto", "workers": "auto", "postprocess_workers": "auto"}, cpus, dev)
+    # the stage in this process (tiling.streams: 1), whose network calls can be timed
+    c = resolve_tiling(
+        {"batch_size": "auto", "workers": "auto", "postprocess_workers": "auto", "streams": 1}, cpus, dev
+    )
     torch.set_num_threads(c["network_threads"])
     net, inputs = model_alone_on(model, windows)
     call_times(net, inputs[:3])  # warm-up (oneDNN picks its kernels on a first call)
@@ -419,7 +495,9 @@ def real(args, model, geom, spec, plan):
     keys = ("batch_size", "workers", "postprocess_workers")
     for cfg in args.configs:
         parts = ["auto"] * 3 if cfg == "auto" else cfg.split("/")
-        used = resolve_tiling({k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}, cpus, dev)
+        # on the CPU the stage in this process (tiling.streams: 1: its loop's shares are timed)
+        cfg_used = {k: v if v == "auto" else int(v) for k, v in zip(keys, parts)}
+        used = resolve_tiling({**cfg_used, "streams": 1}, cpus, dev)
         torch.set_num_threads(used["network_threads"])
         labels, b = model.labeler(), used["batch_size"]
         # warm-up on a few tiles: cuDNN's autotuning for the window size

@@ -73,6 +73,7 @@ from wsiseg.segment import (  # noqa: E402
     network_precision,
     resolve_tiling,
     run_segmentation,
+    run_streams,
 )
 from wsiseg.slide import open_slide  # noqa: E402
 from wsiseg.store import TileStore  # noqa: E402
@@ -305,25 +306,19 @@ def main():
     with open(os.path.join(REPO, "config", "config.yaml")) as f:  # the config's tiling, as the workflow's
         used = resolve_tiling({**yaml.safe_load(f)["tiling"], **tiling}, args.cores, device)
     t_ours = []
-    for _ in range(args.reps):
-        _, dt = timed(
-            lambda: run_segmentation(
-                args.slide,
-                "slide",
-                None,
-                geom,
-                tiles,
-                plan.tiles,
-                copy.deepcopy(spec.module),
-                StoreMerger(store, geom, tiles),
-                device,
-                batch_size=used["batch_size"],
-                workers=used["workers"],
-                amp=not args.fp32,
-                cpu_bf16=args.cpu_bf16,
-                log_fn=lambda m: None,
+
+    def ours_stage():
+        args_ = (args.slide, "slide", None, geom, tiles, plan.tiles, copy.deepcopy(spec.module))
+        common = dict(batch_size=used["batch_size"], cpu_bf16=args.cpu_bf16, log_fn=lambda m: None)
+        if used["streams"] > 1:  # on the CPU: network streams, as the workflow's segment job runs them
+            return run_streams(
+                used["streams"], used["network_threads"], *args_, StoreMerger(store, geom, tiles), **common
             )
-        )
+        merger = StoreMerger(store, geom, tiles)
+        return run_segmentation(*args_, merger, device, workers=used["workers"], amp=not args.fp32, **common)
+
+    for _ in range(args.reps):
+        _, dt = timed(ours_stage)
         t_ours.append(dt)
     with TileStore(store) as st:
         ours = st.read(0, 0, geom.width, geom.height)
