@@ -9,6 +9,10 @@ keeps the network's time down; the CPU side (reading, watershed, hand-over, writ
 real one.
 
     python benchmarks/segment_memory.py [--sides 8192 16384 32768] [--post-workers 2] [--workdir DIR]
+        [--streams N]
+
+``--streams N`` runs the stage as N network streams (the CPU default, wsiseg.segment.run_streams:
+N processes that each read and post-process their own tiles, no workers) instead.
 
 ``--repeat 1 5`` also runs each slide's tile plan 1 and 5 times over (the same windows, each
 tile written again): the number of tiles grows without rendering a larger slide, which
@@ -54,12 +58,12 @@ def pss_mb(pid):
     return sum(pss_mb_one(p) for p in tree(pid))
 
 
-def stage(slide, workdir, read_workers, post_workers, batch, repeat=1, every=0):
+def stage(slide, workdir, read_workers, post_workers, batch, repeat=1, every=0, streams=1):
     import torch
 
     from wsiseg.geometry import Geometry
     from wsiseg.models.checkpoint import UNetSpec, unet_same_halo
-    from wsiseg.segment import StoreMerger, run_segmentation
+    from wsiseg.segment import StoreMerger, run_segmentation, run_streams
     from wsiseg.slide import open_slide
     from wsiseg.tiling import plan_margin, plan_tiles, tile_spec_for
     from wsiseg.unet import UNet
@@ -84,7 +88,7 @@ def stage(slide, workdir, read_workers, post_workers, batch, repeat=1, every=0):
         geom,
         tiles,
         labels=spec.labeler(),
-        workers=post_workers,
+        workers=0 if streams > 1 else post_workers,
         channels=3,
         tissue=tissue,
         tissue_downsample=ds,
@@ -100,9 +104,22 @@ def stage(slide, workdir, read_workers, post_workers, batch, repeat=1, every=0):
                 print(f"  tile {done[0]:>6}: PSS MB per process (stage, workers...) {mb}, sum {sum(mb)}", flush=True)
 
         merger.aggregate = counted
-    run_segmentation(
-        slide, "s", None, geom, tiles, plan, net, merger, torch.device("cpu"), batch_size=batch, workers=read_workers
-    )
+    if streams > 1:  # each stream a process of one torch thread, as a CPU job's 'auto'
+        run_streams(streams, 1, slide, "s", None, geom, tiles, plan, net, merger, log_fn=lambda m: None)
+    else:
+        run_segmentation(
+            slide,
+            "s",
+            None,
+            geom,
+            tiles,
+            plan,
+            net,
+            merger,
+            torch.device("cpu"),
+            batch_size=batch,
+            workers=read_workers,
+        )
     print(f"  {len(plan)} tiles", flush=True)
 
 
@@ -114,6 +131,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeat", type=int, nargs="+", default=[1], help="run each plan this many times over")
     ap.add_argument("--every", type=int, default=0, help="print each process's PSS every this many tiles")
+    ap.add_argument("--streams", type=int, default=1, help="the stage as N network streams (no workers)")
     ap.add_argument("--workdir")
     args = ap.parse_args()
     from large_slide import write_slide
@@ -129,7 +147,16 @@ def main():
             run_dir = tempfile.mkdtemp(dir=wd)
             proc = mp.get_context("spawn").Process(  # a fresh process: nothing inherited from writing the slides
                 target=stage,
-                args=(slide, run_dir, args.read_workers, args.post_workers, args.batch, repeat, args.every),
+                args=(
+                    slide,
+                    run_dir,
+                    args.read_workers,
+                    args.post_workers,
+                    args.batch,
+                    repeat,
+                    args.every,
+                    args.streams,
+                ),
             )
             t0 = time.monotonic()
             proc.start()
@@ -141,10 +168,12 @@ def main():
             assert proc.exitcode == 0, proc.exitcode
             rows.append((side, side * side / 1e6, repeat, time.monotonic() - t0, peak))
     print(f"command: python {' '.join(sys.argv)}")
-    print(
-        f"segment stage, {args.read_workers} reading worker(s), {args.post_workers} post-processing workers, "
-        f"batch {args.batch}; tiles of 512 px (window 736); peak PSS summed over the stage and its workers"
+    how = (
+        f"{args.streams} network streams of 1 thread, batch 1"
+        if args.streams > 1
+        else f"{args.read_workers} reading worker(s), {args.post_workers} post-processing workers, batch {args.batch}"
     )
+    print(f"segment stage, {how}; tiles of 512 px (window 736); peak PSS summed over the stage and its workers")
     print(f"{'side px':>8} {'Mpx':>6} {'plan x':>6} {'seconds':>8} {'peak MB':>8}")
     for side, mpx, repeat, dt, peak in rows:
         print(f"{side:>8} {mpx:>6.0f} {repeat:>6} {dt:>8.1f} {peak:>8.0f}")

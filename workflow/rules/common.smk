@@ -215,8 +215,9 @@ def segment_threads():
     """The segment job's CPUs. Numbers: reading workers + the network's process +
     post-processing workers ('auto' adds none). tiling.workers 'auto' (the default):
     SEGMENT_AUTO_CPUS, plus the post-processing workers when they are a number; the stage
-    then splits what the job was given (wsiseg.segment.resolve_tiling). Either way, raise
-    them with --set-threads segment=N (SLURM: cpus_per_task follows) and 'auto' uses them."""
+    then splits what the job was given (wsiseg.segment.resolve_tiling: on a GPU between the
+    loop and the workers, on the CPU one network stream per CPU). Either way, raise them with
+    --set-threads segment=N (SLURM: cpus_per_task follows) and 'auto' uses them."""
     t = config["tiling"]
     post = t.get("postprocess_workers", "auto")
     post = 0 if post in (None, "auto") else int(post)
