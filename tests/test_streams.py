@@ -64,13 +64,13 @@ def cmu_block(tile=128, rows=(5, 7), cols=(5, 7)):
 def test_streams_give_the_store_of_one_process(tmp_path, one_thread, tta):
     """Byte for byte, 1, 2 or 3 streams against the stage in one process (the network on one
     thread in each); the block is full of nuclei, so the store is not trivially equal."""
-    spec, geom, tiles, block = cmu_block(rows=(5, 6 if tta else 7))
+    spec, geom, tiles, block = cmu_block(rows=(5, 5 if tta else 7))  # TTA: 8 passes a tile, 3 tiles
     counts = (0, 2) if tta else (0, 1, 2, 3)
     stores = {n: stage(tmp_path / f"s{n}", CMU, spec, geom, tiles, block, n, tta=tta) for n in counts}
     assert all(stores[n] == stores[0] for n in counts)
     with TileStore(str(tmp_path / "s0")) as st:
-        mask = st.read(5 * 128, 5 * 128, 3 * 128, 2 * 128)
-    assert ndi.label(mask, structure=np.ones((3, 3)))[1] > 15  # 25 nuclei in this block
+        mask = st.read(5 * 128, 5 * 128, 3 * 128, 128)
+    assert ndi.label(mask, structure=np.ones((3, 3)))[1] > 4  # 7-8 nuclei in the first row
 
 
 @needs_data
@@ -80,8 +80,8 @@ def test_unreadable_tiles_the_same_in_streams_and_the_limit_is_the_slides(tmp_pa
     spec = load_model(SHIPPED)
     with open_slide(str(path)) as s:
         geom = Geometry.for_slide(s, 0.5)
-    tiles = tile_spec_for(spec, 128, plan_margin(spec, "auto", False))
-    plan = plan_tiles(geom, tiles, None, 1)
+    tiles = tile_spec_for(spec, 256, plan_margin(spec, "auto", False))
+    plan = plan_tiles(geom, tiles, None, 1)  # 12 tiles, 6 of them unreadable
     bad = {0: [], 2: []}
     stores = {
         n: stage(tmp_path / f"s{n}", path, spec, geom, tiles, plan, n, unreadable=bad[n], max_unreadable_fraction=0.5)
