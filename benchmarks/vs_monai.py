@@ -351,7 +351,12 @@ def main():
         f"{100 * on_tissue.mean():.0f}% tissue; {len(plan.tiles)} tissue tiles of {tiles.tile_size} "
         f"(window {tiles.window}); {where}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
         f"our tiling {tiling or 'as config/config.yaml'} (segment stage alone: batch {used['batch_size']}, "
-        f"{used['workers']} reading workers, argmax labels: no post-processing); MONAI "
+        + (
+            f"{used['streams']} network streams of {used['network_threads']} thread(s)"
+            if used["streams"] > 1
+            else f"{used['workers']} reading workers"
+        )
+        + f", argmax labels: no post-processing); MONAI "
         f"sw_batch_size {args.sw_batch}; the network in {prec} on every side"
     )
     if runs:
