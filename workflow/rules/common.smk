@@ -270,10 +270,11 @@ def _n_tiles(wildcards):
         return int(_slide_mpx(wildcards, config["model"]["mpp"]) * 1e6 / config["tiling"]["tile_size"] ** 2) + 1
 
 
-#: segment: MB per CPU of a segment job. On the CPU each CPU runs a network stream (a process with
-#: its own activations: about 330 MB over a 736-px window for the shipped U-Net, beside the
-#: torch it shares with the others, plus a window's reads and post-processing); on a GPU each
-#: runs a reading or post-processing worker (less). Scaled by the window's area.
+#: segment: MB per CPU of a segment job. On the CPU each CPU runs a network stream (a process
+#: that holds, beyond the torch and model pages it shares with the others, about 400 MB for the
+#: shipped U-Net over a 736-px window: its activations, a window's reads and post-processing;
+#: benchmarks/README.md, "Network streams"); on a GPU each runs a reading or post-processing
+#: worker (less). Scaled by the window's area.
 SEGMENT_MB_PER_CPU = 500
 
 
