@@ -504,6 +504,15 @@ def run_segmentation(
     return merger.finalize()
 
 
+def progress_line(slide_name: str, done: int, n_tiles: int, seconds: float) -> str:
+    """The stage's progress log line: tiles done of the slide's, tiles/s, seconds to go."""
+    rate = done / max(seconds, 1e-9)
+    return (
+        f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), {rate:.2f} tiles/s, "
+        f"eta {math.ceil((n_tiles - done) / max(rate, 1e-9))} s"
+    )
+
+
 def run_streams(
     streams: int,
     threads: int,
@@ -515,21 +524,20 @@ def run_streams(
     plan,
     model: torch.nn.Module,
     merger: StoreMerger,
-    batch_size: int = 1,
-    cpu_bf16: bool = False,
     log_fn=log.info,
     log_every_s: float = 10.0,
-    max_unreadable_fraction: float = 0.0,
     unreadable: list | None = None,
-    tta: bool = False,
     timings: dict | None = None,
+    **kw,
 ):
     """:func:`run_segmentation` on the CPU as ``streams`` network streams (:mod:`wsiseg.streams`):
     forked processes of ``threads`` torch threads each, every one reading, running the network
     on, post-processing and writing the tiles of ``plan`` it takes from a shared counter, into
     ``merger``'s store (a :class:`StoreMerger` without post-processing workers: each stream
     post-processes its own tiles). The store is the one :func:`run_segmentation` writes with the
-    network on ``threads`` threads, byte for byte, whatever the number of streams.
+    network on ``threads`` threads, byte for byte, whatever the number of streams. ``kw``
+    (batch_size, cpu_bf16, max_unreadable_fraction, tta) go to each stream's
+    :func:`run_segmentation` as they are.
 
     Fork-safe only if this process has run torch on one thread alone so far (see
     :mod:`wsiseg.streams`). ``unreadable`` gets the slide's unreadable tiles in plan order;
@@ -556,25 +564,18 @@ def run_streams(
             model,
             merger,
             torch.device("cpu"),
-            batch_size=batch_size,
             workers=0,
-            cpu_bf16=cpu_bf16,
             log_fn=log_fn,
-            max_unreadable_fraction=max_unreadable_fraction,
             unreadable=bad,
-            tta=tta,
             timings=got,
             stream=(tiles, tally, i),
+            **kw,
         )
         return dict(timings=got, unreadable=bad, post_cpu_s=merger.pool.post_cpu_s, write_cpu_s=merger.pool.write_cpu_s)
 
     def progress():
-        done, dt = tally.total_done(), time.monotonic() - t0
-        rate = done / max(dt, 1e-9)
-        log_fn(
-            f"{slide_name}: {done}/{len(rows)} tiles ({100 * done / max(len(rows), 1):.0f}%), {rate:.2f} tiles/s, "
-            f"eta {math.ceil((len(rows) - done) / max(rate, 1e-9))} s ({streams} network streams)"
-        )
+        line = progress_line(slide_name, tally.total_done(), len(rows), time.monotonic() - t0)
+        log_fn(f"{line} ({streams} network streams)")
 
     results = run_forked(streams, work, slide_name, tick=progress, tick_s=log_every_s, log_fn=log_fn)
     progress()
@@ -653,12 +654,7 @@ def _loop(
             return
         now = time.monotonic()
         if now - last >= log_every_s or done == n_tiles:
-            rate = done / max(now - t0, 1e-9)
-            eta = (n_tiles - done) / max(rate, 1e-9)
-            log_fn(
-                f"{slide_name}: {done}/{n_tiles} tiles ({100 * done / max(n_tiles, 1):.0f}%), "
-                f"{rate:.2f} tiles/s, eta {math.ceil(eta)} s"
-            )
+            log_fn(progress_line(slide_name, done, n_tiles, now - t0))
             last = now
 
     batches = ReadAhead(loader)  # the reading workers are forked here: no fork follows
